@@ -1,0 +1,108 @@
+//! What came of one plugin call, as the pipeline acts on it.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// The result of handling one event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The plugin succeeded: publish its outbox, commit its state, ack.
+    Ok,
+    /// The plugin asked to be retried.
+    Retry {
+        reason: String,
+        #[serde(skip_serializing_if = "Option::is_none", with = "opt_millis")]
+        delay: Option<Duration>,
+    },
+    /// The plugin rejected the event: dead-letter it.
+    Reject { reason: String },
+    /// The guest crashed: a panic, `unreachable`, stack overflow, a bad
+    /// memory access. `message` has the trap and what the guest wrote to
+    /// stderr.
+    Trap { message: String },
+    /// The call ran past the plugin's time limit and was interrupted.
+    Deadline {
+        #[serde(rename = "limit_ms", with = "millis")]
+        limit: Duration,
+    },
+    /// The guest tried to grow its memory beyond the plugin's cap.
+    OutOfMemory { limit_bytes: u64 },
+    /// The host could not serve the call (the state store was unreachable,
+    /// say). The plugin did nothing wrong; the event is retried.
+    HostError { message: String },
+}
+
+impl Outcome {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Outcome::Ok)
+    }
+
+    /// A short stable name, for metrics labels and dead-letter headers.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Reject { .. } => "reject",
+            Outcome::Trap { .. } => "trap",
+            Outcome::Deadline { .. } => "deadline",
+            Outcome::OutOfMemory { .. } => "out_of_memory",
+            Outcome::HostError { .. } => "host_error",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Ok => f.write_str("ok"),
+            Outcome::Retry {
+                reason,
+                delay: Some(d),
+            } => {
+                write!(f, "retry in {} ms: {reason}", d.as_millis())
+            }
+            Outcome::Retry {
+                reason,
+                delay: None,
+            } => write!(f, "retry: {reason}"),
+            Outcome::Reject { reason } => write!(f, "rejected: {reason}"),
+            Outcome::Trap { message } => write!(f, "guest trapped: {message}"),
+            Outcome::Deadline { limit } => {
+                write!(
+                    f,
+                    "deadline: still running after the {} ms limit",
+                    limit.as_millis()
+                )
+            }
+            Outcome::OutOfMemory { limit_bytes } => {
+                write!(
+                    f,
+                    "out of memory: tried to grow past the {limit_bytes}-byte cap"
+                )
+            }
+            Outcome::HostError { message } => write!(f, "host error: {message}"),
+        }
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+mod opt_millis {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::millis::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+}

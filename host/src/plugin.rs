@@ -1,0 +1,121 @@
+//! A loaded plugin: one version of one component, compiled and linked.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::bindings::PluginPre;
+use crate::compile_cache::CacheStatus;
+use crate::event::Event;
+use crate::manifest::Manifest;
+use crate::sandbox::{CallState, Invocation, PluginContext, WarmInstance};
+use crate::state::StateStore;
+
+/// A plugin version: the first 12 hex digits of the component's SHA-256.
+/// Two files with the same bytes are the same version.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PluginVersion(String);
+
+impl PluginVersion {
+    pub fn of(wasm: &[u8]) -> Self {
+        PluginVersion(hex::encode(Sha256::digest(wasm))[..12].to_owned())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PluginVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+struct Inner {
+    name: String,
+    version: PluginVersion,
+    manifest: Manifest,
+    path: PathBuf,
+    cache_status: CacheStatus,
+    pre: PluginPre<CallState>,
+    ctx: Arc<PluginContext>,
+}
+
+/// A plugin ready to run. Cheap to clone: clones share the compiled code.
+#[derive(Clone)]
+pub struct Plugin(Arc<Inner>);
+
+impl fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.0.name)
+            .field("version", &self.0.version)
+            .field("path", &self.0.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    pub(crate) fn new(
+        name: String,
+        version: PluginVersion,
+        manifest: Manifest,
+        path: PathBuf,
+        cache_status: CacheStatus,
+        pre: PluginPre<CallState>,
+        ctx: Arc<PluginContext>,
+    ) -> Self {
+        Plugin(Arc::new(Inner {
+            name,
+            version,
+            manifest,
+            path,
+            cache_status,
+            pre,
+            ctx,
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    pub fn version(&self) -> &PluginVersion {
+        &self.0.version
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.0.manifest
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0.path
+    }
+
+    /// Whether loading this plugin was served by the compile cache.
+    pub fn cache_status(&self) -> CacheStatus {
+        self.0.cache_status
+    }
+
+    pub(crate) fn pre(&self) -> &PluginPre<CallState> {
+        &self.0.pre
+    }
+
+    pub(crate) fn context(&self) -> &Arc<PluginContext> {
+        &self.0.ctx
+    }
+
+    /// Handle `event` in a fresh instance, reading committed state from
+    /// `state`. Never fails: whatever went wrong is in the outcome.
+    pub async fn invoke(&self, event: &Event, state: Arc<dyn StateStore>) -> Invocation {
+        crate::sandbox::invoke_fresh(self, event, state).await
+    }
+
+    /// An instance reused across calls; see [`WarmInstance`].
+    pub fn warm(&self, state: Arc<dyn StateStore>) -> WarmInstance {
+        WarmInstance::new(self.clone(), state)
+    }
+}

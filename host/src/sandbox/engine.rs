@@ -1,0 +1,49 @@
+//! The one wasmtime [`Engine`] every plugin shares, and its epoch clock.
+
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, OptLevel};
+
+/// How often the engine's epoch advances. Deadlines are checked at this
+/// granularity, and a guest that never calls the host yields to the async
+/// runtime this often, so one busy plugin cannot starve the others.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Build the engine.
+///
+/// - Epoch interruption, not fuel: it costs a load and compare per loop
+///   back-edge instead of fuel's counter updates, and deadlines are
+///   wall-clock anyway.
+/// - The wasm stack is capped at 1 MiB so runaway recursion traps as
+///   "call stack exhausted" long before it threatens the host; async fibres
+///   get 2 MiB so host frames below the guest always fit.
+/// - The on-demand allocator with copy-on-write memory images: per-plugin
+///   memory caps vary, and the pooling allocator would force one size on all.
+pub fn build() -> anyhow::Result<Engine> {
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(1 << 20)
+        .async_stack_size(2 << 20)
+        .cranelift_opt_level(OptLevel::Speed)
+        .memory_init_cow(true);
+    let engine = Engine::new(&config)?;
+    start_epoch_clock(&engine)?;
+    Ok(engine)
+}
+
+/// Advance `engine`'s epoch every [`EPOCH_TICK`] until the engine is dropped.
+fn start_epoch_clock(engine: &Engine) -> anyhow::Result<()> {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("weir-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })?;
+    Ok(())
+}

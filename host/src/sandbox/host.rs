@@ -1,0 +1,341 @@
+//! The host side of the plugin's imports: outbox, state, log and config.
+//!
+//! Everything a call produces is buffered in [`CallState`]; nothing leaves
+//! the sandbox until the pipeline has seen the call succeed.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::bindings::weir::plugin::{config, emit, log, state, types};
+use crate::bindings::{LimitError, WitHeader};
+use crate::event::{Emitted, Header};
+use crate::manifest::{Limits, validate_publish_subject};
+use crate::sandbox::limits::Limiter;
+use crate::state::{PendingState, StateStore};
+
+/// What every call of one plugin version shares.
+#[derive(Debug)]
+pub struct PluginContext {
+    pub name: String,
+    pub version: String,
+    pub limits: Limits,
+    /// The manifest's `[config]`, already rendered as strings, sorted.
+    pub config: Vec<(String, String)>,
+}
+
+/// A guest log line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogLine {
+    pub level: LogLevel,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// How much of a guest's stdout/stderr is kept per call: enough for a panic
+/// message and backtrace hint, bounded so a chatty guest cannot eat memory.
+const STDIO_CAPTURE_BYTES: usize = 64 << 10;
+
+/// Headers the host sets on emitted events; a plugin may not forge them.
+const RESERVED_HEADER_PREFIXES: [&str; 2] = ["nats-", "weir-"];
+
+/// The store data of one plugin instance.
+pub struct CallState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limiter: Limiter,
+    pub(crate) ctx: Arc<PluginContext>,
+    pub(crate) store: Arc<dyn StateStore>,
+    pub(crate) event_id: String,
+    pub(crate) deadline: Instant,
+    pub(crate) outbox: Vec<Emitted>,
+    pub(crate) pending: PendingState,
+    pub(crate) logs: Vec<LogLine>,
+    pub(crate) stderr: MemoryOutputPipe,
+    pub(crate) stdout: MemoryOutputPipe,
+}
+
+impl CallState {
+    pub fn new(ctx: Arc<PluginContext>, store: Arc<dyn StateStore>) -> Self {
+        let stderr = MemoryOutputPipe::new(STDIO_CAPTURE_BYTES);
+        let stdout = MemoryOutputPipe::new(STDIO_CAPTURE_BYTES);
+        // No preopened directories, no environment, no arguments, no
+        // sockets: a plugin reaches the world only through its imports.
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .socket_addr_check(|_, _| Box::pin(async { false }))
+            .build();
+        CallState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: Limiter::new(ctx.limits.memory_bytes()),
+            ctx,
+            store,
+            event_id: String::new(),
+            deadline: Instant::now(),
+            outbox: Vec::new(),
+            pending: PendingState::default(),
+            logs: Vec::new(),
+            stderr,
+            stdout,
+        }
+    }
+
+    /// Start a new call on this instance: forget what the previous one buffered.
+    pub fn begin(&mut self, event_id: &str, deadline: Instant) {
+        self.event_id.clear();
+        self.event_id.push_str(event_id);
+        self.deadline = deadline;
+        self.outbox.clear();
+        self.pending = PendingState::default();
+        self.logs.clear();
+    }
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// The state store failed under a call. Raised as a trap so the call ends
+/// and is retried; the guest is never told a read succeeded when it did not.
+#[derive(Debug)]
+pub struct StateUnavailable(pub String);
+
+impl std::fmt::Display for StateUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "state store unavailable: {}", self.0)
+    }
+}
+
+impl std::error::Error for StateUnavailable {}
+
+fn validate_header(h: &WitHeader) -> Result<(), String> {
+    let key = h.key.as_str();
+    if key.is_empty()
+        || key
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == ':')
+    {
+        return Err(format!(
+            "header name {key:?} is not a valid NATS header name"
+        ));
+    }
+    let lower = key.to_ascii_lowercase();
+    if RESERVED_HEADER_PREFIXES
+        .iter()
+        .any(|p| lower.starts_with(p))
+    {
+        return Err(format!(
+            "header {key:?} is set by the host; plugins may not set Nats-* or Weir-* headers"
+        ));
+    }
+    if h.value.chars().any(|c| c == '\r' || c == '\n') {
+        return Err(format!("header {key:?} has a line break in its value"));
+    }
+    Ok(())
+}
+
+/// JetStream KV keys: letters, digits and `-/_=.`, not starting or ending with `.`.
+fn validate_state_key(key: &str) -> Result<(), LimitError> {
+    let ok_chars = key
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '/' | '_' | '=' | '.'));
+    if key.is_empty()
+        || !ok_chars
+        || key.starts_with('.')
+        || key.ends_with('.')
+        || key.contains("..")
+    {
+        return Err(LimitError::Invalid(format!(
+            "state key {key:?} must be letters, digits and -/_=. without empty dot-separated parts"
+        )));
+    }
+    Ok(())
+}
+
+impl CallState {
+    fn check_state_write(&self, key: &str) -> Result<(), LimitError> {
+        validate_state_key(key)?;
+        let max = self.ctx.limits.max_state_writes;
+        if !self.pending.contains(key) && self.pending.len() >= max as usize {
+            return Err(LimitError::TooMany(max));
+        }
+        Ok(())
+    }
+}
+
+impl types::Host for CallState {}
+
+impl emit::Host for CallState {
+    async fn publish(
+        &mut self,
+        subject: String,
+        headers: Vec<WitHeader>,
+        payload: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), LimitError>> {
+        let limits = &self.ctx.limits;
+        if let Err(why) = validate_publish_subject(&subject) {
+            return Ok(Err(LimitError::Invalid(format!(
+                "subject {subject:?} {why}"
+            ))));
+        }
+        if let Some(why) = headers.iter().find_map(|h| validate_header(h).err()) {
+            return Ok(Err(LimitError::Invalid(why)));
+        }
+        if payload.len() as u64 > limits.max_emit_bytes {
+            return Ok(Err(LimitError::TooLarge(limits.max_emit_bytes)));
+        }
+        if self.outbox.len() >= limits.max_emits as usize {
+            return Ok(Err(LimitError::TooMany(limits.max_emits)));
+        }
+        self.outbox.push(Emitted {
+            subject,
+            headers: headers.into_iter().map(Header::from_wit).collect(),
+            payload,
+        });
+        Ok(Ok(()))
+    }
+}
+
+impl state::Host for CallState {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        if let Some(pending) = self.pending.get(&key) {
+            return Ok(pending);
+        }
+        match self.store.get(&key).await {
+            Ok(value) => Ok(value),
+            Err(e) => Err(wasmtime::Error::new(StateUnavailable(format!("{e:#}")))),
+        }
+    }
+
+    async fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), LimitError>> {
+        if let Err(e) = self.check_state_write(&key) {
+            return Ok(Err(e));
+        }
+        let max = self.ctx.limits.max_state_value_bytes;
+        if value.len() as u64 > max {
+            return Ok(Err(LimitError::TooLarge(max)));
+        }
+        self.pending.set(key, value);
+        Ok(Ok(()))
+    }
+
+    async fn delete(&mut self, key: String) -> wasmtime::Result<Result<(), LimitError>> {
+        if let Err(e) = self.check_state_write(&key) {
+            return Ok(Err(e));
+        }
+        self.pending.delete(key);
+        Ok(Ok(()))
+    }
+}
+
+impl log::Host for CallState {
+    async fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
+        let ctx = &self.ctx;
+        let (plugin, version, event_id) = (
+            ctx.name.as_str(),
+            ctx.version.as_str(),
+            self.event_id.as_str(),
+        );
+        let level = match level {
+            log::Level::Trace => {
+                tracing::trace!(plugin, version, event_id, "{message}");
+                LogLevel::Trace
+            }
+            log::Level::Debug => {
+                tracing::debug!(plugin, version, event_id, "{message}");
+                LogLevel::Debug
+            }
+            log::Level::Info => {
+                tracing::info!(plugin, version, event_id, "{message}");
+                LogLevel::Info
+            }
+            log::Level::Warn => {
+                tracing::warn!(plugin, version, event_id, "{message}");
+                LogLevel::Warn
+            }
+            log::Level::Error => {
+                tracing::error!(plugin, version, event_id, "{message}");
+                LogLevel::Error
+            }
+        };
+        // Lines are kept for test reports; bounded like the outbox.
+        if self.logs.len() < ctx.limits.max_emits as usize {
+            self.logs.push(LogLine { level, message });
+        }
+        Ok(())
+    }
+}
+
+impl config::Host for CallState {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        let config = &self.ctx.config;
+        Ok(config
+            .binary_search_by(|(k, _)| k.as_str().cmp(&key))
+            .ok()
+            .map(|i| config[i].1.clone()))
+    }
+
+    async fn all(&mut self) -> wasmtime::Result<Vec<(String, String)>> {
+        Ok(self.ctx.config.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_keys() {
+        for ok in ["a", "stock.sku-1", "a/b_c=d", "A9"] {
+            assert!(validate_state_key(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".a", "a.", "a..b", "a b", "a*", "a>", "ä"] {
+            assert!(validate_state_key(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn headers() {
+        let h = |k: &str, v: &str| WitHeader {
+            key: k.into(),
+            value: v.into(),
+        };
+        assert!(validate_header(&h("Customer-Id", "c1")).is_ok());
+        assert!(
+            validate_header(&h("Nats-Msg-Id", "x"))
+                .unwrap_err()
+                .contains("set by the host")
+        );
+        assert!(validate_header(&h("weir-plugin", "x")).is_err());
+        assert!(validate_header(&h("a b", "x")).is_err());
+        assert!(validate_header(&h("a:b", "x")).is_err());
+        assert!(validate_header(&h("ok", "line\nbreak")).is_err());
+    }
+}

@@ -1,0 +1,95 @@
+//! Per-call resource limits enforced inside the store.
+
+use std::fmt;
+
+use wasmtime::ResourceLimiter;
+
+/// The guest tried to grow a memory past its cap. Raised as the trap that
+/// ends the call, so the outcome names the cause instead of whatever the
+/// guest's allocator does on failure.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryLimitExceeded {
+    pub limit_bytes: u64,
+    pub desired_bytes: u64,
+}
+
+impl fmt::Display for MemoryLimitExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "memory limit exceeded: guest asked for {} bytes, cap is {}",
+            self.desired_bytes, self.limit_bytes
+        )
+    }
+}
+
+impl std::error::Error for MemoryLimitExceeded {}
+
+/// The call ran past its deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadlineExceeded;
+
+impl fmt::Display for DeadlineExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("deadline exceeded")
+    }
+}
+
+impl std::error::Error for DeadlineExceeded {}
+
+/// Caps each linear memory and table of a plugin instance.
+pub struct Limiter {
+    memory_bytes: u64,
+}
+
+/// Tables hold function references; this is far above what real guests use
+/// (CPython's is in the tens of thousands) and far below what hurts the host.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+/// A component instantiates a handful of core instances (the guest, the WASI
+/// adapter, shims); more means something is wrong.
+const MAX_INSTANCES: usize = 64;
+
+impl Limiter {
+    pub fn new(memory_bytes: u64) -> Self {
+        Limiter { memory_bytes }
+    }
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let desired_bytes = desired as u64;
+        if desired_bytes > self.memory_bytes {
+            return Err(wasmtime::Error::new(MemoryLimitExceeded {
+                limit_bytes: self.memory_bytes,
+                desired_bytes,
+            }));
+        }
+        Ok(maximum.is_none_or(|max| desired <= max))
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS && maximum.is_none_or(|max| desired <= max))
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_INSTANCES
+    }
+}

@@ -1,0 +1,169 @@
+//! The sandbox: one engine, one linker, and the per-call store.
+//!
+//! Every event runs in a fresh store instantiated from a pre-linked
+//! [`InstancePre`](wasmtime::component::InstancePre): nothing one event does
+//! can leak into the next, and a trap, a deadline or a memory cap ends that
+//! event alone.
+
+mod engine;
+pub(crate) mod host;
+mod invoke;
+pub(crate) use invoke::invoke_fresh;
+pub(crate) mod limits;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use wasmtime::Engine;
+use wasmtime::component::{HasSelf, Linker};
+
+use crate::bindings::{Plugin as PluginWorld, PluginPre};
+use crate::compile_cache::CompileCache;
+use crate::manifest::{Manifest, ManifestError};
+use crate::plugin::{Plugin, PluginVersion};
+
+pub use engine::EPOCH_TICK;
+pub use host::{CallState, LogLevel, LogLine, PluginContext, StateUnavailable};
+pub use invoke::{Invocation, WarmInstance};
+pub use limits::{DeadlineExceeded, MemoryLimitExceeded};
+
+/// Settings for the sandbox as a whole.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxConfig {
+    /// Where compiled plugins are cached; `None` disables the cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl SandboxConfig {
+    /// The default cache location: `$WEIR_CACHE_DIR`, else
+    /// `$XDG_CACHE_HOME/weir`, else `~/.cache/weir`.
+    pub fn with_default_cache() -> Self {
+        let dir = std::env::var_os("WEIR_CACHE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("weir")))
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/weir")));
+        SandboxConfig {
+            cache_dir: dir.map(|d| d.join("compiled")),
+        }
+    }
+}
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("cannot read plugin {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} is not a valid WebAssembly component: {message}", path.display())]
+    Compile { path: PathBuf, message: String },
+    #[error("{} does not fit the weir:plugin world: {message}", path.display())]
+    World { path: PathBuf, message: String },
+    #[error("plugin file name {} has no usable name (expected NAME.wasm)", path.display())]
+    Name { path: PathBuf },
+}
+
+/// Compiles, links and runs plugins.
+pub struct Sandbox {
+    engine: Engine,
+    linker: Linker<CallState>,
+    cache: CompileCache,
+}
+
+impl Sandbox {
+    pub fn new(config: SandboxConfig) -> anyhow::Result<Self> {
+        let engine = engine::build().context("configuring the wasm engine")?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("linking WASI")?;
+        PluginWorld::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .map_err(anyhow::Error::from)
+            .context("linking the weir:plugin imports")?;
+        let cache = CompileCache::new(config.cache_dir, &engine);
+        Ok(Sandbox {
+            engine,
+            linker,
+            cache,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Load `wasm` and the manifest beside it. Compiling is CPU-bound and
+    /// can take seconds for large guests (a cache miss on a Python or JS
+    /// component); call it off the async runtime's worker threads.
+    pub fn load(&self, wasm: &Path) -> Result<Plugin, LoadError> {
+        let manifest = Manifest::load(&Manifest::path_for(wasm))?;
+        self.load_with_manifest(wasm, manifest)
+    }
+
+    /// Load `wasm` with a manifest given by the caller.
+    pub fn load_with_manifest(&self, wasm: &Path, manifest: Manifest) -> Result<Plugin, LoadError> {
+        let name = plugin_name(wasm)?;
+        let bytes = std::fs::read(wasm).map_err(|source| LoadError::Read {
+            path: wasm.to_owned(),
+            source,
+        })?;
+        self.load_bytes(name, wasm, &bytes, manifest)
+    }
+
+    fn load_bytes(
+        &self,
+        name: String,
+        path: &Path,
+        bytes: &[u8],
+        manifest: Manifest,
+    ) -> Result<Plugin, LoadError> {
+        let version = PluginVersion::of(bytes);
+        let (component, cache_status) =
+            self.cache
+                .load_or_compile(&self.engine, bytes)
+                .map_err(|e| LoadError::Compile {
+                    path: path.to_owned(),
+                    message: format!("{e:#}"),
+                })?;
+        let world_error = |e: wasmtime::Error| LoadError::World {
+            path: path.to_owned(),
+            message: format!("{e:#}"),
+        };
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(world_error)?;
+        let pre = PluginPre::new(instance_pre).map_err(world_error)?;
+        let ctx = Arc::new(PluginContext {
+            name: name.clone(),
+            version: version.to_string(),
+            limits: manifest.limits.clone(),
+            config: manifest.config_strings().into_iter().collect(),
+        });
+        tracing::debug!(plugin = %name, %version, cache = ?cache_status, "plugin compiled and linked");
+        Ok(Plugin::new(
+            name,
+            version,
+            manifest,
+            path.to_owned(),
+            cache_status,
+            pre,
+            ctx,
+        ))
+    }
+}
+
+/// `fraud` for `plugins/fraud.wasm`.
+fn plugin_name(wasm: &Path) -> Result<String, LoadError> {
+    wasm.file_stem()
+        .and_then(|s| s.to_str())
+        .filter(|s| !s.is_empty() && !s.contains(char::is_whitespace) && !s.contains('.'))
+        .map(str::to_owned)
+        .ok_or_else(|| LoadError::Name {
+            path: wasm.to_owned(),
+        })
+}

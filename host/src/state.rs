@@ -1,0 +1,122 @@
+//! Per-plugin key-value state as the sandbox sees it.
+//!
+//! A plugin's call reads committed state through a [`StateStore`] and writes
+//! into a [`PendingState`] overlay; the pipeline commits the overlay only if
+//! the call succeeded, so a failed event leaves no trace.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+
+/// Committed state of one plugin.
+pub trait StateStore: Send + Sync + 'static {
+    /// The committed value of `key`.
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Vec<u8>>>>;
+}
+
+/// One change a call made to its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateChange {
+    Set { key: String, value: Vec<u8> },
+    Delete { key: String },
+}
+
+impl StateChange {
+    pub fn key(&self) -> &str {
+        match self {
+            StateChange::Set { key, .. } | StateChange::Delete { key } => key,
+        }
+    }
+}
+
+/// Writes made during one call, over the committed state.
+#[derive(Default)]
+pub(crate) struct PendingState {
+    /// Last write per key wins; `None` is a delete.
+    writes: BTreeMap<String, Option<Vec<u8>>>,
+}
+
+impl PendingState {
+    /// `Some(answer)` when this call already wrote `key`.
+    pub fn get(&self, key: &str) -> Option<Option<Vec<u8>>> {
+        self.writes.get(key).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.writes.len()
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.writes.contains_key(key)
+    }
+
+    pub fn set(&mut self, key: String, value: Vec<u8>) {
+        self.writes.insert(key, Some(value));
+    }
+
+    pub fn delete(&mut self, key: String) {
+        self.writes.insert(key, None);
+    }
+
+    pub fn into_changes(self) -> Vec<StateChange> {
+        self.writes
+            .into_iter()
+            .map(|(key, value)| match value {
+                Some(value) => StateChange::Set { key, value },
+                None => StateChange::Delete { key },
+            })
+            .collect()
+    }
+}
+
+/// State held in process memory: for `weir test`, `weir::testing` and
+/// benchmarks, where there is no broker.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryState {
+    inner: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
+}
+
+impl MemoryState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Apply a successful call's changes.
+    pub fn commit(&self, changes: &[StateChange]) {
+        let mut map = self.lock();
+        for change in changes {
+            match change {
+                StateChange::Set { key, value } => {
+                    map.insert(key.clone(), value.clone());
+                }
+                StateChange::Delete { key } => {
+                    map.remove(key);
+                }
+            }
+        }
+    }
+
+    /// A copy of everything committed so far.
+    pub fn snapshot(&self) -> BTreeMap<String, Vec<u8>> {
+        self.lock().clone()
+    }
+
+    /// Set a committed value directly, to seed a test.
+    pub fn insert(&self, key: impl Into<String>, value: impl Into<Vec<u8>>) {
+        self.lock().insert(key.into(), value.into());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<u8>>> {
+        // A panic while holding this lock cannot leave the map half-updated
+        // (every mutation is a single insert/remove), so poisoning is moot.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl StateStore for MemoryState {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Vec<u8>>>> {
+        let value = self.lock().get(key).cloned();
+        Box::pin(async move { Ok(value) })
+    }
+}

@@ -1,0 +1,126 @@
+//! Loading plugins: clear errors for bad input, and the compile cache.
+//! Needs `cargo xtask build` first.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
+
+use std::path::Path;
+
+use weir::compile_cache::CacheStatus;
+use weir::sandbox::{LoadError, Sandbox, SandboxConfig};
+
+const HOSTILE: &str = "../dist/test-guests/hostile";
+
+/// Copy a built guest and its manifest into `dir` as `name`.
+fn install(dir: &Path, from: &str, name: &str) -> std::path::PathBuf {
+    std::fs::copy(format!("{from}.wasm"), dir.join(format!("{name}.wasm"))).unwrap();
+    std::fs::copy(format!("{HOSTILE}.toml"), dir.join(format!("{name}.toml"))).unwrap();
+    dir.join(format!("{name}.wasm"))
+}
+
+fn sandbox(cache: Option<&Path>) -> Sandbox {
+    Sandbox::new(SandboxConfig {
+        cache_dir: cache.map(Path::to_path_buf),
+    })
+    .unwrap()
+}
+
+#[test]
+fn garbage_bytes_are_not_a_component() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = install(dir.path(), HOSTILE, "garbage");
+    std::fs::write(&wasm, b"definitely not wasm").unwrap();
+    let err = sandbox(None).load(&wasm).unwrap_err();
+    assert!(matches!(err, LoadError::Compile { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("garbage.wasm is not a valid WebAssembly component"),
+        "{err}"
+    );
+}
+
+#[test]
+fn core_module_is_not_a_component() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = install(dir.path(), HOSTILE, "core");
+    std::fs::write(&wasm, b"\0asm\x01\0\0\0").unwrap();
+    let err = sandbox(None).load(&wasm).unwrap_err();
+    assert!(matches!(err, LoadError::Compile { .. }), "{err}");
+}
+
+#[test]
+fn component_of_another_world_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = install(dir.path(), "../dist/test-guests/notplugin", "command");
+    let err = sandbox(None).load(&wasm).unwrap_err();
+    assert!(matches!(err, LoadError::World { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("does not fit the weir:plugin world"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_manifest_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = install(dir.path(), HOSTILE, "lonely");
+    std::fs::remove_file(dir.path().join("lonely.toml")).unwrap();
+    let err = sandbox(None).load(&wasm).unwrap_err();
+    assert!(err.to_string().contains("lonely.toml"), "{err}");
+}
+
+#[test]
+fn invalid_manifest_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = install(dir.path(), HOSTILE, "typo");
+    std::fs::write(
+        dir.path().join("typo.toml"),
+        "subjects = [\"a\"]\nstream = \"S\"\n[limits]\nmemory = 1\n",
+    )
+    .unwrap();
+    let err = sandbox(None).load(&wasm).unwrap_err().to_string();
+    assert!(err.contains("typo.toml") && err.contains("memory"), "{err}");
+}
+
+#[test]
+fn compile_cache_serves_the_second_load_and_survives_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let wasm = install(dir.path(), HOSTILE, "cached");
+    let first = sandbox(Some(cache.path())).load(&wasm).unwrap();
+    assert_eq!(first.cache_status(), CacheStatus::Miss);
+    // A new sandbox stands for a restarted host.
+    let second = sandbox(Some(cache.path())).load(&wasm).unwrap();
+    assert_eq!(second.cache_status(), CacheStatus::Hit);
+    assert_eq!(first.version(), second.version());
+
+    // Flip a byte in every artifact: the checksum catches it, the plugin is
+    // recompiled and the entry rewritten.
+    let mut artifacts = 0;
+    for engine_dir in std::fs::read_dir(cache.path()).unwrap() {
+        for entry in std::fs::read_dir(engine_dir.unwrap().path()).unwrap() {
+            let path = entry.unwrap().path();
+            let mut bytes = std::fs::read(&path).unwrap();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0xff;
+            std::fs::write(&path, bytes).unwrap();
+            artifacts += 1;
+        }
+    }
+    assert_eq!(artifacts, 1);
+    let third = sandbox(Some(cache.path())).load(&wasm).unwrap();
+    assert_eq!(third.cache_status(), CacheStatus::Miss);
+    let fourth = sandbox(Some(cache.path())).load(&wasm).unwrap();
+    assert_eq!(fourth.cache_status(), CacheStatus::Hit);
+}
+
+#[test]
+fn version_is_the_content_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = install(dir.path(), HOSTILE, "a");
+    let b = install(dir.path(), HOSTILE, "b");
+    let sandbox = sandbox(None);
+    let (a, b) = (sandbox.load(&a).unwrap(), sandbox.load(&b).unwrap());
+    assert_eq!(a.version(), b.version());
+    assert_eq!(a.version().as_str().len(), 12);
+}

@@ -1,0 +1,106 @@
+//! A deliberately badly behaved plugin for the host's sandbox tests.
+//!
+//! The payload names the misbehaviour, so one loaded plugin can show that a
+//! bad event fails alone and the next event is served.
+
+use weir_guest::{Event, Plugin, Result, emit, reject, retry, retry_after, state};
+
+pub struct Hostile;
+
+/// Recursion with scalar frames only: each level costs wasm call stack, not
+/// linear memory, so it exhausts the engine's stack limit. The rotate-xor
+/// keeps the optimiser from turning it into a loop.
+#[inline(never)]
+fn deep(n: u64) -> u64 {
+    if n == u64::MAX {
+        return 0;
+    }
+    deep(n + 1).rotate_left(1) ^ n
+}
+
+/// Recursion with big frames: Rust keeps arrays on its shadow stack in
+/// linear memory, which overflows before the wasm call stack does.
+#[inline(never)]
+fn deep_frames(n: u64) -> u64 {
+    if n == u64::MAX {
+        return 0;
+    }
+    let frame = std::hint::black_box([n; 256]);
+    deep_frames(n + 1) ^ frame[(n % 256) as usize]
+}
+
+impl Plugin for Hostile {
+    fn handle(event: Event) -> Result {
+        match event.text()? {
+            "ok" => Ok(()),
+            "loop" => loop {
+                std::hint::black_box(());
+            },
+            "alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "stack" => Err(reject(format!("unreachable: {}", deep(0)))),
+            "shadow-stack" => Err(reject(format!("unreachable: {}", deep_frames(0)))),
+            "panic" => {
+                #[allow(clippy::panic)]
+                {
+                    panic!("hostile guest panics on purpose")
+                }
+            }
+            "read-file" => match std::fs::read("/etc/passwd") {
+                Ok(bytes) => Err(reject(format!(
+                    "SANDBOX ESCAPE: read {} bytes",
+                    bytes.len()
+                ))),
+                Err(e) => Err(reject(format!("file access denied: {e}"))),
+            },
+            "socket" => match std::net::TcpStream::connect("127.0.0.1:4222") {
+                Ok(_) => Err(reject("SANDBOX ESCAPE: connected".to_string())),
+                Err(e) => Err(reject(format!("network access denied: {e}"))),
+            },
+            "env" => match std::env::vars().next() {
+                Some((k, _)) => Err(reject(format!("SANDBOX ESCAPE: saw env {k}"))),
+                None => Ok(()),
+            },
+            "huge-emit" => {
+                let big = vec![b'x'; 2 << 20];
+                emit::publish("hostile.huge", &big)?;
+                Ok(())
+            }
+            "many-emits" => {
+                for _ in 0..100_000 {
+                    emit::publish("hostile.many", b"x")?;
+                }
+                Ok(())
+            }
+            "emit-then-fail" => {
+                emit::publish("hostile.out", b"should never be published")?;
+                state::set("leak", b"should never be committed")?;
+                Err(retry("failing after emitting"))
+            }
+            "retry" => Err(retry_after(
+                "asked to retry",
+                std::time::Duration::from_millis(50),
+            )),
+            "reject" => Err(reject("asked to reject")),
+            "retry-once" if event.attempt == 1 => Err(retry("first attempt always fails")),
+            "retry-once" => {
+                emit::publish("hostile.out", event.id.as_bytes())?;
+                Ok(())
+            }
+            "count" => {
+                let n = state::get_json::<u64>("count")?.unwrap_or(0) + 1;
+                state::set_json("count", &n)?;
+                emit::publish("hostile.out", n.to_string().as_bytes())?;
+                Ok(())
+            }
+            other => Err(reject(format!("unknown command {other:?}"))),
+        }
+    }
+}
+
+weir_guest::export_plugin!(Hostile);

@@ -1,0 +1,197 @@
+//! `cargo xtask`: the project's build, test and demo commands.
+//!
+//! - `cargo xtask build`: build every plugin and test guest for
+//!   wasm32-wasip2 and lay them out with their manifests under `dist/`.
+//! - `cargo xtask test`: build, then run every test (unit, sandbox,
+//!   plugin, `weir test` fixtures).
+//! - `cargo xtask demo`: build, then run the fraud plugin over sample orders.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+/// Guest crates: (package, directory holding its manifest, output folder under dist/).
+const GUESTS: &[(&str, &str, &str)] = &[
+    ("fraud", "plugins/fraud", "plugins"),
+    ("inventory", "plugins/inventory", "plugins"),
+    ("hostile", "tests/guests/hostile", "test-guests"),
+    ("notplugin", "tests/guests/notplugin", "test-guests"),
+];
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root()?;
+    match args.first().map(String::as_str) {
+        Some("build") => build(&root),
+        Some("test") => test(&root, &args[1..]),
+        Some("demo") => demo(&root),
+        _ => {
+            eprintln!("usage: cargo xtask <build|test|demo>");
+            bail!("unknown or missing command")
+        }
+    }
+}
+
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask must live one level below the workspace root")
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn build(root: &Path) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    cmd.current_dir(root)
+        .args(["build", "--release", "--target", "wasm32-wasip2"]);
+    for (package, _, _) in GUESTS {
+        cmd.args(["--package", package]);
+    }
+    run(&mut cmd)?;
+    let out = target_dir(root).join("wasm32-wasip2/release");
+    for (package, source, folder) in GUESTS {
+        let dest = root.join("dist").join(folder);
+        std::fs::create_dir_all(&dest).with_context(|| format!("creating {}", dest.display()))?;
+        let wasm = out.join(format!("{}.wasm", package.replace('-', "_")));
+        let name = package;
+        copy_if_changed(&wasm, &dest.join(format!("{name}.wasm")))?;
+        copy_if_changed(
+            &root.join(source).join(format!("{name}.toml")),
+            &dest.join(format!("{name}.toml")),
+        )?;
+    }
+    eprintln!(
+        "built {} guests into {}",
+        GUESTS.len(),
+        root.join("dist").display()
+    );
+    Ok(())
+}
+
+/// Copy unless the destination already has the same bytes, so a rebuild
+/// that changed nothing does not look like a new plugin version to a
+/// watching host.
+fn copy_if_changed(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
+    if std::fs::read(to).ok().as_deref() == Some(bytes.as_slice()) {
+        return Ok(());
+    }
+    // Write then rename, so a host watching dist/ never sees half a file.
+    let tmp = to.with_extension("tmp");
+    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, to).with_context(|| format!("renaming to {}", to.display()))?;
+    Ok(())
+}
+
+fn has_nextest() -> bool {
+    cargo()
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
+    build(root)?;
+    let mut cmd = cargo();
+    cmd.current_dir(root);
+    if has_nextest() {
+        cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    } else {
+        cmd.args(["test", "--workspace", "--no-fail-fast"]);
+    }
+    cmd.args(extra);
+    run(&mut cmd)?;
+    // Doc tests are not run by nextest.
+    run(cargo()
+        .current_dir(root)
+        .args(["test", "--workspace", "--doc"]))?;
+    fixtures(root)
+}
+
+/// Every `plugins/*/tests/*.events.jsonl` with an `.expected.jsonl` beside it,
+/// run through `weir test` exactly as a plugin author would.
+fn fixtures(root: &Path) -> anyhow::Result<()> {
+    let mut ran = 0;
+    let mut failed = Vec::new();
+    for (package, source, folder) in GUESTS {
+        let dir = root.join(source).join("tests");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        files.sort();
+        for events in files {
+            let Some(stem) = events
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".events.jsonl"))
+            else {
+                continue;
+            };
+            let expected = dir.join(format!("{stem}.expected.jsonl"));
+            let wasm = root
+                .join("dist")
+                .join(folder)
+                .join(format!("{package}.wasm"));
+            let mut cmd = cargo();
+            cmd.current_dir(root)
+                .args(["run", "--quiet", "--package", "weir", "--", "test"])
+                .arg(&wasm)
+                .arg("--events")
+                .arg(&events)
+                .arg("--expect")
+                .arg(&expected)
+                .stdout(std::process::Stdio::null());
+            ran += 1;
+            if run(&mut cmd).is_err() {
+                failed.push(events.display().to_string());
+            }
+        }
+    }
+    eprintln!(
+        "weir test fixtures: {} passed, {} failed",
+        ran - failed.len(),
+        failed.len()
+    );
+    if !failed.is_empty() {
+        bail!("fixture files failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn demo(root: &Path) -> anyhow::Result<()> {
+    build(root)?;
+    run(cargo().current_dir(root).args([
+        "run",
+        "--quiet",
+        "--package",
+        "weir",
+        "--",
+        "test",
+        "dist/plugins/fraud.wasm",
+        "--events",
+        "plugins/fraud/tests/orders.events.jsonl",
+        "--expect",
+        "plugins/fraud/tests/orders.expected.jsonl",
+    ]))
+}
