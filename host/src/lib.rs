@@ -7,11 +7,20 @@
 pub mod bindings;
 pub mod cli;
 pub mod compile_cache;
+pub mod config;
+pub mod dev;
+pub mod dlq;
 pub mod event;
+pub mod kv_state;
 pub mod manifest;
+pub mod nats;
+pub mod outbox;
 pub mod outcome;
+pub mod pipeline;
 pub mod plugin;
+pub mod runtime;
 pub mod sandbox;
+pub mod source;
 pub mod state;
 pub mod testing;
 

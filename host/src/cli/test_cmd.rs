@@ -31,7 +31,6 @@ const EXIT_MISMATCH: u8 = 1;
 const EXIT_ERROR: u8 = 2;
 
 pub fn run(args: TestArgs) -> ExitCode {
-    super::init_tracing("warn");
     match execute(&args) {
         Ok(0) => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(EXIT_MISMATCH),

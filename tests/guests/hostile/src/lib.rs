@@ -82,6 +82,20 @@ impl Plugin for Hostile {
                 state::set("leak", b"should never be committed")?;
                 Err(retry("failing after emitting"))
             }
+            "echo" => {
+                emit::publish("hostile.out", event.id.as_bytes())?;
+                Ok(())
+            }
+            "slow-echo" => {
+                // Busy for a while without calling the host, so shutdown
+                // and fault tests catch events in flight.
+                let until = std::time::Instant::now() + std::time::Duration::from_millis(20);
+                while std::time::Instant::now() < until {
+                    std::hint::black_box(());
+                }
+                emit::publish("hostile.out", event.id.as_bytes())?;
+                Ok(())
+            }
             "retry" => Err(retry_after(
                 "asked to retry",
                 std::time::Duration::from_millis(50),

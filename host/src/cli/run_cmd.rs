@@ -1,0 +1,56 @@
+//! `weir run`: serve the plugin directory against a NATS server.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::config::HostConfig;
+use crate::runtime::{Host, shutdown_signal};
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The host configuration.
+    #[arg(long, short, default_value = "weir.toml")]
+    config: PathBuf,
+    /// Serve this plugin directory instead of the config's.
+    #[arg(long)]
+    plugins: Option<PathBuf>,
+}
+
+/// The configuration with command-line overrides applied.
+pub(super) fn load_config(
+    config: &PathBuf,
+    plugins: &Option<PathBuf>,
+) -> anyhow::Result<HostConfig> {
+    let mut config = if config.exists() {
+        HostConfig::load(config)?
+    } else if config.as_os_str() == "weir.toml" {
+        // No config file at the default place: run on defaults.
+        HostConfig::parse("", &std::env::current_dir()?).map_err(anyhow::Error::msg)?
+    } else {
+        anyhow::bail!("config file {} does not exist", config.display());
+    };
+    if let Some(dir) = plugins {
+        config.plugins.dir = std::path::absolute(dir)?;
+    }
+    Ok(config)
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = load_config(&args.config, &args.plugins)?;
+    super::runtime()?.block_on(serve(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Run the host until SIGINT/SIGTERM, then shut down gracefully.
+pub(super) async fn serve(config: HostConfig) -> anyhow::Result<()> {
+    let host = Host::start(config).await?;
+    tracing::info!(
+        plugins = host.plugins().len(),
+        failed = host.failures().len(),
+        "weir is running"
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    host.shutdown().await;
+    Ok(())
+}

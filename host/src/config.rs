@@ -1,0 +1,378 @@
+//! `weir.toml`: how the host connects to NATS and where its plugins are.
+//!
+//! Parsed strictly and resolved completely (paths made absolute, defaults
+//! applied) before anything starts, so a typo fails at start-up with the
+//! file and key named, never halfway through a run.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole host configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HostConfig {
+    #[serde(default)]
+    pub nats: NatsConfig,
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+    #[serde(default)]
+    pub dead_letter: DeadLetterConfig,
+    /// Streams the host creates when they do not exist yet. Production
+    /// setups often manage streams elsewhere and leave this empty; `weir
+    /// dev` and the demo rely on it.
+    #[serde(default)]
+    pub streams: Vec<StreamConfig>,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+}
+
+/// How to reach NATS.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated. Default: `$NATS_URL`, else
+    /// `nats://127.0.0.1:4222`.
+    pub url: Option<String>,
+    /// A `.creds` file (JWT + nkey seed).
+    pub credentials_file: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// A file holding an nkey seed (`SU...`).
+    pub nkey_seed_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// Client name shown by the server's monitoring.
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TlsConfig {
+    /// Refuse to connect without TLS.
+    #[serde(default)]
+    pub required: bool,
+    /// CA bundle to verify the server with.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key, for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PluginsConfig {
+    /// Directory of `name.wasm` + `name.toml` pairs, relative to the
+    /// config file.
+    pub dir: PathBuf,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            dir: PathBuf::from("plugins"),
+        }
+    }
+}
+
+/// Where events that cannot be processed go.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DeadLetterConfig {
+    /// The stream holding dead letters; created if missing.
+    pub stream: String,
+    /// Dead letters are published on `<prefix>.<plugin>.<original subject>`.
+    pub subject_prefix: String,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig {
+            stream: "WEIR_DLQ".into(),
+            subject_prefix: "weir.dlq".into(),
+        }
+    }
+}
+
+/// A stream to create if it does not exist.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StreamConfig {
+    pub name: String,
+    pub subjects: Vec<String>,
+    /// JetStream's duplicate window: publishes with a `Nats-Msg-Id` seen
+    /// within it are dropped. Must cover the longest time an event can take
+    /// from first attempt to ack (see ARCHITECTURE.md).
+    #[serde(default = "defaults::duplicate_window_s")]
+    pub duplicate_window_s: u64,
+    /// Discard messages older than this (0 = keep forever).
+    #[serde(default)]
+    pub max_age_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RuntimeConfig {
+    /// How long shutdown waits for in-flight events before releasing them
+    /// back to the stream.
+    pub shutdown_grace_ms: u64,
+    /// Compiled-plugin cache; default `~/.cache/weir/compiled`.
+    pub cache_dir: Option<PathBuf>,
+    /// Redelivery timer for an unacknowledged event; a handler running
+    /// longer sends progress acks so it is not redelivered under it.
+    pub ack_wait_ms: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            shutdown_grace_ms: 10_000,
+            cache_dir: None,
+            ack_wait_ms: 30_000,
+        }
+    }
+}
+
+/// Durable plugin state and idempotency records.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StateConfig {
+    /// KV buckets are named `<prefix>_<plugin>`.
+    pub bucket_prefix: String,
+    /// Replicas of each bucket (1 for a single server, 3 for a cluster).
+    pub replicas: usize,
+    /// How long an idempotency record ("this event is done") is kept.
+    pub done_ttl_s: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            bucket_prefix: "weir_state".into(),
+            replicas: 1,
+            done_ttl_s: 7 * 24 * 3600,
+        }
+    }
+}
+
+mod defaults {
+    pub fn duplicate_window_s() -> u64 {
+        120
+    }
+}
+
+/// A config file that could not be read or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            nats: NatsConfig::default(),
+            plugins: PluginsConfig::default(),
+            dead_letter: DeadLetterConfig::default(),
+            streams: Vec::new(),
+            runtime: RuntimeConfig::default(),
+            state: StateConfig::default(),
+        }
+    }
+}
+
+impl HostConfig {
+    /// Read, validate and resolve `path`; relative paths inside are taken
+    /// from the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
+        let mut config: HostConfig =
+            toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+        config.resolve(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Make relative paths absolute against `base`.
+    pub fn resolve(&mut self, base: &Path) {
+        let absolute = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        absolute(&mut self.plugins.dir);
+        for p in [
+            &mut self.nats.credentials_file,
+            &mut self.nats.nkey_seed_file,
+            &mut self.nats.tls.ca_file,
+            &mut self.nats.tls.cert_file,
+            &mut self.nats.tls.key_file,
+            &mut self.runtime.cache_dir,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            absolute(p);
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let n = &self.nats;
+        let methods = [
+            n.credentials_file.is_some(),
+            n.user.is_some() || n.password.is_some(),
+            n.token.is_some(),
+            n.nkey_seed_file.is_some(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            return Err(
+                "`nats`: give only one of credentials-file, user + password, token, nkey-seed-file"
+                    .into(),
+            );
+        }
+        if n.user.is_some() != n.password.is_some() {
+            return Err("`nats.user` and `nats.password` go together".into());
+        }
+        if n.tls.cert_file.is_some() != n.tls.key_file.is_some() {
+            return Err("`nats.tls.cert-file` and `nats.tls.key-file` go together".into());
+        }
+        for s in &self.streams {
+            if s.subjects.is_empty() {
+                return Err(format!(
+                    "`streams`: stream {} needs at least one subject",
+                    s.name
+                ));
+            }
+            for subject in &s.subjects {
+                crate::manifest::validate_subject_filter(subject)
+                    .map_err(|why| format!("`streams`: subject {subject:?} of {} {why}", s.name))?;
+            }
+        }
+        crate::manifest::validate_publish_subject(&self.dead_letter.subject_prefix)
+            .map_err(|why| format!("`dead-letter.subject-prefix` {why}"))?;
+        if self.runtime.ack_wait_ms < 1_000 {
+            return Err("`runtime.ack-wait-ms` must be at least 1000".into());
+        }
+        if self.state.replicas == 0 {
+            return Err("`state.replicas` must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The NATS URL to use: config, else `$NATS_URL`, else the local default.
+    pub fn nats_url(&self) -> String {
+        self.nats
+            .url
+            .clone()
+            .or_else(|| std::env::var("NATS_URL").ok().filter(|u| !u.is_empty()))
+            .unwrap_or_else(|| "nats://127.0.0.1:4222".into())
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.runtime.shutdown_grace_ms)
+    }
+
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_millis(self.runtime.ack_wait_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_all_defaults() {
+        let c = HostConfig::parse("", Path::new("/etc/weir")).unwrap();
+        assert_eq!(c.plugins.dir, PathBuf::from("/etc/weir/plugins"));
+        assert_eq!(c.dead_letter.stream, "WEIR_DLQ");
+    }
+
+    #[test]
+    fn full_config_parses_and_resolves_paths() {
+        let c = HostConfig::parse(
+            r#"
+            [nats]
+            url = "nats://a:4222,nats://b:4222"
+            credentials-file = "secrets/weir.creds"
+            [nats.tls]
+            required = true
+            ca-file = "/abs/ca.pem"
+            [plugins]
+            dir = "../plugins"
+            [dead-letter]
+            stream = "DLQ"
+            subject-prefix = "dead"
+            [[streams]]
+            name = "ORDERS"
+            subjects = ["orders.>"]
+            [runtime]
+            shutdown-grace-ms = 100
+            "#,
+            Path::new("/srv/weir"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.nats.credentials_file,
+            Some(PathBuf::from("/srv/weir/secrets/weir.creds"))
+        );
+        assert_eq!(c.nats.tls.ca_file, Some(PathBuf::from("/abs/ca.pem")));
+        assert_eq!(c.plugins.dir, PathBuf::from("/srv/weir/../plugins"));
+        assert_eq!(c.streams[0].duplicate_window_s, 120);
+        assert_eq!(c.nats_url(), "nats://a:4222,nats://b:4222");
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        for (text, needle) in [
+            ("[nats]\nurl = 3\n", "url"),
+            ("[nats]\nuser = \"u\"\n", "password"),
+            (
+                "[nats]\ntoken = \"t\"\ncredentials-file = \"c\"\n",
+                "only one",
+            ),
+            ("[plugin]\ndir = \"x\"\n", "plugin"),
+            (
+                "[[streams]]\nname = \"S\"\nsubjects = []\n",
+                "at least one subject",
+            ),
+            ("[runtime]\nack-wait-ms = 5\n", "ack-wait-ms"),
+            (
+                "[dead-letter]\nsubject-prefix = \"a.>\"\n",
+                "subject-prefix",
+            ),
+        ] {
+            let err = HostConfig::parse(text, Path::new(".")).unwrap_err();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weir.toml");
+        std::fs::write(&path, "[nats\n").unwrap();
+        let err = HostConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("weir.toml"), "{err}");
+    }
+}

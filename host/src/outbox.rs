@@ -1,0 +1,103 @@
+//! Publishing what a plugin emitted, once its call succeeded.
+//!
+//! Every emitted event carries a `Nats-Msg-Id` derived from (plugin, input
+//! event id, index). If the host dies after publishing but before the input
+//! is acknowledged, the re-run publishes the same ids and JetStream drops
+//! them as duplicates within the target stream's duplicate window.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, message::PublishMessage};
+
+use crate::event::{Emitted, Event};
+
+/// Headers the host puts on every emitted event.
+pub mod headers {
+    /// The plugin that emitted the event.
+    pub const PLUGIN: &str = "Weir-Plugin";
+    /// The plugin version (content digest) that emitted it.
+    pub const PLUGIN_VERSION: &str = "Weir-Plugin-Version";
+    /// The id of the event that caused it.
+    pub const CAUSE_ID: &str = "Weir-Cause-Id";
+}
+
+/// The deterministic message id of output `index` of `event` by `plugin`.
+pub fn message_id(plugin: &str, event_id: &str, index: usize) -> String {
+    format!("weir:{plugin}:{event_id}:{index}")
+}
+
+/// Why the outbox could not be published. The input event is not acked;
+/// it is retried and the outputs published again under the same ids.
+#[derive(Debug, thiserror::Error)]
+#[error("publishing output {index} to {subject}: {message}")]
+pub struct PublishError {
+    pub index: usize,
+    pub subject: String,
+    pub message: String,
+}
+
+/// Publish every emitted event and wait until JetStream stored each one.
+/// The publishes are pipelined: all are sent before the first ack is awaited.
+pub async fn publish(
+    js: &jetstream::Context,
+    plugin: &str,
+    version: &str,
+    event: &Event,
+    emitted: &[Emitted],
+    extra_headers: &[(String, String)],
+    timeout: Duration,
+) -> Result<(), PublishError> {
+    let mut pending = Vec::with_capacity(emitted.len());
+    for (index, out) in emitted.iter().enumerate() {
+        let mut headers = HeaderMap::new();
+        for h in &out.headers {
+            headers.append(h.key.as_str(), h.value.as_str());
+        }
+        for (k, v) in extra_headers {
+            headers.insert(k.as_str(), v.as_str());
+        }
+        headers.insert(headers::PLUGIN, plugin);
+        headers.insert(headers::PLUGIN_VERSION, version);
+        headers.insert(headers::CAUSE_ID, event.id.as_str());
+        let publish = PublishMessage::build()
+            .headers(headers)
+            .payload(out.payload.clone().into())
+            .message_id(message_id(plugin, &event.id, index));
+        let error = |message: String| PublishError {
+            index,
+            subject: out.subject.clone(),
+            message,
+        };
+        let ack = js
+            .send_publish(out.subject.clone(), publish)
+            .await
+            .map_err(|e| error(e.to_string()))?;
+        pending.push((index, ack));
+    }
+    for (index, ack) in pending {
+        let subject = &emitted[index].subject;
+        let error = |message: String| PublishError {
+            index,
+            subject: subject.clone(),
+            message,
+        };
+        match tokio::time::timeout(timeout, ack).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(error(describe_publish_error(&e))),
+            Err(_) => return Err(error(format!("no acknowledgement within {timeout:?}"))),
+        }
+    }
+    Ok(())
+}
+
+fn describe_publish_error(e: &jetstream::context::PublishError) -> String {
+    if matches!(
+        e.kind(),
+        jetstream::context::PublishErrorKind::StreamNotFound
+    ) {
+        "no stream captures this subject".into()
+    } else {
+        e.to_string()
+    }
+}

@@ -1,0 +1,217 @@
+//! One event's path: invoke, then act on the outcome. Nothing is acked
+//! before its effects are durable; on any host-side failure the event is
+//! sent back to the stream instead.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::dlq::{self, DeadLetter};
+use crate::event::Event;
+use crate::outcome::Outcome;
+use crate::pipeline::PipelineContext;
+use crate::pipeline::stats::PluginStats;
+use crate::plugin::Plugin;
+use crate::source;
+use crate::state::StateStore;
+
+/// Delay before redelivering an event whose failure was the host's
+/// (publish or commit failed, NATS unreachable): short, the cause is
+/// usually a blip, but not zero so a down server is not hammered.
+const HOST_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// What the pipeline decided for one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Acked,
+    Retried,
+    DeadLettered,
+    /// Handed back unprocessed (shutdown).
+    Released,
+    /// A host-side failure sent it back for another try.
+    HostError,
+}
+
+pub async fn process(
+    ctx: Arc<PipelineContext>,
+    plugin: Plugin,
+    message: jetstream::Message,
+    release: CancellationToken,
+) -> Disposition {
+    let stats = &ctx.stats;
+    let event = match source::to_event(&message) {
+        Ok(event) => event,
+        Err(e) => {
+            // Without delivery info there is nothing to ack or retry.
+            tracing::error!(
+                plugin = plugin.name(),
+                "dropping a message that is not a JetStream delivery: {e:#}"
+            );
+            return Disposition::HostError;
+        }
+    };
+    let span = tracing::info_span!(
+        "event",
+        plugin = plugin.name(),
+        version = %plugin.version(),
+        event_id = %event.id,
+        subject = %event.subject,
+        attempt = event.attempt,
+    );
+    let disposition = tokio::select! {
+        biased;
+        d = handle(&ctx, &plugin, &message, &event).instrument(span) => d,
+        _ = release.cancelled() => {
+            // Shutting down and out of grace: hand the event back now rather
+            // than letting it sit until its ack wait expires.
+            ack(&message, AckKind::Nak(None), &plugin, &event).await;
+            Disposition::Released
+        }
+    };
+    match disposition {
+        Disposition::Acked => PluginStats::bump(&stats.processed),
+        Disposition::Retried => PluginStats::bump(&stats.retried),
+        Disposition::DeadLettered => PluginStats::bump(&stats.dead_lettered),
+        Disposition::HostError => PluginStats::bump(&stats.host_errors),
+        Disposition::Released => {}
+    }
+    disposition
+}
+
+async fn handle(
+    ctx: &PipelineContext,
+    plugin: &Plugin,
+    message: &jetstream::Message,
+    event: &Event,
+) -> Disposition {
+    let state: Arc<dyn StateStore> = ctx.state.clone();
+    let invocation = with_progress(message, ctx.ack_wait, plugin.invoke(event, state)).await;
+    let outcome = &invocation.outcome;
+    let manifest = plugin.manifest();
+    match outcome {
+        Outcome::Ok => {
+            let commit = async {
+                crate::outbox::publish(
+                    &ctx.js,
+                    plugin.name(),
+                    plugin.version().as_str(),
+                    event,
+                    &invocation.emitted,
+                    &[],
+                    ctx.publish_timeout,
+                )
+                .await?;
+                ctx.state.commit(&invocation.state_changes).await?;
+                anyhow::Ok(())
+            };
+            if let Err(e) = with_progress(message, ctx.ack_wait, commit).await {
+                tracing::warn!(plugin = plugin.name(), event_id = %event.id, "effects not durable, retrying: {e:#}");
+                ack(message, AckKind::Nak(Some(HOST_RETRY_DELAY)), plugin, event).await;
+                return Disposition::HostError;
+            }
+            // A lost ack only means a redelivery; double_ack makes sure we know.
+            match message.double_ack().await {
+                Ok(()) => Disposition::Acked,
+                Err(e) => {
+                    tracing::warn!(plugin = plugin.name(), event_id = %event.id, "ack not confirmed: {e}");
+                    Disposition::HostError
+                }
+            }
+        }
+        Outcome::Reject { .. } => dead_letter(ctx, plugin, message, event, outcome).await,
+        _ if event.attempt >= manifest.retry.max_deliveries => {
+            dead_letter(ctx, plugin, message, event, outcome).await
+        }
+        Outcome::Retry { delay, .. } => {
+            let delay = delay.unwrap_or_else(|| backoff(plugin, event.attempt));
+            tracing::info!(plugin = plugin.name(), event_id = %event.id, attempt = event.attempt, "{outcome}; retrying in {delay:?}");
+            ack(message, AckKind::Nak(Some(delay)), plugin, event).await;
+            Disposition::Retried
+        }
+        _ => {
+            let delay = backoff(plugin, event.attempt);
+            tracing::warn!(plugin = plugin.name(), event_id = %event.id, attempt = event.attempt, "{outcome}; retrying in {delay:?}");
+            ack(message, AckKind::Nak(Some(delay)), plugin, event).await;
+            Disposition::Retried
+        }
+    }
+}
+
+fn backoff(plugin: &Plugin, attempt: u32) -> Duration {
+    plugin
+        .manifest()
+        .retry
+        .backoff_with_jitter(attempt, rand::random::<f64>())
+}
+
+async fn dead_letter(
+    ctx: &PipelineContext,
+    plugin: &Plugin,
+    message: &jetstream::Message,
+    event: &Event,
+    outcome: &Outcome,
+) -> Disposition {
+    let stream = message
+        .info()
+        .map(|i| i.stream.to_owned())
+        .unwrap_or_default();
+    let letter = DeadLetter {
+        plugin: plugin.name(),
+        version: plugin.version().as_str(),
+        stream: &stream,
+        event,
+        outcome,
+    };
+    let published = with_progress(
+        message,
+        ctx.ack_wait,
+        dlq::publish(&ctx.js, &ctx.dlq_prefix, &letter, ctx.publish_timeout),
+    )
+    .await;
+    if let Err(e) = published {
+        tracing::warn!(plugin = plugin.name(), event_id = %event.id, "dead letter not stored, retrying: {e:#}");
+        ack(message, AckKind::Nak(Some(HOST_RETRY_DELAY)), plugin, event).await;
+        return Disposition::HostError;
+    }
+    tracing::warn!(plugin = plugin.name(), event_id = %event.id, attempts = event.attempt, "dead-lettered: {outcome}");
+    match message.double_ack_with(AckKind::Term).await {
+        Ok(()) => Disposition::DeadLettered,
+        Err(e) => {
+            // Redelivered later; the dead letter's message id keeps it single.
+            tracing::warn!(plugin = plugin.name(), event_id = %event.id, "terminate not confirmed: {e}");
+            Disposition::HostError
+        }
+    }
+}
+
+async fn ack(message: &jetstream::Message, kind: AckKind, plugin: &Plugin, event: &Event) {
+    if let Err(e) = message.ack_with(kind).await {
+        // The server redelivers after the ack wait anyway.
+        tracing::warn!(plugin = plugin.name(), event_id = %event.id, "sending {kind:?} failed: {e}");
+    }
+}
+
+/// Run `work`, telling the server every third of the ack wait that the
+/// event is still being worked on, so it is not redelivered under us.
+async fn with_progress<F: std::future::Future>(
+    message: &jetstream::Message,
+    ack_wait: Duration,
+    work: F,
+) -> F::Output {
+    let period = ack_wait / 3;
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = ticker.tick() => {
+                if let Err(e) = message.ack_with(AckKind::Progress).await {
+                    tracing::debug!("progress ack failed: {e}");
+                }
+            }
+        }
+    }
+}

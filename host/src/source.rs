@@ -1,0 +1,135 @@
+//! JetStream pull consumers: one durable consumer per plugin.
+//!
+//! Each plugin gets its own durable named after it, filtered on its
+//! subjects, so plugins progress independently and a new plugin is only a
+//! new consumer: producers never change.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream::{self, consumer};
+
+use crate::event::{Event, Header};
+use crate::manifest::{Manifest, StartPosition, start_time};
+
+/// The durable consumer name of a plugin.
+pub fn durable_name(plugin: &str) -> String {
+    format!("weir-{plugin}")
+}
+
+/// How many messages one pull request may carry, and how many may be
+/// delivered but not yet acknowledged. Both scale with the plugin's
+/// concurrency so that a slow plugin holds a bounded amount of work and
+/// never starves the others.
+pub fn flow_limits(manifest: &Manifest) -> (usize, i64) {
+    let concurrency = manifest.concurrency as usize;
+    let batch = concurrency.clamp(1, 256);
+    let max_ack_pending = (concurrency * 2 + batch).max(4) as i64;
+    (batch, max_ack_pending)
+}
+
+/// The consumer configuration a manifest asks for.
+pub fn consumer_config(
+    plugin: &str,
+    manifest: &Manifest,
+    ack_wait: Duration,
+) -> anyhow::Result<consumer::pull::Config> {
+    let deliver_policy = match &manifest.start {
+        StartPosition::New => consumer::DeliverPolicy::New,
+        StartPosition::All => consumer::DeliverPolicy::All,
+        StartPosition::Sequence(start_sequence) => consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: *start_sequence,
+        },
+        StartPosition::Time(t) => consumer::DeliverPolicy::ByStartTime {
+            start_time: start_time(t).map_err(anyhow::Error::msg)?,
+        },
+    };
+    let (_, max_ack_pending) = flow_limits(manifest);
+    let name = durable_name(plugin);
+    let mut config = consumer::pull::Config {
+        durable_name: Some(name.clone()),
+        name: Some(name),
+        description: manifest.description.clone(),
+        deliver_policy,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait,
+        // Redelivery is unlimited on the server: the host counts attempts
+        // itself and dead-letters, so an event is never left stranded when
+        // the server gives up on it.
+        max_deliver: -1,
+        max_ack_pending,
+        ..Default::default()
+    };
+    match manifest.subjects.as_slice() {
+        [one] => config.filter_subject = one.clone(),
+        many => config.filter_subjects = many.to_vec(),
+    }
+    Ok(config)
+}
+
+/// Create the plugin's durable consumer, or bind to it if it exists. An
+/// existing consumer keeps its position; settings that may change (filters,
+/// flow limits, ack wait) are updated.
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    plugin: &str,
+    manifest: &Manifest,
+    ack_wait: Duration,
+) -> anyhow::Result<consumer::PullConsumer> {
+    let stream = js.get_stream(&manifest.stream).await.with_context(|| {
+        format!(
+            "plugin {plugin}: stream {} is not available",
+            manifest.stream
+        )
+    })?;
+    let config = consumer_config(plugin, manifest, ack_wait)?;
+    let name = durable_name(plugin);
+    match stream.get_consumer::<consumer::pull::Config>(&name).await {
+        Ok(existing) => {
+            // The start position only applies at creation; keep the one it has.
+            let mut update = config;
+            update.deliver_policy = existing.cached_info().config.deliver_policy;
+            stream
+                .update_consumer(update)
+                .await
+                .with_context(|| format!("plugin {plugin}: updating consumer {name}"))
+        }
+        Err(_) => stream
+            .create_consumer(config)
+            .await
+            .with_context(|| format!("plugin {plugin}: creating consumer {name}")),
+    }
+}
+
+/// The event a JetStream message carries.
+pub fn to_event(message: &jetstream::Message) -> anyhow::Result<Event> {
+    let info = message
+        .info()
+        .map_err(|e| anyhow::anyhow!("not a JetStream delivery: {e}"))?;
+    let headers: Vec<Header> = message
+        .headers
+        .iter()
+        .flat_map(|map| map.iter())
+        .flat_map(|(k, values)| {
+            values
+                .iter()
+                .map(move |v| Header::new(k.to_string(), v.as_str()))
+        })
+        .collect();
+    let id = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+        .map(|v| v.as_str().to_owned())
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| format!("{}:{}", info.stream, info.stream_sequence));
+    Ok(Event {
+        id,
+        subject: message.subject.to_string(),
+        headers,
+        payload: message.payload.to_vec(),
+        sequence: info.stream_sequence,
+        attempt: u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX),
+        timestamp_ms: u64::try_from(info.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+    })
+}

@@ -1,0 +1,346 @@
+//! Harness for Weir's integration tests: a real nats-server on a free port
+//! with a temporary store, the real `weir` binary as a child process, and
+//! helpers to publish events and read streams back.
+//!
+//! Every test builds its own [`TestEnv`]; dropping it kills the server and
+//! the hosts and removes the temporary files.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test harness fails by panicking
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use weir::dev::{NatsServer, free_port};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The `weir` binary, built once per test process so it is never stale.
+pub fn weir_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace())
+            .args(["build", "--quiet", "--package", "weir", "--bin", "weir"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the weir binary failed");
+        // Test binaries live in <target>/<profile>/deps/.
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap();
+        let bin = profile_dir.join("weir");
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+}
+
+/// A built guest under `dist/` (run `cargo xtask build` first).
+pub fn dist(path: &str) -> PathBuf {
+    let p = workspace().join("dist").join(path);
+    assert!(
+        p.exists(),
+        "{} does not exist: run `cargo xtask build`",
+        p.display()
+    );
+    p
+}
+
+/// A nats-server, a plugin directory and a config file, all temporary.
+pub struct TestEnv {
+    pub server: NatsServer,
+    pub dir: tempfile::TempDir,
+    hosts: Vec<WeirProcess>,
+}
+
+impl TestEnv {
+    /// Start a server; `streams` is `[(name, subjects)]` created by the host's config.
+    pub fn new(streams: &[(&str, &[&str])]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let server = NatsServer::start(&dir.path().join("nats"), free_port().unwrap()).unwrap();
+        std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+        let mut config = format!(
+            "[nats]\nurl = \"{}\"\n[plugins]\ndir = \"plugins\"\n[runtime]\nshutdown-grace-ms = 5000\nack-wait-ms = 5000\n",
+            server.url()
+        );
+        for (name, subjects) in streams {
+            let subjects: Vec<String> = subjects.iter().map(|s| format!("\"{s}\"")).collect();
+            config.push_str(&format!(
+                "[[streams]]\nname = \"{name}\"\nsubjects = [{}]\n",
+                subjects.join(", ")
+            ));
+        }
+        std::fs::write(dir.path().join("weir.toml"), config).unwrap();
+        TestEnv {
+            server,
+            dir,
+            hosts: Vec::new(),
+        }
+    }
+
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.dir.path().join("plugins")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("weir.toml")
+    }
+
+    /// Copy a built guest into the plugin directory as `name`, with its
+    /// manifest passed through `edit`.
+    pub fn install(&self, guest: &str, name: &str, edit: impl FnOnce(String) -> String) {
+        let wasm = dist(&format!("{guest}.wasm"));
+        let manifest = std::fs::read_to_string(wasm.with_extension("toml")).unwrap();
+        std::fs::copy(&wasm, self.plugins_dir().join(format!("{name}.wasm"))).unwrap();
+        std::fs::write(
+            self.plugins_dir().join(format!("{name}.toml")),
+            edit(manifest),
+        )
+        .unwrap();
+    }
+
+    /// Start a `weir run` host on this environment and wait until it has
+    /// started every plugin it can; returns its index.
+    pub fn start_host(&mut self) -> usize {
+        let log = self
+            .dir
+            .path()
+            .join(format!("host-{}.log", self.hosts.len()));
+        let mut host = WeirProcess::start(&self.config_path(), &log);
+        host.wait_ready();
+        self.hosts.push(host);
+        self.hosts.len() - 1
+    }
+
+    pub fn host(&mut self, i: usize) -> &mut WeirProcess {
+        &mut self.hosts[i]
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.server.url()).await.unwrap()
+    }
+
+    pub async fn jetstream(&self) -> jetstream::Context {
+        jetstream::new(self.client().await)
+    }
+}
+
+/// A `weir run` child process; killed on drop.
+pub struct WeirProcess {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl WeirProcess {
+    pub fn start(config: &Path, log: &Path) -> Self {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(weir_binary())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("WEIR_LOG", "info,weir=debug")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        WeirProcess {
+            child: Some(child),
+            log: log.to_owned(),
+        }
+    }
+
+    /// Wait for the host's "weir is running" line: every plugin that can
+    /// start has its consumer by then.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.log_text().contains("weir is running") {
+            assert!(
+                self.is_running(),
+                "host exited during start-up; log:\n{}",
+                self.log_text()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "host not ready after 60s; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(-1)
+    }
+
+    /// Ask for a graceful shutdown and wait for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("host running");
+        signal(child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "host did not exit within 30s of SIGTERM; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kill -9, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for WeirProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Send `signal` to `pid` with the `kill` command (no `unsafe` libc call).
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// Poll `check` until it returns true or `timeout` passes; panics with
+/// `what` on timeout.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Publish `payloads` on `subject`, pipelined, and wait for every PubAck.
+/// With `ids`, each message gets `Nats-Msg-Id: <prefix>-<index>`.
+pub async fn publish_all(
+    js: &jetstream::Context,
+    subject: &str,
+    payloads: &[String],
+    id_prefix: Option<&str>,
+) {
+    for chunk in payloads.chunks(1000).enumerate() {
+        let (chunk_index, chunk) = chunk;
+        let mut acks = Vec::with_capacity(chunk.len());
+        for (i, payload) in chunk.iter().enumerate() {
+            let index = chunk_index * 1000 + i;
+            let mut publish =
+                jetstream::message::PublishMessage::build().payload(payload.clone().into());
+            if let Some(prefix) = id_prefix {
+                publish = publish.message_id(format!("{prefix}-{index}"));
+            }
+            acks.push(js.send_publish(subject.to_owned(), publish).await.unwrap());
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+    }
+}
+
+/// Every message of `stream` whose subject matches `filter`, in order.
+pub async fn read_stream(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: &str,
+) -> Vec<jetstream::Message> {
+    let stream = js.get_stream(stream).await.unwrap();
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            filter_subject: filter.to_owned(),
+            ack_policy: consumer::AckPolicy::None,
+            deliver_policy: consumer::DeliverPolicy::All,
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut consumer = consumer;
+    let mut out = Vec::new();
+    loop {
+        let pending = consumer.info().await.unwrap().num_pending;
+        if pending == 0 {
+            break;
+        }
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1000)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+            .unwrap();
+        while let Some(message) = batch.next().await {
+            out.push(message.unwrap());
+        }
+    }
+    out
+}
+
+/// Number of messages in `stream` on subjects matching `filter`.
+pub async fn count(js: &jetstream::Context, stream: &str, filter: &str) -> u64 {
+    let stream = js.get_stream(stream).await.unwrap();
+    let info = stream.info_with_subjects(filter).await.unwrap();
+    let mut total = 0;
+    let mut subjects = info;
+    while let Some(entry) = subjects.next().await {
+        total += entry.unwrap().1 as u64;
+    }
+    total
+}
+
+/// `(num_pending, num_ack_pending)` of a plugin's durable consumer.
+pub async fn consumer_backlog(js: &jetstream::Context, stream: &str, plugin: &str) -> (u64, usize) {
+    let stream = js.get_stream(stream).await.unwrap();
+    let info = stream
+        .consumer_info(weir::source::durable_name(plugin))
+        .await
+        .unwrap();
+    (info.num_pending, info.num_ack_pending)
+}
+
+/// Header value of a message.
+pub fn header<'a>(message: &'a jetstream::Message, key: &str) -> Option<&'a str> {
+    message.headers.as_ref()?.get(key).map(|v| v.as_str())
+}
