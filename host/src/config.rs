@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// The whole host configuration.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct HostConfig {
     #[serde(default)]
@@ -175,19 +175,6 @@ pub enum ConfigError {
     },
     #[error("invalid config {}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
-}
-
-impl Default for HostConfig {
-    fn default() -> Self {
-        HostConfig {
-            nats: NatsConfig::default(),
-            plugins: PluginsConfig::default(),
-            dead_letter: DeadLetterConfig::default(),
-            streams: Vec::new(),
-            runtime: RuntimeConfig::default(),
-            state: StateConfig::default(),
-        }
-    }
 }
 
 impl HostConfig {

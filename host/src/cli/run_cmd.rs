@@ -1,6 +1,6 @@
 //! `weir run`: serve the plugin directory against a NATS server.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::config::HostConfig;
@@ -17,10 +17,7 @@ pub struct RunArgs {
 }
 
 /// The configuration with command-line overrides applied.
-pub(super) fn load_config(
-    config: &PathBuf,
-    plugins: &Option<PathBuf>,
-) -> anyhow::Result<HostConfig> {
+pub(super) fn load_config(config: &Path, plugins: &Option<PathBuf>) -> anyhow::Result<HostConfig> {
     let mut config = if config.exists() {
         HostConfig::load(config)?
     } else if config.as_os_str() == "weir.toml" {
