@@ -145,8 +145,14 @@ pub struct StateConfig {
     pub bucket_prefix: String,
     /// Replicas of each bucket (1 for a single server, 3 for a cluster).
     pub replicas: usize,
-    /// How long an idempotency record ("this event is done") is kept.
+    /// How long an idempotency record ("this event is done") is kept. It
+    /// must outlast any redelivery of the event: keep it well above the
+    /// stream's duplicate window and your longest outage.
     pub done_ttl_s: u64,
+    /// Record every finished event so a redelivery is recognised and its
+    /// effects are not repeated. Turning it off trades exactly-once effects
+    /// for one less write per event.
+    pub idempotency: bool,
 }
 
 impl Default for StateConfig {
@@ -155,6 +161,7 @@ impl Default for StateConfig {
             bucket_prefix: "weir_state".into(),
             replicas: 1,
             done_ttl_s: 7 * 24 * 3600,
+            idempotency: true,
         }
     }
 }

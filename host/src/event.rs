@@ -93,7 +93,7 @@ impl Header {
 
 /// An event a plugin asked to publish, held in the outbox until the
 /// plugin's call succeeds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Emitted {
     pub subject: String,
     pub headers: Vec<Header>,

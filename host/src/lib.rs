@@ -11,7 +11,6 @@ pub mod config;
 pub mod dev;
 pub mod dlq;
 pub mod event;
-pub mod kv_state;
 pub mod manifest;
 pub mod nats;
 pub mod outbox;
@@ -22,6 +21,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod source;
 pub mod state;
+pub mod store;
 pub mod testing;
 
 pub use event::{Emitted, Event, Header};

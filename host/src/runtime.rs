@@ -12,11 +12,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HostConfig;
-use crate::kv_state::KvState;
 use crate::pipeline::stats::{PluginStats, StatsSnapshot};
 use crate::pipeline::{self, PipelineContext};
 use crate::plugin::Plugin;
 use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::store::PluginStore;
 
 /// How long to wait for JetStream to store a published output or dead letter.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -122,11 +122,12 @@ impl Host {
         );
         let consumer =
             crate::source::ensure_consumer(js, &name, plugin.manifest(), config.ack_wait()).await?;
-        let state = Arc::new(KvState::open(js, &config.state, &name).await?);
+        let store = Arc::new(PluginStore::open(js, &config.state, &name).await?);
         let stats = Arc::new(PluginStats::default());
         let ctx = Arc::new(PipelineContext {
             js: js.clone(),
-            state,
+            store,
+            idempotency: config.state.idempotency,
             dlq_prefix: config.dead_letter.subject_prefix.clone(),
             publish_timeout: PUBLISH_TIMEOUT,
             ack_wait: config.ack_wait(),
@@ -171,6 +172,11 @@ impl Host {
                 )
             })
             .collect()
+    }
+
+    /// The live counters of one plugin.
+    pub fn stats(&self, plugin: &str) -> Option<Arc<PluginStats>> {
+        self.running.get(plugin).map(|r| r.stats.clone())
     }
 
     /// Plugin files that could not be served.

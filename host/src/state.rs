@@ -9,10 +9,20 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 
+/// A committed value and the revision it was read at. The revision guards
+/// the commit: a write to a key is refused if the key moved past the
+/// revision the call read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Versioned {
+    pub value: Option<Vec<u8>>,
+    /// 0 when the key was never written.
+    pub revision: u64,
+}
+
 /// Committed state of one plugin.
 pub trait StateStore: Send + Sync + 'static {
     /// The committed value of `key`.
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Vec<u8>>>>;
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Versioned>>;
 }
 
 /// One change a call made to its state.
@@ -115,8 +125,9 @@ impl MemoryState {
 }
 
 impl StateStore for MemoryState {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Vec<u8>>>> {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Versioned>> {
+        // One process, one writer at a time: no revisions to guard.
         let value = self.lock().get(key).cloned();
-        Box::pin(async move { Ok(value) })
+        Box::pin(async move { Ok(Versioned { value, revision: 0 }) })
     }
 }

@@ -121,6 +121,14 @@ impl TestEnv {
         self.hosts.len() - 1
     }
 
+    /// Start host `i` again (after a kill), with the same log file.
+    pub fn restart_host(&mut self, i: usize) {
+        let log = self.dir.path().join(format!("host-{i}.log"));
+        let mut host = WeirProcess::start(&self.config_path(), &log);
+        host.wait_ready_after(self.hosts[i].ready_lines());
+        self.hosts[i] = host;
+    }
+
     pub fn host(&mut self, i: usize) -> &mut WeirProcess {
         &mut self.hosts[i]
     }
@@ -164,8 +172,19 @@ impl WeirProcess {
     /// Wait for the host's "weir is running" line: every plugin that can
     /// start has its consumer by then.
     pub fn wait_ready(&mut self) {
+        self.wait_ready_after(0);
+    }
+
+    /// How many times this host's log says it became ready.
+    pub fn ready_lines(&self) -> usize {
+        self.log_text().matches("weir is running").count()
+    }
+
+    /// Wait until the log has more than `before` ready lines (a restarted
+    /// host appends to the log of the one it replaces).
+    pub fn wait_ready_after(&mut self, before: usize) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.log_text().contains("weir is running") {
+        while self.ready_lines() <= before {
             assert!(
                 self.is_running(),
                 "host exited during start-up; log:\n{}",

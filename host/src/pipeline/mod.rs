@@ -17,13 +17,15 @@ use tokio_util::sync::CancellationToken;
 pub use process::Disposition;
 use stats::PluginStats;
 
-use crate::kv_state::KvState;
 use crate::plugin::Plugin;
+use crate::store::PluginStore;
 
 /// What every event of one plugin shares.
 pub struct PipelineContext {
     pub js: jetstream::Context,
-    pub state: Arc<KvState>,
+    pub store: Arc<PluginStore>,
+    /// Whether done records are written (see `StateConfig::idempotency`).
+    pub idempotency: bool,
     pub dlq_prefix: String,
     pub publish_timeout: Duration,
     pub ack_wait: Duration,

@@ -10,18 +10,23 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::dlq::{self, DeadLetter};
-use crate::event::Event;
+use crate::event::{Emitted, Event};
 use crate::outcome::Outcome;
 use crate::pipeline::PipelineContext;
 use crate::pipeline::stats::PluginStats;
 use crate::plugin::Plugin;
 use crate::source;
 use crate::state::StateStore;
+use crate::store::Commit;
 
 /// Delay before redelivering an event whose failure was the host's
 /// (publish or commit failed, NATS unreachable): short, the cause is
 /// usually a blip, but not zero so a down server is not hammered.
 const HOST_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Runs of one delivery when its commit keeps losing to concurrent writers
+/// of the same state keys, before it goes back to the stream with backoff.
+const MAX_CONFLICT_RERUNS: usize = 5;
 
 /// What the pipeline decided for one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +38,9 @@ pub enum Disposition {
     Released,
     /// A host-side failure sent it back for another try.
     HostError,
+    /// A redelivery of an event already committed: finished without
+    /// running the plugin again.
+    Skipped,
 }
 
 pub async fn process(
@@ -76,6 +84,7 @@ pub async fn process(
         Disposition::Retried => PluginStats::bump(&stats.retried),
         Disposition::DeadLettered => PluginStats::bump(&stats.dead_lettered),
         Disposition::HostError => PluginStats::bump(&stats.host_errors),
+        Disposition::Skipped => PluginStats::bump(&stats.skipped_duplicates),
         Disposition::Released => {}
     }
     disposition
@@ -87,57 +96,138 @@ async fn handle(
     message: &jetstream::Message,
     event: &Event,
 ) -> Disposition {
-    let state: Arc<dyn StateStore> = ctx.state.clone();
-    let invocation = with_progress(message, ctx.ack_wait, plugin.invoke(event, state)).await;
-    let outcome = &invocation.outcome;
-    let manifest = plugin.manifest();
-    match outcome {
-        Outcome::Ok => {
-            let commit = async {
-                crate::outbox::publish(
-                    &ctx.js,
-                    plugin.name(),
-                    plugin.version().as_str(),
-                    event,
-                    &invocation.emitted,
-                    &[],
-                    ctx.publish_timeout,
-                )
-                .await?;
-                ctx.state.commit(&invocation.state_changes).await?;
-                anyhow::Ok(())
-            };
-            if let Err(e) = with_progress(message, ctx.ack_wait, commit).await {
-                tracing::warn!(plugin = plugin.name(), event_id = %event.id, "effects not durable, retrying: {e:#}");
-                ack(message, AckKind::Nak(Some(HOST_RETRY_DELAY)), plugin, event).await;
-                return Disposition::HostError;
+    // A redelivery may find the event already committed (the host died, or
+    // an ack was lost, after the commit): finish it without running it again.
+    if event.attempt > 1 && ctx.idempotency {
+        match with_progress(message, ctx.ack_wait, ctx.store.done(&event.id)).await {
+            Ok(Some(outbox)) => {
+                return publish_and_ack(ctx, plugin, message, event, &outbox, true).await;
             }
-            // A lost ack only means a redelivery; double_ack makes sure we know.
-            match message.double_ack().await {
-                Ok(()) => Disposition::Acked,
-                Err(e) => {
-                    tracing::warn!(plugin = plugin.name(), event_id = %event.id, "ack not confirmed: {e}");
-                    Disposition::HostError
-                }
-            }
+            Ok(None) => {}
+            Err(e) => return host_error(plugin, message, event, e).await,
         }
+    }
+    for _ in 0..MAX_CONFLICT_RERUNS {
+        let state: Arc<dyn StateStore> = ctx.store.clone();
+        let invocation = with_progress(message, ctx.ack_wait, plugin.invoke(event, state)).await;
+        if !invocation.outcome.is_ok() {
+            return failed(ctx, plugin, message, event, &invocation.outcome).await;
+        }
+        let commit = ctx.store.commit(
+            &event.id,
+            &invocation.state_changes,
+            &invocation.state_reads,
+            &invocation.emitted,
+        );
+        match with_progress(message, ctx.ack_wait, commit).await {
+            Ok(Commit::Committed) => {
+                return publish_and_ack(ctx, plugin, message, event, &invocation.emitted, false)
+                    .await;
+            }
+            Ok(Commit::AlreadyDone(outbox)) => {
+                return publish_and_ack(ctx, plugin, message, event, &outbox, true).await;
+            }
+            Ok(Commit::Conflict) => {
+                tracing::debug!(plugin = plugin.name(), event_id = %event.id, "state changed under the call; running it again");
+            }
+            Err(e) => return host_error(plugin, message, event, e).await,
+        }
+    }
+    // Contention this persistent is better resolved by time than by spinning.
+    let delay = backoff(plugin, event.attempt);
+    tracing::warn!(plugin = plugin.name(), event_id = %event.id, "state kept changing under the call; retrying in {delay:?}");
+    ack(message, AckKind::Nak(Some(delay)), plugin, event).await;
+    Disposition::Retried
+}
+
+/// The effects are committed: publish the outbox and acknowledge.
+async fn publish_and_ack(
+    ctx: &PipelineContext,
+    plugin: &Plugin,
+    message: &jetstream::Message,
+    event: &Event,
+    outbox: &[Emitted],
+    duplicate: bool,
+) -> Disposition {
+    let version = plugin.version().as_str();
+    let publish = crate::outbox::publish(
+        &ctx.js,
+        plugin.name(),
+        version,
+        event,
+        outbox,
+        &[],
+        ctx.publish_timeout,
+    );
+    if let Err(e) = with_progress(message, ctx.ack_wait, publish).await {
+        return host_error(plugin, message, event, e.into()).await;
+    }
+    // With done records a lost ack is harmless (the redelivery is skipped),
+    // so a plain ack suffices; without them, make sure it landed.
+    let acked = if ctx.idempotency {
+        message.ack().await
+    } else {
+        message.double_ack().await
+    };
+    if let Err(e) = acked {
+        tracing::warn!(plugin = plugin.name(), event_id = %event.id, "ack not sent: {e}");
+        return Disposition::HostError;
+    }
+    if let Ok(info) = message.info() {
+        ctx.stats.ack_latency.record(since(info.published));
+    }
+    if ctx.idempotency && !outbox.is_empty() {
+        ctx.store.forget_outbox(&event.id).await;
+    }
+    if duplicate {
+        Disposition::Skipped
+    } else {
+        Disposition::Acked
+    }
+}
+
+/// The plugin did not succeed: retry, or dead-letter.
+async fn failed(
+    ctx: &PipelineContext,
+    plugin: &Plugin,
+    message: &jetstream::Message,
+    event: &Event,
+    outcome: &Outcome,
+) -> Disposition {
+    match outcome {
         Outcome::Reject { .. } => dead_letter(ctx, plugin, message, event, outcome).await,
-        _ if event.attempt >= manifest.retry.max_deliveries => {
+        _ if event.attempt >= plugin.manifest().retry.max_deliveries => {
             dead_letter(ctx, plugin, message, event, outcome).await
         }
-        Outcome::Retry { delay, .. } => {
-            let delay = delay.unwrap_or_else(|| backoff(plugin, event.attempt));
+        _ => {
+            let delay = match outcome {
+                Outcome::Retry {
+                    delay: Some(delay), ..
+                } => *delay,
+                _ => backoff(plugin, event.attempt),
+            };
             tracing::info!(plugin = plugin.name(), event_id = %event.id, attempt = event.attempt, "{outcome}; retrying in {delay:?}");
             ack(message, AckKind::Nak(Some(delay)), plugin, event).await;
             Disposition::Retried
         }
-        _ => {
-            let delay = backoff(plugin, event.attempt);
-            tracing::warn!(plugin = plugin.name(), event_id = %event.id, attempt = event.attempt, "{outcome}; retrying in {delay:?}");
-            ack(message, AckKind::Nak(Some(delay)), plugin, event).await;
-            Disposition::Retried
-        }
     }
+}
+
+/// The host could not make the effects durable: send the event back.
+async fn host_error(
+    plugin: &Plugin,
+    message: &jetstream::Message,
+    event: &Event,
+    e: anyhow::Error,
+) -> Disposition {
+    tracing::warn!(plugin = plugin.name(), event_id = %event.id, "effects not durable, retrying: {e:#}");
+    ack(message, AckKind::Nak(Some(HOST_RETRY_DELAY)), plugin, event).await;
+    Disposition::HostError
+}
+
+/// Time since the stream stored a message (zero if clocks disagree).
+fn since(published: time::OffsetDateTime) -> Duration {
+    Duration::try_from(time::OffsetDateTime::now_utc() - published).unwrap_or_default()
 }
 
 fn backoff(plugin: &Plugin, attempt: u32) -> Duration {

@@ -3,6 +3,7 @@
 //! Everything a call produces is buffered in [`CallState`]; nothing leaves
 //! the sandbox until the pipeline has seen the call succeed.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -63,6 +64,8 @@ pub struct CallState {
     pub(crate) deadline: Instant,
     pub(crate) outbox: Vec<Emitted>,
     pub(crate) pending: PendingState,
+    /// Revision of each key when this call first read it from the store.
+    pub(crate) reads: BTreeMap<String, u64>,
     pub(crate) logs: Vec<LogLine>,
     pub(crate) stderr: MemoryOutputPipe,
     pub(crate) stdout: MemoryOutputPipe,
@@ -92,6 +95,7 @@ impl CallState {
             deadline: Instant::now(),
             outbox: Vec::new(),
             pending: PendingState::default(),
+            reads: BTreeMap::new(),
             logs: Vec::new(),
             stderr,
             stdout,
@@ -105,6 +109,7 @@ impl CallState {
         self.deadline = deadline;
         self.outbox.clear();
         self.pending = PendingState::default();
+        self.reads.clear();
         self.logs.clear();
     }
 }
@@ -225,7 +230,10 @@ impl state::Host for CallState {
             return Ok(pending);
         }
         match self.store.get(&key).await {
-            Ok(value) => Ok(value),
+            Ok(versioned) => {
+                self.reads.entry(key).or_insert(versioned.revision);
+                Ok(versioned.value)
+            }
             Err(e) => Err(wasmtime::Error::new(StateUnavailable(format!("{e:#}")))),
         }
     }

@@ -1,5 +1,6 @@
 //! Running one call and turning whatever happened into an [`Outcome`].
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,9 @@ pub struct Invocation {
     pub emitted: Vec<Emitted>,
     /// State changes to commit: empty unless the outcome is `Ok`.
     pub state_changes: Vec<StateChange>,
+    /// The revision of every key the call read from the store, to guard
+    /// the commit against concurrent writers.
+    pub state_reads: BTreeMap<String, u64>,
     /// Guest log lines, whatever the outcome.
     pub logs: Vec<LogLine>,
     /// Wall time of the call, instantiation included.
@@ -169,17 +173,19 @@ fn finish_keep(
                 message: format!("stdout: {line}"),
             }),
     );
-    let (emitted, state_changes) = if outcome.is_ok() {
+    let (emitted, state_changes, state_reads) = if outcome.is_ok() {
         (
             std::mem::take(&mut data.outbox),
             std::mem::take(&mut data.pending).into_changes(),
+            std::mem::take(&mut data.reads),
         )
     } else {
-        (Vec::new(), Vec::new())
+        (Vec::new(), Vec::new(), BTreeMap::new())
     };
     let invocation = Invocation {
         outcome,
         emitted,
+        state_reads,
         state_changes,
         logs,
         duration: started.elapsed(),

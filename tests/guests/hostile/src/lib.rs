@@ -112,6 +112,15 @@ impl Plugin for Hostile {
                 emit::publish("hostile.out", n.to_string().as_bytes())?;
                 Ok(())
             }
+            tally if tally.starts_with("tally ") => {
+                // Count events per key in state and emit one output per
+                // event: the exactly-once crash tests check both.
+                let key = format!("tally.{}", &tally["tally ".len()..]);
+                let n = state::get_json::<u64>(&key)?.unwrap_or(0) + 1;
+                state::set_json(&key, &n)?;
+                emit::publish("hostile.out", event.id.as_bytes())?;
+                Ok(())
+            }
             other => Err(reject(format!("unknown command {other:?}"))),
         }
     }

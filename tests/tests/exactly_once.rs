@@ -1,0 +1,231 @@
+//! Exactly-once effects, proven by killing hosts: outputs and state
+//! changes happen once per event however often the host dies, and however
+//! many hosts share the work. Needs `cargo xtask build` first.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use weir_integration_tests::{
+    TestEnv, consumer_backlog, count, publish_all, read_stream, wait_until,
+};
+
+const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
+const EVENTS: usize = 20_000;
+const KEYS: usize = 20;
+
+/// The hostile guest as a counting plugin: concurrency 4 so writers of the
+/// same key collide, and enough deliveries that repeated kills never
+/// dead-letter anything.
+fn tally_plugin(manifest: String) -> String {
+    manifest
+        .replace("start = \"all\"", "start = \"all\"\nconcurrency = 4")
+        .replace("max-deliveries = 3", "max-deliveries = 50")
+}
+
+fn tally_events(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("tally k{}", i % KEYS)).collect()
+}
+
+/// Committed `tally.*` counters of a plugin's state bucket.
+async fn tallies(js: &jetstream::Context, plugin: &str) -> BTreeMap<String, u64> {
+    let kv = js
+        .get_key_value(format!("weir_state_{plugin}"))
+        .await
+        .unwrap();
+    let keys: Vec<String> = kv.keys().await.unwrap().map(|k| k.unwrap()).collect().await;
+    let mut out = BTreeMap::new();
+    for key in keys.into_iter().filter(|k| k.starts_with("s.tally.")) {
+        let value = kv.get(&key).await.unwrap().unwrap();
+        out.insert(
+            key,
+            String::from_utf8(value.to_vec()).unwrap().parse().unwrap(),
+        );
+    }
+    out
+}
+
+/// Kill host `victim` with SIGKILL each time the output count passes one of
+/// `thresholds`, restarting it right away; returns how many kills happened
+/// with work still left.
+async fn kill_repeatedly(env: &mut TestEnv, victim: usize, thresholds: &[u64]) -> usize {
+    let js = env.jetstream().await;
+    let mut kills = 0;
+    for &at in thresholds {
+        wait_until(Duration::from_secs(120), "progress", || async {
+            count(&js, "HOSTILE", "hostile.out").await >= at
+        })
+        .await;
+        env.host(victim).kill();
+        if count(&js, "HOSTILE", "hostile.out").await < EVENTS as u64 {
+            kills += 1;
+        }
+        env.restart_host(victim);
+    }
+    kills
+}
+
+async fn assert_exactly_once(env: &mut TestEnv) {
+    let js = env.jetstream().await;
+    wait_until(
+        Duration::from_secs(180),
+        "every event to be processed",
+        || async {
+            count(&js, "HOSTILE", "hostile.out").await >= EVENTS as u64
+                && consumer_backlog(&js, "HOSTILE", "hostile").await == (0, 0)
+        },
+    )
+    .await;
+    // Messages, not distinct ids: a duplicate would show up here.
+    assert_eq!(
+        count(&js, "HOSTILE", "hostile.out").await,
+        EVENTS as u64,
+        "output messages"
+    );
+    let outputs = read_stream(&js, "HOSTILE", "hostile.out").await;
+    let distinct: HashSet<&[u8]> = outputs.iter().map(|m| m.payload.as_ref()).collect();
+    assert_eq!(distinct.len(), EVENTS, "distinct outputs");
+    let tallies = tallies(&js, "hostile").await;
+    assert_eq!(tallies.len(), KEYS);
+    assert_eq!(
+        tallies.values().sum::<u64>(),
+        EVENTS as u64,
+        "state counters: {tallies:?}"
+    );
+    for (key, n) in &tallies {
+        assert_eq!(*n, (EVENTS / KEYS) as u64, "{key}");
+    }
+    assert_eq!(
+        count(&js, "WEIR_DLQ", ">").await,
+        0,
+        "nothing dead-lettered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_killed_repeatedly_yields_each_effect_once() {
+    let mut env = TestEnv::new(STREAMS);
+    env.install("test-guests/hostile", "hostile", tally_plugin);
+    env.start_host();
+    let js = env.jetstream().await;
+    publish_all(&js, "hostile.in", &tally_events(EVENTS), None).await;
+    let kills = kill_repeatedly(&mut env, 0, &[1_500, 4_500, 7_500, 10_500, 13_500, 16_500]).await;
+    assert!(kills >= 5, "only {kills} kills landed mid-stream");
+    assert_exactly_once(&mut env).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hosts_one_killed_repeatedly_yield_each_effect_once() {
+    let mut env = TestEnv::new(STREAMS);
+    env.install("test-guests/hostile", "hostile", tally_plugin);
+    env.start_host();
+    env.start_host();
+    let js = env.jetstream().await;
+    publish_all(&js, "hostile.in", &tally_events(EVENTS), None).await;
+    let kills = kill_repeatedly(&mut env, 1, &[1_500, 4_500, 7_500, 10_500, 13_500, 16_500]).await;
+    assert!(kills >= 5, "only {kills} kills landed mid-stream");
+    assert_exactly_once(&mut env).await;
+    let log = env.host(0).log_text();
+    assert!(
+        log.contains("weir is running"),
+        "the surviving host served throughout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicate_publish_of_one_input_yields_one_effect() {
+    let mut env = TestEnv::new(&[]);
+    env.install("test-guests/hostile", "hostile", |m| m);
+    // A one-second duplicate window, so the second publish of the same
+    // Nats-Msg-Id is stored again and only Weir's done record stops it.
+    let js = env.jetstream().await;
+    js.create_stream(jetstream::stream::Config {
+        name: "HOSTILE".into(),
+        subjects: vec!["hostile.>".into()],
+        duplicate_window: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    env.start_host();
+    let send = |id: &'static str| {
+        let js = js.clone();
+        async move {
+            let message = jetstream::message::PublishMessage::build()
+                .payload("tally dup".into())
+                .message_id(id);
+            js.send_publish("hostile.in", message)
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        }
+    };
+    let first = send("order-1").await;
+    let within_window = send("order-1").await;
+    assert!(
+        within_window.duplicate,
+        "JetStream drops it within its window"
+    );
+    assert_eq!(first.sequence, within_window.sequence);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after_window = send("order-1").await;
+    assert!(!after_window.duplicate, "stored again after the window");
+    wait_until(
+        Duration::from_secs(60),
+        "both deliveries to be settled",
+        || async {
+            consumer_backlog(&js, "HOSTILE", "hostile").await == (0, 0)
+                && count(&js, "HOSTILE", "hostile.in").await == 2
+        },
+    )
+    .await;
+    assert_eq!(count(&js, "HOSTILE", "hostile.out").await, 1, "one output");
+    assert_eq!(
+        tallies(&js, "hostile").await.get("s.tally.dup"),
+        Some(&1),
+        "one state change"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugins_cannot_see_each_others_state() {
+    let mut env = TestEnv::new(STREAMS);
+    env.install("test-guests/hostile", "alpha", |m| m);
+    env.install("test-guests/hostile", "beta", |m| {
+        m.replace(
+            "subjects = [\"hostile.in\"]",
+            "subjects = [\"hostile.beta\"]",
+        )
+    });
+    env.start_host();
+    let js = env.jetstream().await;
+    publish_all(
+        &js,
+        "hostile.in",
+        &tally_events(3)
+            .iter()
+            .map(|_| "tally x".to_owned())
+            .collect::<Vec<_>>(),
+        None,
+    )
+    .await;
+    wait_until(Duration::from_secs(60), "alpha's three events", || async {
+        count(&js, "HOSTILE", "hostile.out").await == 3
+    })
+    .await;
+    publish_all(&js, "hostile.beta", &["tally x".to_owned()], None).await;
+    wait_until(Duration::from_secs(60), "beta's event", || async {
+        count(&js, "HOSTILE", "hostile.out").await == 4
+    })
+    .await;
+    assert_eq!(tallies(&js, "alpha").await.get("s.tally.x"), Some(&3));
+    assert_eq!(
+        tallies(&js, "beta").await.get("s.tally.x"),
+        Some(&1),
+        "beta counted from zero: it never saw alpha's 3"
+    );
+}
