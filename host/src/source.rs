@@ -17,15 +17,21 @@ pub fn durable_name(plugin: &str) -> String {
     format!("weir-{plugin}")
 }
 
-/// How many messages one pull request may carry, and how many may be
-/// delivered but not yet acknowledged. Both scale with the plugin's
-/// concurrency so that a slow plugin holds a bounded amount of work and
-/// never starves the others.
+/// How many messages one pull request may ask for, and how many may be
+/// delivered but not yet acknowledged.
+///
+/// `max_ack_pending` is what bounds the work a host holds for a plugin: the
+/// server delivers no more than that many unacknowledged events, so a slow
+/// plugin backs up into its own consumer, never into host memory. It is
+/// twice the concurrency, so the next events are already here when a slot
+/// frees. Pull requests ask for more than that (at least 32): a request the
+/// server can only partly fill simply waits, whereas tiny requests make the
+/// client re-request after every message.
 pub fn flow_limits(manifest: &Manifest) -> (usize, i64) {
     let concurrency = manifest.concurrency as usize;
-    let batch = concurrency.clamp(1, 256);
-    let max_ack_pending = (concurrency * 2 + batch).max(4) as i64;
-    (batch, max_ack_pending)
+    let max_ack_pending = (concurrency * 2).max(4);
+    let batch = (max_ack_pending * 2).clamp(32, 1024);
+    (batch, max_ack_pending as i64)
 }
 
 /// The consumer configuration a manifest asks for.

@@ -183,7 +183,7 @@ fn fixtures(root: &Path) -> anyhow::Result<()> {
         }
     }
     eprintln!(
-        "weir test fixtures: {} passed, {} failed",
+        "fixtures: {} passed, {} failed",
         ran - failed.len(),
         failed.len()
     );

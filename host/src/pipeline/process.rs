@@ -110,6 +110,7 @@ async fn handle(
     for _ in 0..MAX_CONFLICT_RERUNS {
         let state: Arc<dyn StateStore> = ctx.store.clone();
         let invocation = with_progress(message, ctx.ack_wait, plugin.invoke(event, state)).await;
+        tracing::trace!(outcome = %invocation.outcome, took = ?invocation.duration, "invoked");
         if !invocation.outcome.is_ok() {
             return failed(ctx, plugin, message, event, &invocation.outcome).await;
         }
@@ -149,6 +150,7 @@ async fn publish_and_ack(
     outbox: &[Emitted],
     duplicate: bool,
 ) -> Disposition {
+    tracing::trace!("committed");
     let version = plugin.version().as_str();
     let publish = crate::outbox::publish(
         &ctx.js,
@@ -162,6 +164,7 @@ async fn publish_and_ack(
     if let Err(e) = with_progress(message, ctx.ack_wait, publish).await {
         return host_error(plugin, message, event, e.into()).await;
     }
+    tracing::trace!(outputs = outbox.len(), "published");
     // With done records a lost ack is harmless (the redelivery is skipped),
     // so a plain ack suffices; without them, make sure it landed.
     let acked = if ctx.idempotency {

@@ -1,24 +1,27 @@
-//! Pipeline benchmark: a plain async-nats pull consumer that acks each
-//! message (the baseline) against the weir host running the Rust fraud
-//! plugin, over the same events and the same nats-server, in one run.
+//! Pipeline benchmark, in one run against one nats-server:
+//!
+//! 1. throughput draining a backlog: a plain async-nats pull consumer that
+//!    acks each message (the baseline), then the weir host with the Rust
+//!    fraud plugin at several concurrencies, with idempotency records on
+//!    and off, and with a stateful plugin;
+//! 2. publish-to-ack latency (p50/p99) at a fixed offered rate, baseline
+//!    against weir.
 //!
 //! ```sh
 //! cargo xtask build
 //! cargo run --release -p weir-integration-tests --bin pipeline-bench -- [EVENTS] [RATE]
 //! ```
-//!
-//! Prints events/s for both and their ratio, then p50/p99 latency from
-//! publish to confirmed ack at a fixed offered rate.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark fails by panicking
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer};
 use futures::StreamExt;
 use weir::config::HostConfig;
-use weir::pipeline::stats::LatencyHistogram;
+use weir::pipeline::stats::{LatencyHistogram, PluginStats};
 use weir::runtime::Host;
 use weir_integration_tests::{dist, publish_all};
 
@@ -29,6 +32,20 @@ fn order(i: usize) -> String {
         r#"{{"order_id":"{i}","customer_id":"c-{}","amount_cents":{cents},"country":"NL","items":[{{"sku":"mug","qty":1}}]}}"#,
         i % 50
     )
+}
+
+/// One weir configuration to measure.
+struct Run {
+    label: &'static str,
+    guest: &'static str,
+    concurrency: u32,
+    idempotency: bool,
+    /// Payload of event `i`.
+    payload: fn(usize) -> String,
+}
+
+fn tally(i: usize) -> String {
+    format!("tally k{}", i % 64)
 }
 
 #[tokio::main]
@@ -42,64 +59,101 @@ async fn main() {
             .unwrap();
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client.clone());
-    js.create_stream(jetstream::stream::Config {
-        name: "BASE".into(),
-        subjects: vec!["base.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    js.create_stream(jetstream::stream::Config {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let payloads: Vec<String> = (0..events).map(order).collect();
-    println!(
-        "pipeline-bench: {events} events, nats-server {}, offered rate {rate}/s for latency",
-        server.url()
-    );
-
-    // Baseline throughput: backlog first, then drain with a plain consumer.
-    publish_all(&js, "base.orders", &payloads, None).await;
-    let base_rate = baseline_drain(&js, events).await;
-
-    // Weir throughput: the same backlog, drained by the fraud plugin.
-    let plugins = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugins).unwrap();
-    std::fs::copy(dist("plugins/fraud.wasm"), plugins.join("fraud.wasm")).unwrap();
-    std::fs::copy(dist("plugins/fraud.toml"), plugins.join("fraud.toml")).unwrap();
-    publish_all(&js, "orders.placed", &payloads, None).await;
-    let mut config = HostConfig::parse("", dir.path()).unwrap();
-    config.nats.url = Some(server.url());
-    let started = Instant::now();
-    let host = Host::start_with_client(config, client.clone())
+    for (name, subject) in [
+        ("BASE", "base.>"),
+        ("ORDERS", "orders.>"),
+        ("BENCH", "bench.>"),
+        ("HOSTILE", "hostile.>"),
+    ] {
+        js.create_stream(jetstream::stream::Config {
+            name: name.into(),
+            subjects: vec![subject.into()],
+            ..Default::default()
+        })
         .await
         .unwrap();
-    let stats = host.stats("fraud").unwrap();
-    while stats.snapshot().processed < events as u64 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let weir_rate = events as f64 / started.elapsed().as_secs_f64();
-
-    println!("\nthroughput (backlog of {events}, drained)");
-    println!("  baseline pull consumer + ack   {base_rate:>10.0} events/s");
     println!(
-        "  weir + fraud plugin            {weir_rate:>10.0} events/s   ({:.1}% of baseline)",
-        100.0 * weir_rate / base_rate
+        "pipeline-bench: {events} events per run, nats-server {}",
+        server.url()
+    );
+    println!("\nthroughput, draining a backlog of {events} events");
+
+    let orders: Vec<String> = (0..events).map(order).collect();
+    publish_all(&js, "base.orders", &orders, None).await;
+    let base_rate = baseline_drain(&js, events).await;
+    println!(
+        "  {:<52} {base_rate:>9.0} events/s",
+        "baseline: pull consumer, ack each"
     );
 
-    // Latency at a fixed offered rate.
+    let runs = [
+        Run {
+            label: "weir + fraud, concurrency 1",
+            guest: "plugins/fraud",
+            concurrency: 1,
+            idempotency: true,
+            payload: order,
+        },
+        Run {
+            label: "weir + fraud, concurrency 8",
+            guest: "plugins/fraud",
+            concurrency: 8,
+            idempotency: true,
+            payload: order,
+        },
+        Run {
+            label: "weir + fraud, concurrency 32",
+            guest: "plugins/fraud",
+            concurrency: 32,
+            idempotency: true,
+            payload: order,
+        },
+        Run {
+            label: "weir + fraud, concurrency 32, idempotency off",
+            guest: "plugins/fraud",
+            concurrency: 32,
+            idempotency: false,
+            payload: order,
+        },
+        Run {
+            label: "weir + stateful tally, concurrency 32",
+            guest: "test-guests/hostile",
+            concurrency: 32,
+            idempotency: true,
+            payload: tally,
+        },
+    ];
+    let mut latency_host = None;
+    for (i, run) in runs.iter().enumerate() {
+        let subject = format!("bench.run{i}");
+        let payloads: Vec<String> = (0..events).map(run.payload).collect();
+        publish_all(&js, &subject, &payloads, None).await;
+        let (host, stats, rate) =
+            weir_drain(dir.path(), &server.url(), &client, run, i, &subject, events).await;
+        println!(
+            "  {:<52} {rate:>9.0} events/s  ({:>5.1}% of baseline)",
+            run.label,
+            100.0 * rate / base_rate
+        );
+        if i == 1 {
+            latency_host = Some((host, stats, subject));
+        } else {
+            host.shutdown().await;
+        }
+    }
+
+    // Latency at a fixed offered rate: weir (fraud, concurrency 8) and the
+    // baseline consumer double-acking, as weir's acks are confirmed.
     let count = (rate * 10).min(events);
+    println!("\npublish-to-ack latency at {rate} events/s offered ({count} events)");
+    let (host, stats, subject) = latency_host.unwrap();
     stats.ack_latency.reset();
     let before = stats.snapshot().processed;
-    paced_publish(&js, "orders.placed", &payloads[..count], rate).await;
+    paced_publish(&js, &subject, &orders[..count], rate).await;
     while stats.snapshot().processed < before + count as u64 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let weir_latency = &stats.ack_latency;
     host.shutdown().await;
 
     let base_latency = Arc::new(LatencyHistogram::default());
@@ -109,21 +163,68 @@ async fn main() {
         .await
         .unwrap();
     let consumer_task = tokio::spawn(baseline_latency(consumer, count, base_latency.clone()));
-    paced_publish(&js, "base.orders", &payloads[..count], rate).await;
+    paced_publish(&js, "base.orders", &orders[..count], rate).await;
     consumer_task.await.unwrap();
 
-    println!("\npublish-to-ack latency at {rate} events/s offered ({count} events)");
     for (label, h) in [
-        ("baseline pull consumer + ack", base_latency.as_ref()),
-        ("weir + fraud plugin", weir_latency),
+        (
+            "baseline: pull consumer, double-ack each",
+            base_latency.as_ref(),
+        ),
+        ("weir + fraud, concurrency 8", &stats.ack_latency),
     ] {
         let p = |q| {
             h.quantile(q)
                 .map(|d| format!("{:.2} ms", d.as_secs_f64() * 1e3))
                 .unwrap_or("-".into())
         };
-        println!("  {label:<30} p50 {:>10}   p99 {:>10}", p(0.5), p(0.99));
+        println!("  {label:<52} p50 {:>9}   p99 {:>9}", p(0.5), p(0.99));
     }
+}
+
+/// Start a host serving `run` on `subject` and wait until it processed `n`
+/// events; returns the host (still running), its stats and events/s.
+async fn weir_drain(
+    dir: &Path,
+    url: &str,
+    client: &async_nats::Client,
+    run: &Run,
+    index: usize,
+    subject: &str,
+    n: usize,
+) -> (Host, Arc<PluginStats>, f64) {
+    let plugins = dir.join(format!("plugins-{index}"));
+    std::fs::create_dir_all(&plugins).unwrap();
+    let wasm = dist(&format!("{}.wasm", run.guest));
+    let name = format!("run{index}");
+    std::fs::copy(&wasm, plugins.join(format!("{name}.wasm"))).unwrap();
+    let manifest = format!(
+        "subjects = [\"{subject}\"]\nstream = \"BENCH\"\nstart = \"all\"\nconcurrency = {}\n{}",
+        run.concurrency,
+        config_of(&wasm.with_extension("toml"))
+    );
+    std::fs::write(plugins.join(format!("{name}.toml")), manifest).unwrap();
+    let mut config = HostConfig::parse("", dir).unwrap();
+    config.nats.url = Some(url.to_owned());
+    config.plugins.dir = plugins;
+    config.state.idempotency = run.idempotency;
+    let started = Instant::now();
+    let _ = client;
+    let host = Host::start(config).await.unwrap();
+    let stats = host.stats(&name).unwrap();
+    while stats.snapshot().processed < n as u64 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    (host, stats, rate)
+}
+
+/// The `[config]` table (and everything after it) of a shipped manifest.
+fn config_of(manifest: &Path) -> String {
+    let text = std::fs::read_to_string(manifest).unwrap();
+    text.find("[config]")
+        .map(|i| text[i..].to_owned())
+        .unwrap_or_default()
 }
 
 fn baseline_consumer_config(name: &str) -> consumer::pull::Config {
@@ -151,8 +252,8 @@ async fn baseline_drain(js: &jetstream::Context, n: usize) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
-/// Consume `n` live messages, double-acking each (as weir does) and
-/// recording the time from publish to confirmed ack.
+/// Consume `n` live messages, double-acking each and recording the time
+/// from publish to confirmed ack.
 async fn baseline_latency(
     consumer: consumer::PullConsumer,
     n: usize,
@@ -163,30 +264,35 @@ async fn baseline_latency(
         let message = messages.next().await.unwrap().unwrap();
         message.double_ack().await.unwrap();
         let published = message.info().unwrap().published;
-        histogram.record(Duration::try_from(time_now() - published).unwrap_or_default());
+        histogram.record(
+            Duration::try_from(time::OffsetDateTime::now_utc() - published).unwrap_or_default(),
+        );
     }
 }
 
-fn time_now() -> time::OffsetDateTime {
-    time::OffsetDateTime::now_utc()
-}
-
-/// Publish `payloads` at `rate` per second, in 1 ms ticks.
+/// Publish `payloads` on `subject` at `rate` per second in 1 ms ticks; acks
+/// are awaited by a separate task so the pacing never stalls on them.
 async fn paced_publish(js: &jetstream::Context, subject: &str, payloads: &[String], rate: usize) {
+    let (tx, mut rx) =
+        tokio::sync::mpsc::unbounded_channel::<jetstream::context::PublishAckFuture>();
+    let waiter = tokio::spawn(async move {
+        while let Some(ack) = rx.recv().await {
+            ack.await.unwrap();
+        }
+    });
     let per_tick = (rate / 1000).max(1);
     let mut ticker = tokio::time::interval(Duration::from_millis(1));
-    let mut acks = Vec::with_capacity(payloads.len());
     for chunk in payloads.chunks(per_tick) {
         ticker.tick().await;
         for payload in chunk {
-            acks.push(
+            tx.send(
                 js.publish(subject.to_owned(), payload.clone().into())
                     .await
                     .unwrap(),
-            );
+            )
+            .unwrap();
         }
     }
-    for ack in acks {
-        ack.await.unwrap();
-    }
+    drop(tx);
+    waiter.await.unwrap();
 }
