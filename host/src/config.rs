@@ -69,12 +69,17 @@ pub struct PluginsConfig {
     /// Directory of `name.wasm` + `name.toml` pairs, relative to the
     /// config file.
     pub dir: PathBuf,
+    /// Watch the directory and deploy, update and remove plugins as their
+    /// files change.
+    #[serde(default = "defaults::watch")]
+    pub watch: bool,
 }
 
 impl Default for PluginsConfig {
     fn default() -> Self {
         PluginsConfig {
             dir: PathBuf::from("plugins"),
+            watch: true,
         }
     }
 }
@@ -169,6 +174,10 @@ impl Default for StateConfig {
 mod defaults {
     pub fn duplicate_window_s() -> u64 {
         120
+    }
+
+    pub fn watch() -> bool {
+        true
     }
 }
 

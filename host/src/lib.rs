@@ -8,6 +8,7 @@ pub mod bindings;
 pub mod cli;
 pub mod compile_cache;
 pub mod config;
+pub mod control;
 pub mod dev;
 pub mod dlq;
 pub mod event;
@@ -23,6 +24,7 @@ pub mod source;
 pub mod state;
 pub mod store;
 pub mod testing;
+pub mod watch;
 
 pub use event::{Emitted, Event, Header};
 pub use manifest::Manifest;

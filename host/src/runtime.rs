@@ -1,17 +1,26 @@
-//! The host: plugins from a directory, each with its own pipeline.
+//! The host: keeps the running plugins in step with the plugin directory.
+//!
+//! [`Host::reconcile`] compares the directory with what runs and acts on
+//! the difference: a new `name.wasm` + `name.toml` starts a subscriber, a
+//! changed one is loaded and swapped in, a removed one stops consuming (its
+//! durable consumer is kept, so re-adding it resumes where it left off). It
+//! runs at start-up, on every (debounced) change the watcher reports, and
+//! every [`RESCAN_INTERVAL`] in case a change notification was missed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_nats::jetstream;
-use tokio::sync::watch;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HostConfig;
+use crate::manifest::Manifest;
 use crate::pipeline::stats::{PluginStats, StatsSnapshot};
 use crate::pipeline::{self, PipelineContext};
 use crate::plugin::Plugin;
@@ -21,43 +30,141 @@ use crate::store::PluginStore;
 /// How long to wait for JetStream to store a published output or dead letter.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A full rescan of the plugin directory this often, whatever the watcher says.
+pub const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The bytes that make a plugin version: a change to either file is a new
+/// version to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    wasm: [u8; 32],
+    manifest: [u8; 32],
+}
+
+/// A plugin found in the directory, read once so that what is fingerprinted
+/// is exactly what is loaded (the files may change again meanwhile).
+struct Found {
+    wasm_path: PathBuf,
+    wasm: Vec<u8>,
+    manifest_text: String,
+    fingerprint: Fingerprint,
+}
+
 /// A plugin the host serves.
 struct Running {
     plugin: watch::Sender<Plugin>,
     stats: Arc<PluginStats>,
     task: JoinHandle<()>,
+    stop: CancellationToken,
+    fingerprint: Fingerprint,
 }
 
 /// A plugin file the host could not serve, and why.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct LoadFailure {
     pub path: PathBuf,
     pub error: String,
+    #[serde(skip)]
+    fingerprint: Option<Fingerprint>,
+}
+
+/// What `weir plugins list` shows about a running plugin.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PluginInfo {
+    pub name: String,
+    pub version: String,
+    pub subjects: Vec<String>,
+    pub stream: String,
+    pub status: String,
+    pub processed: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    pub skipped_duplicates: u64,
+    pub in_flight: u64,
+}
+
+#[derive(Default)]
+struct Registry {
+    running: BTreeMap<String, Running>,
+    failures: BTreeMap<String, LoadFailure>,
+}
+
+struct Inner {
+    config: HostConfig,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    sandbox: Arc<Sandbox>,
+    shutdown: CancellationToken,
+    registry: Mutex<Registry>,
 }
 
 /// A running host.
 pub struct Host {
-    client: async_nats::Client,
-    running: BTreeMap<String, Running>,
-    failures: Vec<LoadFailure>,
-    shutdown: CancellationToken,
+    inner: Arc<Inner>,
+    background: Vec<JoinHandle<()>>,
 }
 
-/// The `*.wasm` files of `dir`, sorted by name.
+/// The `*.wasm` files of `dir`, sorted by name, skipping hidden files and
+/// editor or download leftovers.
 pub fn plugin_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir)
         .with_context(|| format!("reading plugin directory {}", dir.display()))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "wasm") && p.is_file())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            !name.starts_with('.') && name.ends_with(".wasm") && p.is_file()
+        })
         .collect();
     files.sort();
     Ok(files)
 }
 
+fn scan(dir: &Path) -> anyhow::Result<BTreeMap<String, Found>> {
+    let mut found = BTreeMap::new();
+    for wasm_path in plugin_files(dir)? {
+        let Some(name) = wasm_path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        let manifest_path = Manifest::path_for(&wasm_path);
+        // A missing manifest or a file vanishing under us is a plugin being
+        // deployed or removed right now; the next change event completes it.
+        let (Ok(wasm), Ok(manifest_text)) = (
+            std::fs::read(&wasm_path),
+            std::fs::read_to_string(&manifest_path),
+        ) else {
+            continue;
+        };
+        let fingerprint = Fingerprint {
+            wasm: Sha256::digest(&wasm).into(),
+            manifest: Sha256::digest(manifest_text.as_bytes()).into(),
+        };
+        found.insert(
+            name,
+            Found {
+                wasm_path,
+                wasm,
+                manifest_text,
+                fingerprint,
+            },
+        );
+    }
+    Ok(found)
+}
+
+/// Whether two manifests ask for the same consumer and pipeline shape, so a
+/// new version can be swapped in without restarting the pipeline.
+fn same_pipeline(a: &Manifest, b: &Manifest) -> bool {
+    a.subjects == b.subjects && a.stream == b.stream && a.concurrency == b.concurrency
+}
+
 impl Host {
-    /// Connect, load every plugin of the plugin directory and start its
-    /// pipeline. A plugin that fails to load is reported and skipped; the
+    /// Connect, start every plugin of the plugin directory, and keep
+    /// watching it. A plugin that fails to load is reported and skipped; the
     /// others run.
     pub async fn start(config: HostConfig) -> anyhow::Result<Self> {
         let client = crate::nats::connect(&config).await?;
@@ -77,55 +184,297 @@ impl Host {
             None => SandboxConfig::with_default_cache(),
         };
         let sandbox = Arc::new(Sandbox::new(sandbox_config)?);
-        let shutdown = CancellationToken::new();
-        let mut host = Host {
+        let inner = Arc::new(Inner {
+            config,
             client,
-            running: BTreeMap::new(),
-            failures: Vec::new(),
-            shutdown,
-        };
-        for path in plugin_files(&config.plugins.dir)? {
-            let loaded = {
-                let sandbox = sandbox.clone();
-                let path = path.clone();
-                // Compiling is CPU-bound (seconds on a cache miss).
-                tokio::task::spawn_blocking(move || sandbox.load(&path)).await?
-            };
-            let result = match loaded {
-                Ok(plugin) => host.serve(&config, &js, plugin).await,
-                Err(e) => Err(anyhow::Error::from(e)),
-            };
-            if let Err(e) = result {
-                tracing::error!(path = %path.display(), "plugin not started: {e:#}");
-                host.failures.push(LoadFailure {
-                    path,
-                    error: format!("{e:#}"),
-                });
-            }
+            js,
+            sandbox,
+            shutdown: CancellationToken::new(),
+            registry: Mutex::new(Registry::default()),
+        });
+        inner.reconcile().await?;
+        let mut background = vec![crate::control::spawn_responder(inner.handle()).await?];
+        if inner.config.plugins.watch {
+            background.push(crate::watch::spawn(
+                inner.config.plugins.dir.clone(),
+                inner.handle(),
+            )?);
         }
-        if host.running.is_empty() {
-            tracing::warn!(dir = %config.plugins.dir.display(), "no plugin is running");
+        let host = Host { inner, background };
+        if host.plugins().await.is_empty() {
+            tracing::warn!(dir = %host.inner.config.plugins.dir.display(), "no plugin is running");
         }
         Ok(host)
     }
 
-    async fn serve(
-        &mut self,
-        config: &HostConfig,
-        js: &jetstream::Context,
+    /// Bring the running plugins in line with the plugin directory now.
+    pub async fn reconcile(&self) -> anyhow::Result<()> {
+        self.inner.reconcile().await
+    }
+
+    /// Names, versions and counters of the running plugins.
+    pub async fn plugins(&self) -> Vec<PluginInfo> {
+        self.inner.plugins().await
+    }
+
+    /// The live counters of one plugin.
+    pub async fn stats(&self, plugin: &str) -> Option<Arc<PluginStats>> {
+        self.inner
+            .registry
+            .lock()
+            .await
+            .running
+            .get(plugin)
+            .map(|r| r.stats.clone())
+    }
+
+    /// Plugin files that could not be served.
+    pub async fn failures(&self) -> Vec<LoadFailure> {
+        self.inner
+            .registry
+            .lock()
+            .await
+            .failures
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    /// Stop pulling, finish or release in-flight events, and return when
+    /// every pipeline has stopped.
+    pub async fn shutdown(self) {
+        self.inner.shutdown.cancel();
+        for task in self.background {
+            let _ = task.await;
+        }
+        let running = std::mem::take(&mut self.inner.registry.lock().await.running);
+        for (name, running) in running {
+            if let Err(e) = running.task.await {
+                tracing::error!(plugin = %name, "pipeline task failed: {e}");
+            }
+        }
+        // Make sure the last acks have left the process.
+        if let Err(e) = self.inner.client.flush().await {
+            tracing::warn!("flushing NATS on shutdown: {e}");
+        }
+    }
+}
+
+/// What the watcher and the control responder may do with the host.
+#[derive(Clone)]
+pub(crate) struct HostHandle(Arc<Inner>);
+
+impl HostHandle {
+    pub async fn reconcile(&self) -> anyhow::Result<()> {
+        self.0.reconcile().await
+    }
+
+    pub async fn plugins(&self) -> Vec<PluginInfo> {
+        self.0.plugins().await
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.0.client
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.0.shutdown.clone()
+    }
+
+    /// Remove a plugin from the directory and stop it; its consumer is kept
+    /// unless the caller deletes it. Returns its stream, or `None` if no
+    /// such plugin is served here.
+    pub async fn remove(&self, name: &str) -> anyhow::Result<Option<String>> {
+        let inner = &self.0;
+        let mut registry = inner.registry.lock().await;
+        let Some(running) = registry.running.remove(name) else {
+            return Ok(None);
+        };
+        let stream = running.plugin.borrow().manifest().stream.clone();
+        let wasm = inner.config.plugins.dir.join(format!("{name}.wasm"));
+        for path in [Manifest::path_for(&wasm), wasm] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+            }
+        }
+        stop(name, running).await;
+        Ok(Some(stream))
+    }
+}
+
+impl Inner {
+    fn handle(self: &Arc<Self>) -> HostHandle {
+        HostHandle(self.clone())
+    }
+
+    async fn plugins(&self) -> Vec<PluginInfo> {
+        let registry = self.registry.lock().await;
+        registry
+            .running
+            .iter()
+            .map(|(name, r)| {
+                let plugin = r.plugin.borrow();
+                let s: StatsSnapshot = r.stats.snapshot();
+                PluginInfo {
+                    name: name.clone(),
+                    version: plugin.version().to_string(),
+                    subjects: plugin.manifest().subjects.clone(),
+                    stream: plugin.manifest().stream.clone(),
+                    status: "running".into(),
+                    processed: s.processed,
+                    retried: s.retried,
+                    dead_lettered: s.dead_lettered,
+                    skipped_duplicates: s.skipped_duplicates,
+                    in_flight: s.in_flight,
+                }
+            })
+            .collect()
+    }
+
+    async fn reconcile(&self) -> anyhow::Result<()> {
+        let found = scan(&self.config.plugins.dir)?;
+        // One reconcile at a time: the lock is held across loads so two
+        // change events never race to start the same plugin.
+        let mut registry = self.registry.lock().await;
+        let gone: Vec<String> = registry
+            .running
+            .keys()
+            .filter(|n| !found.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(running) = registry.running.remove(&name) {
+                stop(&name, running).await;
+                tracing::info!(plugin = %name, "plugin removed; its consumer is kept, re-adding it resumes where it stopped");
+            }
+        }
+        registry.failures.retain(|name, _| found.contains_key(name));
+        for (name, found) in found {
+            let unchanged = registry
+                .running
+                .get(&name)
+                .is_some_and(|r| r.fingerprint == found.fingerprint)
+                || registry
+                    .failures
+                    .get(&name)
+                    .is_some_and(|f| f.fingerprint.as_ref() == Some(&found.fingerprint));
+            if unchanged {
+                continue;
+            }
+            let landed = Instant::now();
+            match self.load(&name, &found).await {
+                Ok(plugin) => {
+                    registry.failures.remove(&name);
+                    if let Err(e) = self
+                        .apply(
+                            &mut registry,
+                            &name,
+                            plugin,
+                            found.fingerprint.clone(),
+                            landed,
+                        )
+                        .await
+                    {
+                        tracing::error!(plugin = %name, "plugin not started: {e:#}");
+                        registry.failures.insert(
+                            name,
+                            LoadFailure {
+                                path: found.wasm_path,
+                                error: format!("{e:#}"),
+                                fingerprint: Some(found.fingerprint),
+                            },
+                        );
+                    }
+                }
+                Err(e) => {
+                    if registry.running.contains_key(&name) {
+                        tracing::error!(plugin = %name, "new version rejected, the running version keeps serving: {e:#}");
+                    } else {
+                        tracing::error!(path = %found.wasm_path.display(), "plugin not started: {e:#}");
+                    }
+                    registry.failures.insert(
+                        name,
+                        LoadFailure {
+                            path: found.wasm_path,
+                            error: format!("{e:#}"),
+                            fingerprint: Some(found.fingerprint),
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Validate and compile off the async workers (seconds on a cache miss).
+    async fn load(&self, name: &str, found: &Found) -> anyhow::Result<Plugin> {
+        let manifest = Manifest::parse(&found.manifest_text).map_err(|message| {
+            crate::manifest::ManifestError::Invalid {
+                path: Manifest::path_for(&found.wasm_path),
+                message,
+            }
+        })?;
+        let sandbox = self.sandbox.clone();
+        let (name, path, wasm) = (name.to_owned(), found.wasm_path.clone(), found.wasm.clone());
+        Ok(
+            tokio::task::spawn_blocking(move || sandbox.load_bytes(name, &path, &wasm, manifest))
+                .await??,
+        )
+    }
+
+    /// Start `plugin`, or swap it in for the running version of `name`.
+    async fn apply(
+        &self,
+        registry: &mut Registry,
+        name: &str,
         plugin: Plugin,
+        fingerprint: Fingerprint,
+        landed: Instant,
     ) -> anyhow::Result<()> {
+        if let Some(running) = registry.running.get_mut(name) {
+            let old = running.plugin.borrow().clone();
+            if same_pipeline(old.manifest(), plugin.manifest()) {
+                tracing::info!(
+                    plugin = %name,
+                    from = %old.version(),
+                    to = %plugin.version(),
+                    compile_cache = %plugin.cache_status(),
+                    swap_ms = landed.elapsed().as_millis() as u64,
+                    "plugin updated; events in flight finish on the old version"
+                );
+                // Later events take the new version; in-flight ones keep theirs.
+                running.plugin.send_replace(plugin);
+                running.fingerprint = fingerprint;
+                return Ok(());
+            }
+            // Subjects, stream or concurrency changed: the consumer and the
+            // pipeline are rebuilt (the consumer keeps its position).
+            tracing::info!(plugin = %name, from = %old.version(), to = %plugin.version(), "plugin updated with a new consumer shape; restarting its pipeline");
+            if let Some(running) = registry.running.remove(name) {
+                stop(name, running).await;
+            }
+        }
+        let running = self.serve(plugin, fingerprint).await?;
+        registry.running.insert(name.to_owned(), running);
+        Ok(())
+    }
+
+    async fn serve(&self, plugin: Plugin, fingerprint: Fingerprint) -> anyhow::Result<Running> {
+        let config = &self.config;
         let name = plugin.name().to_owned();
-        anyhow::ensure!(
-            !self.running.contains_key(&name),
-            "a plugin named {name} is already running"
-        );
         let consumer =
-            crate::source::ensure_consumer(js, &name, plugin.manifest(), config.ack_wait()).await?;
-        let store = Arc::new(PluginStore::open(js, &config.state, &name).await?);
+            crate::source::ensure_consumer(&self.js, &name, plugin.manifest(), config.ack_wait())
+                .await?;
+        let store = Arc::new(PluginStore::open(&self.js, &config.state, &name).await?);
         let stats = Arc::new(PluginStats::default());
         let ctx = Arc::new(PipelineContext {
-            js: js.clone(),
+            js: self.js.clone(),
             store,
             idempotency: config.state.idempotency,
             dlq_prefix: config.dead_letter.subject_prefix.clone(),
@@ -138,69 +487,35 @@ impl Host {
             version = %plugin.version(),
             subjects = ?plugin.manifest().subjects,
             stream = %plugin.manifest().stream,
+            start = %plugin.manifest().start,
             compile_cache = %plugin.cache_status(),
             "plugin started"
         );
+        let stop = self.shutdown.child_token();
         let (sender, receiver) = watch::channel(plugin);
         let task = tokio::spawn(pipeline::run(
             ctx,
             receiver,
             consumer,
-            self.shutdown.child_token(),
+            stop.clone(),
             config.shutdown_grace(),
         ));
-        self.running.insert(
-            name,
-            Running {
-                plugin: sender,
-                stats,
-                task,
-            },
-        );
-        Ok(())
+        Ok(Running {
+            plugin: sender,
+            stats,
+            task,
+            stop,
+            fingerprint,
+        })
     }
+}
 
-    /// Names, versions and counters of the running plugins.
-    pub fn plugins(&self) -> Vec<(String, String, StatsSnapshot)> {
-        self.running
-            .iter()
-            .map(|(name, r)| {
-                (
-                    name.clone(),
-                    r.plugin.borrow().version().to_string(),
-                    r.stats.snapshot(),
-                )
-            })
-            .collect()
-    }
-
-    /// The live counters of one plugin.
-    pub fn stats(&self, plugin: &str) -> Option<Arc<PluginStats>> {
-        self.running.get(plugin).map(|r| r.stats.clone())
-    }
-
-    /// Plugin files that could not be served.
-    pub fn failures(&self) -> &[LoadFailure] {
-        &self.failures
-    }
-
-    pub fn client(&self) -> &async_nats::Client {
-        &self.client
-    }
-
-    /// Stop pulling, finish or release in-flight events, and return when
-    /// every pipeline has stopped.
-    pub async fn shutdown(self) {
-        self.shutdown.cancel();
-        for (name, running) in self.running {
-            if let Err(e) = running.task.await {
-                tracing::error!(plugin = %name, "pipeline task failed: {e}");
-            }
-        }
-        // Make sure the last acks have left the process.
-        if let Err(e) = self.client.flush().await {
-            tracing::warn!("flushing NATS on shutdown: {e}");
-        }
+/// Stop one plugin's pipeline: in-flight events finish (or are released
+/// after the grace period); its durable consumer stays.
+async fn stop(name: &str, running: Running) {
+    running.stop.cancel();
+    if let Err(e) = running.task.await {
+        tracing::error!(plugin = %name, "pipeline task failed: {e}");
     }
 }
 

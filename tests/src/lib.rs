@@ -108,6 +108,32 @@ impl TestEnv {
         .unwrap();
     }
 
+    /// Deploy `guest` as plugin `name` the way a careful operator does:
+    /// manifest first, then the component, each written beside its target
+    /// and renamed into place. `tag` makes a distinct version of the same
+    /// code (a custom section changes the bytes, not the behaviour).
+    pub fn deploy(
+        &self,
+        guest: &str,
+        name: &str,
+        tag: Option<&str>,
+        edit: impl FnOnce(String) -> String,
+    ) {
+        let wasm_src = dist(&format!("{guest}.wasm"));
+        let manifest = edit(std::fs::read_to_string(wasm_src.with_extension("toml")).unwrap());
+        let mut wasm = std::fs::read(&wasm_src).unwrap();
+        if let Some(tag) = tag {
+            wasm.extend(custom_section("weir-test-version", tag.as_bytes()));
+        }
+        let dir = self.plugins_dir();
+        let tmp = dir.join(format!(".{name}.toml.tmp"));
+        std::fs::write(&tmp, manifest).unwrap();
+        std::fs::rename(&tmp, dir.join(format!("{name}.toml"))).unwrap();
+        let tmp = dir.join(format!(".{name}.wasm.tmp"));
+        std::fs::write(&tmp, wasm).unwrap();
+        std::fs::rename(&tmp, dir.join(format!("{name}.wasm"))).unwrap();
+    }
+
     /// Start a `weir run` host on this environment and wait until it has
     /// started every plugin it can; returns its index.
     pub fn start_host(&mut self) -> usize {
@@ -140,6 +166,34 @@ impl TestEnv {
     pub async fn jetstream(&self) -> jetstream::Context {
         jetstream::new(self.client().await)
     }
+}
+
+/// A wasm custom section (id 0): LEB128 size, LEB128 name length, name, data.
+pub fn custom_section(name: &str, data: &[u8]) -> Vec<u8> {
+    fn leb128(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let mut body = Vec::new();
+    leb128(name.len(), &mut body);
+    body.extend_from_slice(name.as_bytes());
+    body.extend_from_slice(data);
+    let mut section = vec![0u8];
+    leb128(body.len(), &mut section);
+    section.extend(body);
+    section
+}
+
+/// The version id weir gives a component: the first 12 hex digits of its SHA-256.
+pub fn version_of(wasm: &[u8]) -> String {
+    weir::PluginVersion::of(wasm).to_string()
 }
 
 /// A `weir run` child process; killed on drop.
@@ -233,6 +287,20 @@ impl WeirProcess {
         self.child
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Wait until the log contains `needle` at least `times` times.
+    pub fn wait_for_log(&mut self, needle: &str, times: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.log_text().matches(needle).count() < times {
+            assert!(self.is_running(), "host exited; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} not logged {times} times within 60s; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn log_text(&self) -> String {

@@ -1,6 +1,7 @@
 //! The `weir` command line.
 
 mod dev_cmd;
+mod plugins_cmd;
 mod run_cmd;
 mod test_cmd;
 
@@ -36,6 +37,8 @@ enum Command {
     Dev(dev_cmd::DevArgs),
     /// Run a plugin against events from a file, with no broker.
     Test(test_cmd::TestArgs),
+    /// List or remove the plugins of running hosts.
+    Plugins(plugins_cmd::PluginsArgs),
 }
 
 /// Log to stderr (stdout carries command output), filtered by `WEIR_LOG`.
@@ -76,6 +79,10 @@ pub fn main() -> ExitCode {
         Command::Dev(args) => {
             init_tracing("info", cli.log_format);
             dev_cmd::run(args).unwrap_or_else(|e| fail("dev", e))
+        }
+        Command::Plugins(args) => {
+            init_tracing("warn", cli.log_format);
+            plugins_cmd::run(args).unwrap_or_else(|e| fail("plugins", e))
         }
         Command::Test(args) => {
             init_tracing("warn", cli.log_format);

@@ -41,11 +41,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 /// Run the host until SIGINT/SIGTERM, then shut down gracefully.
 pub(super) async fn serve(config: HostConfig) -> anyhow::Result<()> {
     let host = Host::start(config).await?;
-    tracing::info!(
-        plugins = host.plugins().len(),
-        failed = host.failures().len(),
-        "weir is running"
-    );
+    let (plugins, failed) = (host.plugins().await.len(), host.failures().await.len());
+    tracing::info!(plugins, failed, "weir is running");
     shutdown_signal().await;
     tracing::info!("shutting down");
     host.shutdown().await;

@@ -114,7 +114,9 @@ impl Sandbox {
         self.load_bytes(name, wasm, &bytes, manifest)
     }
 
-    fn load_bytes(
+    /// Load a component from bytes already read (the host reads each file
+    /// once, so the version it fingerprints is the version it loads).
+    pub fn load_bytes(
         &self,
         name: String,
         path: &Path,

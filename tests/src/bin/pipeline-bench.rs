@@ -211,7 +211,7 @@ async fn weir_drain(
     let started = Instant::now();
     let _ = client;
     let host = Host::start(config).await.unwrap();
-    let stats = host.stats(&name).unwrap();
+    let stats = host.stats(&name).await.unwrap();
     while stats.snapshot().processed < n as u64 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }

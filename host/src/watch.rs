@@ -1,0 +1,65 @@
+//! Watching the plugin directory: file events are debounced, then the host
+//! reconciles the running plugins with what the directory holds.
+//!
+//! Debouncing absorbs the bursts one deployment makes (write `.toml`, write
+//! `.wasm` in chunks, rename a temp file into place). A half-written
+//! component fails to compile; the rejection is logged, the running version
+//! keeps serving, and the write that completes the file triggers another
+//! reconcile that succeeds. A periodic rescan covers missed notifications.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use notify::{RecursiveMode, Watcher};
+use tokio::task::JoinHandle;
+
+use crate::runtime::{HostHandle, RESCAN_INTERVAL};
+
+/// Quiet time after the last file event before reconciling.
+const DEBOUNCE: Duration = Duration::from_millis(300);
+
+pub(crate) fn spawn(dir: PathBuf, host: HostHandle) -> anyhow::Result<JoinHandle<()>> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let relevant = match &event {
+            Ok(e) => !e.kind.is_access(),
+            Err(_) => true,
+        };
+        if relevant {
+            let _ = tx.send(());
+        }
+    })
+    .context("starting the plugin directory watcher")?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    let shutdown = host.shutdown_token();
+    Ok(tokio::spawn(async move {
+        // Keep the watcher alive as long as this task.
+        let _watcher = watcher;
+        let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
+        rescan.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                event = rx.recv() => {
+                    if event.is_none() {
+                        break;
+                    }
+                    // Wait for the burst to settle.
+                    loop {
+                        tokio::select! {
+                            more = rx.recv() => if more.is_none() { break },
+                            _ = tokio::time::sleep(DEBOUNCE) => break,
+                        }
+                    }
+                }
+                _ = rescan.tick() => {}
+            }
+            if let Err(e) = host.reconcile().await {
+                tracing::error!(dir = %dir.display(), "reconciling plugins: {e:#}");
+            }
+        }
+    }))
+}

@@ -1,0 +1,301 @@
+//! Hot reload and live deployment from the plugin directory, against a real
+//! nats-server and the real `weir` binary. Needs `cargo xtask build` first.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use weir_integration_tests::{
+    TestEnv, consumer_backlog, count, custom_section, dist, header, publish_all, read_stream,
+    version_of, wait_until, weir_binary,
+};
+
+const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
+const WAIT: Duration = Duration::from_secs(90);
+
+fn tagged_version(tag: &str) -> String {
+    let mut wasm = std::fs::read(dist("test-guests/hostile.wasm")).unwrap();
+    wasm.extend(custom_section("weir-test-version", tag.as_bytes()));
+    version_of(&wasm)
+}
+
+fn concurrent(m: String) -> String {
+    m.replace("start = \"all\"", "start = \"all\"\nconcurrency = 8")
+}
+
+/// Publish "echo" events at about `rate` per second for `duration`;
+/// returns how many were published (all acknowledged by JetStream).
+async fn publish_for(js: jetstream::Context, rate: usize, duration: Duration) -> usize {
+    let (tx, mut rx) =
+        tokio::sync::mpsc::unbounded_channel::<jetstream::context::PublishAckFuture>();
+    let waiter = tokio::spawn(async move {
+        let mut n = 0;
+        while let Some(ack) = rx.recv().await {
+            ack.await.unwrap();
+            n += 1;
+        }
+        n
+    });
+    let per_tick = (rate / 100).max(1);
+    let mut ticker = tokio::time::interval(Duration::from_millis(10));
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        ticker.tick().await;
+        for _ in 0..per_tick {
+            tx.send(js.publish("hostile.in", "echo".into()).await.unwrap())
+                .unwrap();
+        }
+    }
+    drop(tx);
+    waiter.await.unwrap()
+}
+
+/// Input stream sequence → version of the plugin that handled it.
+async fn versions_by_sequence(js: &jetstream::Context) -> BTreeMap<u64, String> {
+    let mut out = BTreeMap::new();
+    for message in read_stream(js, "HOSTILE", "hostile.out").await {
+        let id = String::from_utf8(message.payload.to_vec()).unwrap();
+        let seq: u64 = id.strip_prefix("HOSTILE:").unwrap().parse().unwrap();
+        let version = header(&message, "Weir-Plugin-Version").unwrap().to_owned();
+        assert!(
+            out.insert(seq, version).is_none(),
+            "event {seq} was processed twice"
+        );
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn versions_swapped_under_load_process_every_event_exactly_once() {
+    let mut env = TestEnv::new(STREAMS);
+    env.deploy("test-guests/hostile", "swap", Some("v1"), concurrent);
+    env.start_host();
+    let js = env.jetstream().await;
+    let publisher = tokio::spawn(publish_for(js.clone(), 2_000, Duration::from_secs(12)));
+    let tags = ["v2", "v3", "v4"];
+    for (i, tag) in tags.iter().enumerate() {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        env.deploy("test-guests/hostile", "swap", Some(tag), concurrent);
+        env.host(0).wait_for_log("plugin updated", i + 1);
+    }
+    let published = publisher.await.unwrap();
+    assert!(
+        published >= 15_000,
+        "load was too light: {published} events"
+    );
+    wait_until(WAIT, "every event to be processed", || async {
+        count(&js, "HOSTILE", "hostile.out").await >= published as u64
+            && consumer_backlog(&js, "HOSTILE", "swap").await == (0, 0)
+    })
+    .await;
+    assert_eq!(
+        count(&js, "HOSTILE", "hostile.out").await,
+        published as u64,
+        "one output per event"
+    );
+    let by_seq = versions_by_sequence(&js).await;
+    assert_eq!(by_seq.len(), published);
+
+    // Every version served, in order: once version k has taken an event,
+    // no event more than the in-flight window (max_ack_pending = 16) later
+    // runs on an older version.
+    let order: Vec<String> = std::iter::once("v1")
+        .chain(tags)
+        .map(tagged_version)
+        .collect();
+    let rank: BTreeMap<&str, usize> = order
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.as_str(), i))
+        .collect();
+    let mut first_seq_of = vec![u64::MAX; order.len()];
+    for (seq, version) in &by_seq {
+        let r = *rank
+            .get(version.as_str())
+            .unwrap_or_else(|| panic!("unknown version {version}"));
+        first_seq_of[r] = first_seq_of[r].min(*seq);
+    }
+    assert!(
+        first_seq_of.iter().all(|s| *s != u64::MAX),
+        "every version served events: {first_seq_of:?}"
+    );
+    // Input sequences interleave with outputs in one stream, so allow the
+    // window in *input* events: count inputs after the switch point.
+    let inputs: Vec<u64> = by_seq.keys().copied().collect();
+    for (k, first) in first_seq_of.iter().enumerate().skip(1) {
+        let start = inputs.partition_point(|s| s <= first);
+        for seq in inputs.iter().skip(start + 16) {
+            let r = rank[by_seq[seq].as_str()];
+            assert!(
+                r >= k,
+                "event {seq} ran on {} after {} took over at {first}",
+                by_seq[seq],
+                order[k]
+            );
+        }
+    }
+    let log = env.host(0).log_text();
+    assert_eq!(log.matches("plugin updated").count(), 3, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_version_is_rejected_and_the_old_one_keeps_serving() {
+    let mut env = TestEnv::new(STREAMS);
+    env.deploy("test-guests/hostile", "steady", Some("good"), |m| m);
+    env.start_host();
+    let js = env.jetstream().await;
+    publish_all(&js, "hostile.in", &vec!["echo".to_owned(); 20], None).await;
+    wait_until(WAIT, "the first events", || async {
+        count(&js, "HOSTILE", "hostile.out").await == 20
+    })
+    .await;
+
+    // Not a component at all.
+    let tmp = env.plugins_dir().join(".steady.wasm.tmp");
+    std::fs::write(&tmp, b"\0asm garbage").unwrap();
+    std::fs::rename(&tmp, env.plugins_dir().join("steady.wasm")).unwrap();
+    env.host(0)
+        .wait_for_log("new version rejected, the running version keeps serving", 1);
+    // A valid component with a manifest error.
+    env.deploy("test-guests/hostile", "steady", Some("typo"), |m| {
+        m.replace("[limits]", "[limits]\nmemroy-mb = 3")
+    });
+    env.host(0)
+        .wait_for_log("new version rejected, the running version keeps serving", 2);
+    // Another world entirely.
+    env.deploy("test-guests/notplugin", "steady", None, |m| m);
+    env.host(0)
+        .wait_for_log("new version rejected, the running version keeps serving", 3);
+
+    publish_all(&js, "hostile.in", &vec!["echo".to_owned(); 20], None).await;
+    wait_until(WAIT, "the later events", || async {
+        count(&js, "HOSTILE", "hostile.out").await == 40
+            && consumer_backlog(&js, "HOSTILE", "steady").await == (0, 0)
+    })
+    .await;
+    let good = tagged_version("good");
+    assert!(
+        versions_by_sequence(&js).await.values().all(|v| *v == good),
+        "all served by the good version"
+    );
+    let log = env.host(0).log_text();
+    assert!(
+        log.contains("memroy-mb"),
+        "the manifest error names the key:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_added_at_runtime_backfills_history_then_keeps_up() {
+    let mut env = TestEnv::new(STREAMS);
+    env.start_host();
+    let js = env.jetstream().await;
+    publish_all(&js, "hostile.in", &vec!["echo".to_owned(); 500], None).await;
+    env.deploy("test-guests/hostile", "late", None, concurrent);
+    env.host(0).wait_for_log("plugin started", 1);
+    publish_all(&js, "hostile.in", &vec!["echo".to_owned(); 100], None).await;
+    wait_until(WAIT, "history and live events", || async {
+        count(&js, "HOSTILE", "hostile.out").await == 600
+            && consumer_backlog(&js, "HOSTILE", "late").await == (0, 0)
+    })
+    .await;
+    assert_eq!(versions_by_sequence(&js).await.len(), 600);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_removed_and_readded_resumes_without_reprocessing() {
+    let mut env = TestEnv::new(STREAMS);
+    env.deploy("test-guests/hostile", "again", None, |m| m);
+    env.start_host();
+    let js = env.jetstream().await;
+    publish_all(&js, "hostile.in", &vec!["echo".to_owned(); 100], None).await;
+    wait_until(WAIT, "the first 100", || async {
+        count(&js, "HOSTILE", "hostile.out").await == 100
+    })
+    .await;
+
+    std::fs::remove_file(env.plugins_dir().join("again.wasm")).unwrap();
+    std::fs::remove_file(env.plugins_dir().join("again.toml")).unwrap();
+    env.host(0).wait_for_log("plugin removed", 1);
+    publish_all(&js, "hostile.in", &vec!["echo".to_owned(); 100], None).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        count(&js, "HOSTILE", "hostile.out").await,
+        100,
+        "a removed plugin consumes nothing"
+    );
+    let (pending, _) = consumer_backlog(&js, "HOSTILE", "again").await;
+    assert_eq!(
+        pending, 100,
+        "its consumer is kept, with the new events waiting"
+    );
+
+    env.deploy("test-guests/hostile", "again", None, |m| m);
+    wait_until(WAIT, "the second 100", || async {
+        count(&js, "HOSTILE", "hostile.out").await == 200
+            && consumer_backlog(&js, "HOSTILE", "again").await == (0, 0)
+    })
+    .await;
+    let outputs = read_stream(&js, "HOSTILE", "hostile.out").await;
+    let distinct: HashSet<&[u8]> = outputs.iter().map(|m| m.payload.as_ref()).collect();
+    assert_eq!(distinct.len(), 200, "nothing reprocessed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_lists_and_removes_plugins_of_a_running_host() {
+    let mut env = TestEnv::new(STREAMS);
+    env.deploy("test-guests/hostile", "listed", Some("v7"), |m| m);
+    env.start_host();
+    let js = env.jetstream().await;
+    publish_all(&js, "hostile.in", &vec!["echo".to_owned(); 5], None).await;
+    wait_until(WAIT, "five events", || async {
+        count(&js, "HOSTILE", "hostile.out").await == 5
+    })
+    .await;
+
+    let weir = |args: &[&str]| {
+        let out = Command::new(weir_binary())
+            .args(args)
+            .arg("--config")
+            .arg(env.config_path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = weir(&["plugins", "list"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("listed") && stdout.contains(&tagged_version("v7")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("hostile.in"), "{stdout}");
+    let (ok, stdout, stderr) = weir(&["plugins", "list", "--json"]);
+    assert!(ok, "{stderr}");
+    let answer: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(answer["plugins"][0]["processed"], 5);
+
+    let (ok, stdout, stderr) = weir(&["plugins", "remove", "listed", "--delete-consumer"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("removed listed") && stdout.contains("deleted consumer weir-listed"),
+        "{stdout}"
+    );
+    assert!(!env.plugins_dir().join("listed.wasm").exists());
+    let stream = js.get_stream("HOSTILE").await.unwrap();
+    assert!(
+        stream.consumer_info("weir-listed").await.is_err(),
+        "consumer deleted"
+    );
+    let (ok, _, stderr) = weir(&["plugins", "remove", "listed"]);
+    assert!(
+        !ok && stderr.contains("no running host serves a plugin named listed"),
+        "{stderr}"
+    );
+}
