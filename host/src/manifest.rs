@@ -25,9 +25,15 @@ pub struct Manifest {
     /// Where a new plugin's consumer starts in the stream.
     #[serde(default)]
     pub start: StartPosition,
-    /// How many events of this plugin may run at once.
+    /// How many events of this plugin may run at once (with an ordering
+    /// key: how many keys).
     #[serde(default = "defaults::concurrency")]
     pub concurrency: u32,
+    /// Events with the same key run one at a time, in stream order; events
+    /// of different keys run concurrently. Without it, events run in any
+    /// order, up to `concurrency` at once.
+    #[serde(default)]
+    pub ordering_key: Option<OrderingKey>,
     #[serde(default)]
     pub retry: RetryPolicy,
     #[serde(default)]
@@ -51,6 +57,35 @@ pub enum StartPosition {
     /// From the first event stored at or after this time (RFC 3339, with an
     /// offset, e.g. `2026-01-31T00:00:00Z`).
     Time(toml::value::Datetime),
+}
+
+/// Where an event's ordering key comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub enum OrderingKey {
+    /// A header, e.g. `{ header = "Customer-Id" }` (matched case-insensitively).
+    Header(String),
+    /// A token of the subject, counting from 1: `{ subject-token = 3 }` takes
+    /// `c-42` from `orders.placed.c-42`.
+    SubjectToken(usize),
+}
+
+impl OrderingKey {
+    /// The key of an event with `subject` and `header` lookup. Events that
+    /// lack the key share one lane (the empty key), so they stay ordered
+    /// among themselves rather than racing.
+    pub fn key_of<'a>(
+        &self,
+        subject: &'a str,
+        header: impl FnOnce(&str) -> Option<&'a str>,
+    ) -> &'a str {
+        match self {
+            OrderingKey::Header(name) => header(name).unwrap_or(""),
+            OrderingKey::SubjectToken(n) => {
+                subject.split('.').nth(n.saturating_sub(1)).unwrap_or("")
+            }
+        }
+    }
 }
 
 /// How failed events are retried.
@@ -199,6 +234,15 @@ impl Manifest {
             .map_err(|why| format!("`stream`: {:?} {why}", self.stream))?;
         if self.concurrency == 0 {
             return Err("`concurrency` must be at least 1".into());
+        }
+        match &self.ordering_key {
+            Some(OrderingKey::SubjectToken(0)) => {
+                return Err("`ordering-key.subject-token` counts from 1".into());
+            }
+            Some(OrderingKey::Header(h)) if h.trim().is_empty() => {
+                return Err("`ordering-key.header` must name a header".into());
+            }
+            _ => {}
         }
         if let StartPosition::Time(t) = &self.start {
             start_time(t).map_err(|why| format!("`start.time`: {why}"))?;
@@ -396,6 +440,37 @@ mod tests {
         );
         assert_eq!(m.limits.timeout_ms, 9);
         assert_eq!(m.limits.memory_mb, Limits::default().memory_mb);
+    }
+
+    #[test]
+    fn ordering_keys() {
+        let m = Manifest::parse(&format!(
+            "{MINIMAL}ordering-key = {{ header = \"Customer-Id\" }}\n"
+        ))
+        .unwrap();
+        let key = m.ordering_key.unwrap();
+        assert_eq!(
+            key.key_of("orders.placed", |h| (h == "Customer-Id").then_some("c-1")),
+            "c-1"
+        );
+        assert_eq!(key.key_of("orders.placed", |_| None), "");
+        let m = Manifest::parse(&format!(
+            "{MINIMAL}ordering-key = {{ subject-token = 3 }}\n"
+        ))
+        .unwrap();
+        let key = m.ordering_key.unwrap();
+        assert_eq!(key.key_of("orders.placed.c-42", |_| None), "c-42");
+        assert_eq!(key.key_of("orders.placed", |_| None), "");
+        for bad in [
+            "{ subject-token = 0 }",
+            "{ header = \" \" }",
+            "{ field = \"x\" }",
+        ] {
+            assert!(
+                Manifest::parse(&format!("{MINIMAL}ordering-key = {bad}\n")).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -159,7 +159,10 @@ fn scan(dir: &Path) -> anyhow::Result<BTreeMap<String, Found>> {
 /// Whether two manifests ask for the same consumer and pipeline shape, so a
 /// new version can be swapped in without restarting the pipeline.
 fn same_pipeline(a: &Manifest, b: &Manifest) -> bool {
-    a.subjects == b.subjects && a.stream == b.stream && a.concurrency == b.concurrency
+    a.subjects == b.subjects
+        && a.stream == b.stream
+        && a.concurrency == b.concurrency
+        && a.ordering_key == b.ordering_key
 }
 
 impl Host {

@@ -29,7 +29,14 @@ pub fn durable_name(plugin: &str) -> String {
 /// client re-request after every message.
 pub fn flow_limits(manifest: &Manifest) -> (usize, i64) {
     let concurrency = manifest.concurrency as usize;
-    let max_ack_pending = (concurrency * 2).max(4);
+    // With lanes, events of busy keys wait while other keys could run, so
+    // the window is wider; it stays a fixed bound either way.
+    let per_slot = if manifest.ordering_key.is_some() {
+        8
+    } else {
+        2
+    };
+    let max_ack_pending = (concurrency * per_slot).max(4);
     let batch = (max_ack_pending * 2).clamp(32, 1024);
     (batch, max_ack_pending as i64)
 }
@@ -104,6 +111,27 @@ pub async fn ensure_consumer(
             .create_consumer(config)
             .await
             .with_context(|| format!("plugin {plugin}: creating consumer {name}")),
+    }
+}
+
+/// The lane an event runs in: its ordering key, or a lane of its own.
+pub fn lane_of(message: &jetstream::Message, manifest: &Manifest) -> String {
+    match &manifest.ordering_key {
+        Some(key) => {
+            let headers = message.headers.as_ref();
+            let lookup = |name: &str| {
+                headers
+                    .and_then(|h| {
+                        h.iter()
+                            .find(|(k, _)| AsRef::<str>::as_ref(k).eq_ignore_ascii_case(name))
+                    })
+                    .and_then(|(_, v)| v.first())
+                    .map(|v| v.as_str())
+            };
+            format!("k:{}", key.key_of(message.subject.as_str(), lookup))
+        }
+        // Unique per delivery: no ordering, only the concurrency bound.
+        None => format!("m:{}", message.reply.as_deref().unwrap_or_default()),
     }
 }
 

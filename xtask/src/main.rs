@@ -34,7 +34,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn workspace_root() -> anyhow::Result<PathBuf> {
-    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // Cargo sets CARGO_MANIFEST_DIR when it runs us; prefer it to the
+    // compile-time value, which is wrong if two checkouts share a target
+    // directory and the binary was built from the other one.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     manifest_dir
         .parent()
         .map(Path::to_path_buf)

@@ -2,6 +2,7 @@
 //! each event through the plugin with bounded concurrency, act on the
 //! outcome, and shut down without losing anything.
 
+mod lanes;
 mod process;
 pub mod stats;
 
@@ -10,10 +11,12 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures::{FutureExt, StreamExt};
-use tokio::sync::{Semaphore, watch};
-use tokio::task::JoinSet;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use lanes::Lanes;
 pub use process::Disposition;
 use stats::PluginStats;
 
@@ -50,10 +53,29 @@ pub async fn run(
 ) {
     let manifest = plugin.borrow().manifest().clone();
     let name = plugin.borrow().name().to_owned();
+    let ordered = manifest.ordering_key.is_some();
     let (batch, _) = crate::source::flow_limits(&manifest);
-    let slots = Arc::new(Semaphore::new(manifest.concurrency as usize));
     let release = CancellationToken::new();
-    let mut tasks = JoinSet::new();
+    let lanes = {
+        let (ctx, plugin, release) = (ctx.clone(), plugin.clone(), release.clone());
+        Lanes::new(
+            manifest.concurrency as usize,
+            move |message: jetstream::Message| {
+                let (ctx, release) = (ctx.clone(), release.clone());
+                let current = plugin.borrow().clone();
+                async move {
+                    let stats = ctx.stats.clone();
+                    stats.in_flight.fetch_add(1, Ordering::Relaxed);
+                    process::process(ctx, current, message, release, ordered).await;
+                    stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                }
+            },
+        )
+    };
+    // Queued events are not being worked on yet; tell the server they are
+    // still ours so their ack wait does not expire behind a busy lane.
+    let period = ctx.ack_wait / 3;
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
 
     'subscribe: while !shutdown.is_cancelled() {
         let stream = consumer
@@ -74,44 +96,24 @@ pub async fn run(
             }
         };
         loop {
-            while tasks.try_join_next().is_some() {}
-            // Take a slot before taking a message: the host never holds an
-            // event it cannot start, so a slow plugin backs up into its own
-            // consumer and nowhere else.
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => {
-                    release_buffered(&mut messages, &name).await;
-                    break 'subscribe;
-                }
-                permit = slots.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break 'subscribe,
-                },
-            };
+            // No slot is taken here: the consumer's max_ack_pending bounds
+            // what the server delivers, and the lanes bound what runs.
             let next = tokio::select! {
                 _ = shutdown.cancelled() => {
                     release_buffered(&mut messages, &name).await;
                     break 'subscribe;
                 }
+                _ = keepalive.tick() => {
+                    for message in lanes.queued() {
+                        let _ = message.ack_with(AckKind::Progress).await;
+                    }
+                    continue;
+                }
                 next = messages.next() => next,
             };
             match next {
                 Some(Ok(message)) => {
-                    let ctx = ctx.clone();
-                    let current = plugin.borrow().clone();
-                    let release = release.clone();
-                    let stats = ctx.stats.clone();
-                    stats
-                        .in_flight
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tasks.spawn(async move {
-                        let disposition = process::process(ctx, current, message, release).await;
-                        stats
-                            .in_flight
-                            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                        drop(permit);
-                        disposition
-                    });
+                    lanes.push(crate::source::lane_of(&message, &manifest), message)
                 }
                 Some(Err(e)) => {
                     // Missed heartbeats and failed pulls happen while NATS is
@@ -131,16 +133,22 @@ pub async fn run(
         }
     }
 
-    let in_flight = tasks.len();
-    if in_flight > 0 {
-        tracing::info!(plugin = %name, in_flight, "draining in-flight events (grace {grace:?})");
+    // Events that never started go straight back, in order.
+    let queued = lanes.take_queued();
+    for message in &queued {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
     }
-    let drained =
-        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
-    if drained.is_err() {
-        tracing::warn!(plugin = %name, remaining = tasks.len(), "grace period over; releasing unfinished events");
+    let running = lanes.running();
+    if running > 0 || !queued.is_empty() {
+        tracing::info!(plugin = %name, running, released = queued.len(), "draining in-flight events (grace {grace:?})");
+    }
+    if tokio::time::timeout(grace, lanes.wait_running())
+        .await
+        .is_err()
+    {
+        tracing::warn!(plugin = %name, remaining = lanes.running(), "grace period over; releasing unfinished events");
         release.cancel();
-        while tasks.join_next().await.is_some() {}
+        lanes.wait_running().await;
     }
     tracing::info!(plugin = %name, "pipeline stopped");
 }

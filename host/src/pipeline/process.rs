@@ -43,11 +43,15 @@ pub enum Disposition {
     Skipped,
 }
 
+/// Process one delivered message. With `ordered`, a retryable failure is
+/// retried here, holding the event's lane, so no later event of its key can
+/// overtake it; otherwise it is handed back to the stream with a delay.
 pub async fn process(
     ctx: Arc<PipelineContext>,
     plugin: Plugin,
     message: jetstream::Message,
     release: CancellationToken,
+    ordered: bool,
 ) -> Disposition {
     let stats = &ctx.stats;
     let event = match source::to_event(&message) {
@@ -71,7 +75,7 @@ pub async fn process(
     );
     let disposition = tokio::select! {
         biased;
-        d = handle(&ctx, &plugin, &message, &event).instrument(span) => d,
+        d = handle(&ctx, &plugin, &message, event.clone(), ordered).instrument(span) => d,
         _ = release.cancelled() => {
             // Shutting down and out of grace: hand the event back now rather
             // than letting it sit until its ack wait expires.
@@ -94,17 +98,48 @@ async fn handle(
     ctx: &PipelineContext,
     plugin: &Plugin,
     message: &jetstream::Message,
-    event: &Event,
+    mut event: Event,
+    ordered: bool,
 ) -> Disposition {
+    loop {
+        match attempt(ctx, plugin, message, &event).await {
+            Step::Done(disposition) => return disposition,
+            Step::RetryAfter(delay) if ordered => {
+                PluginStats::bump(&ctx.stats.retried);
+                with_progress(message, ctx.ack_wait, tokio::time::sleep(delay)).await;
+                event.attempt += 1;
+            }
+            Step::RetryAfter(delay) => {
+                ack(message, AckKind::Nak(Some(delay)), plugin, &event).await;
+                return Disposition::Retried;
+            }
+        }
+    }
+}
+
+/// What one attempt at an event came to.
+enum Step {
+    Done(Disposition),
+    /// A retryable failure, not the last allowed attempt.
+    RetryAfter(Duration),
+}
+
+async fn attempt(
+    ctx: &PipelineContext,
+    plugin: &Plugin,
+    message: &jetstream::Message,
+    event: &Event,
+) -> Step {
+    use Step::Done;
     // A redelivery may find the event already committed (the host died, or
     // an ack was lost, after the commit): finish it without running it again.
     if event.attempt > 1 && ctx.idempotency {
         match with_progress(message, ctx.ack_wait, ctx.store.done(&event.id)).await {
             Ok(Some(outbox)) => {
-                return publish_and_ack(ctx, plugin, message, event, &outbox, true).await;
+                return Done(publish_and_ack(ctx, plugin, message, event, &outbox, true).await);
             }
             Ok(None) => {}
-            Err(e) => return host_error(plugin, message, event, e).await,
+            Err(e) => return Done(host_error(plugin, message, event, e).await),
         }
     }
     for _ in 0..MAX_CONFLICT_RERUNS {
@@ -122,23 +157,23 @@ async fn handle(
         );
         match with_progress(message, ctx.ack_wait, commit).await {
             Ok(Commit::Committed) => {
-                return publish_and_ack(ctx, plugin, message, event, &invocation.emitted, false)
-                    .await;
+                return Done(
+                    publish_and_ack(ctx, plugin, message, event, &invocation.emitted, false).await,
+                );
             }
             Ok(Commit::AlreadyDone(outbox)) => {
-                return publish_and_ack(ctx, plugin, message, event, &outbox, true).await;
+                return Done(publish_and_ack(ctx, plugin, message, event, &outbox, true).await);
             }
             Ok(Commit::Conflict) => {
                 tracing::debug!(plugin = plugin.name(), event_id = %event.id, "state changed under the call; running it again");
             }
-            Err(e) => return host_error(plugin, message, event, e).await,
+            Err(e) => return Done(host_error(plugin, message, event, e).await),
         }
     }
     // Contention this persistent is better resolved by time than by spinning.
     let delay = backoff(plugin, event.attempt);
     tracing::warn!(plugin = plugin.name(), event_id = %event.id, "state kept changing under the call; retrying in {delay:?}");
-    ack(message, AckKind::Nak(Some(delay)), plugin, event).await;
-    Disposition::Retried
+    Step::RetryAfter(delay)
 }
 
 /// The effects are committed: publish the outbox and acknowledge.
@@ -196,11 +231,13 @@ async fn failed(
     message: &jetstream::Message,
     event: &Event,
     outcome: &Outcome,
-) -> Disposition {
+) -> Step {
     match outcome {
-        Outcome::Reject { .. } => dead_letter(ctx, plugin, message, event, outcome).await,
+        Outcome::Reject { .. } => {
+            Step::Done(dead_letter(ctx, plugin, message, event, outcome).await)
+        }
         _ if event.attempt >= plugin.manifest().retry.max_deliveries => {
-            dead_letter(ctx, plugin, message, event, outcome).await
+            Step::Done(dead_letter(ctx, plugin, message, event, outcome).await)
         }
         _ => {
             let delay = match outcome {
@@ -210,8 +247,7 @@ async fn failed(
                 _ => backoff(plugin, event.attempt),
             };
             tracing::info!(plugin = plugin.name(), event_id = %event.id, attempt = event.attempt, "{outcome}; retrying in {delay:?}");
-            ack(message, AckKind::Nak(Some(delay)), plugin, event).await;
-            Disposition::Retried
+            Step::RetryAfter(delay)
         }
     }
 }

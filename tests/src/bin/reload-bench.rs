@@ -42,7 +42,12 @@ async fn swap(host: &Host, dir: &Path, tag: &str) -> Duration {
     let landed = Instant::now();
     let version = deploy(dir, tag);
     loop {
-        if host.plugins().await.iter().any(|p| p.name == "swap" && p.version == version) {
+        if host
+            .plugins()
+            .await
+            .iter()
+            .any(|p| p.name == "swap" && p.version == version)
+        {
             return landed.elapsed();
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -52,11 +57,17 @@ async fn swap(host: &Host, dir: &Path, tag: &str) -> Duration {
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
-    let server = weir::dev::NatsServer::start(&dir.path().join("nats"), weir::dev::free_port().unwrap()).unwrap();
+    let server =
+        weir::dev::NatsServer::start(&dir.path().join("nats"), weir::dev::free_port().unwrap())
+            .unwrap();
     let plugins = dir.path().join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
     deploy(&plugins, "v1");
-    let mut config = HostConfig::parse("[[streams]]\nname = \"HOSTILE\"\nsubjects = [\"hostile.>\"]\n", dir.path()).unwrap();
+    let mut config = HostConfig::parse(
+        "[[streams]]\nname = \"HOSTILE\"\nsubjects = [\"hostile.>\"]\n",
+        dir.path(),
+    )
+    .unwrap();
     config.nats.url = Some(server.url());
     config.plugins.dir = plugins.clone();
     let host = Host::start(config).await.unwrap();
@@ -101,7 +112,13 @@ async fn main() {
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let miss_at = started.elapsed();
-    let unique = format!("miss-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    let unique = format!(
+        "miss-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
     let miss = swap(&host, &plugins, &unique).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let hit_at = started.elapsed();
@@ -112,14 +129,29 @@ async fn main() {
     let samples = sampler.await.unwrap();
 
     println!("reload-bench: hostile guest (Rust), concurrency 8, {RATE} events/s offered");
-    println!("  file landed -> new version serving, compile cache miss  {:>8.1} ms", miss.as_secs_f64() * 1e3);
-    println!("  file landed -> new version serving, compile cache hit   {:>8.1} ms", hit.as_secs_f64() * 1e3);
+    println!(
+        "  file landed -> new version serving, compile cache miss  {:>8.1} ms",
+        miss.as_secs_f64() * 1e3
+    );
+    println!(
+        "  file landed -> new version serving, compile cache hit   {:>8.1} ms",
+        hit.as_secs_f64() * 1e3
+    );
     println!("  (both include the watcher's {} ms debounce)", 300);
     let rates: Vec<(Duration, f64)> = samples
         .windows(2)
-        .map(|w| (w[1].0, (w[1].1 - w[0].1) as f64 / (w[1].0 - w[0].0).as_secs_f64()))
+        .map(|w| {
+            (
+                w[1].0,
+                (w[1].1 - w[0].1) as f64 / (w[1].0 - w[0].0).as_secs_f64(),
+            )
+        })
         .collect();
-    let mut steady: Vec<f64> = rates.iter().filter(|(t, _)| *t > Duration::from_secs(1)).map(|(_, r)| *r).collect();
+    let mut steady: Vec<f64> = rates
+        .iter()
+        .filter(|(t, _)| *t > Duration::from_secs(1))
+        .map(|(_, r)| *r)
+        .collect();
     steady.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = steady.get(steady.len() / 2).copied().unwrap_or(0.0);
     for (label, at, took) in [("miss", miss_at, miss), ("hit", hit_at, hit)] {

@@ -121,6 +121,31 @@ impl Plugin for Hostile {
                 emit::publish("hostile.out", event.id.as_bytes())?;
                 Ok(())
             }
+            ordered if ordered.starts_with("ordered ") || ordered.starts_with("ordered-flaky ") => {
+                // Sleep (through WASI, so the host thread is free), then
+                // report "<subject> <sequence>": the ordering tests check
+                // that outputs of one key come out in stream order.
+                let mut words = ordered.split(' ');
+                let flaky = words.next() == Some("ordered-flaky");
+                let delay_ms: u64 = words.next().and_then(|d| d.parse().ok()).unwrap_or(0);
+                if flaky && event.attempt == 1 && event.sequence.is_multiple_of(5) {
+                    return Err(retry_after(
+                        "flaky on first attempt",
+                        std::time::Duration::from_millis(20),
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+                emit::publish(
+                    "hostile.out",
+                    format!("{} {}", event.subject, event.sequence).as_bytes(),
+                )?;
+                Ok(())
+            }
+            sleep if sleep.starts_with("sleep ") => {
+                let ms: u64 = sleep["sleep ".len()..].parse().unwrap_or(0);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Ok(())
+            }
             other => Err(reject(format!("unknown command {other:?}"))),
         }
     }
