@@ -34,6 +34,11 @@ pub struct Manifest {
     /// order, up to `concurrency` at once.
     #[serde(default)]
     pub ordering_key: Option<OrderingKey>,
+    /// Only one host at a time pulls this plugin's events; when it stops,
+    /// another takes over (after about 10 s). Keeps per-key order across a
+    /// fleet of hosts, at the cost of spreading this plugin's work.
+    #[serde(default)]
+    pub exclusive: bool,
     #[serde(default)]
     pub retry: RetryPolicy,
     #[serde(default)]

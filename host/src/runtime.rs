@@ -163,6 +163,7 @@ fn same_pipeline(a: &Manifest, b: &Manifest) -> bool {
         && a.stream == b.stream
         && a.concurrency == b.concurrency
         && a.ordering_key == b.ordering_key
+        && a.exclusive == b.exclusive
 }
 
 impl Host {

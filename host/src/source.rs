@@ -12,6 +12,12 @@ use async_nats::jetstream::{self, consumer};
 use crate::event::{Event, Header};
 use crate::manifest::{Manifest, StartPosition, start_time};
 
+/// The priority group exclusive plugins pull in.
+pub const PRIORITY_GROUP: &str = "weir";
+
+/// How long a pinned host may go without pulling before another takes over.
+pub const PIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The durable consumer name of a plugin.
 pub fn durable_name(plugin: &str) -> String {
     format!("weir-{plugin}")
@@ -76,6 +82,13 @@ pub fn consumer_config(
     match manifest.subjects.as_slice() {
         [one] => config.filter_subject = one.clone(),
         many => config.filter_subjects = many.to_vec(),
+    }
+    if manifest.exclusive {
+        // The server pins one pulling host; a standby takes over when the
+        // pinned one has not pulled for PIN_TIMEOUT.
+        config.priority_policy = consumer::PriorityPolicy::PinnedClient;
+        config.priority_groups = vec![PRIORITY_GROUP.into()];
+        config.priority_timeout = PIN_TIMEOUT;
     }
     Ok(config)
 }

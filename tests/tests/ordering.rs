@@ -182,3 +182,77 @@ async fn a_slow_plugin_holds_bounded_work_and_does_not_slow_a_fast_one() {
         "host memory grew with the backlog: {before} -> {peak} KiB"
     );
 }
+
+/// Processed counts of plugin `name` per host, from `weir plugins list --json`.
+fn processed_per_host(env: &TestEnv, name: &str) -> Vec<(String, u64)> {
+    let out = std::process::Command::new(weir_integration_tests::weir_binary())
+        .args(["plugins", "list", "--json", "--config"])
+        .arg(env.config_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let answer: serde_json::Value = serde_json::from_str(line).unwrap();
+            let plugin = answer["plugins"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name)
+                .unwrap();
+            (
+                answer["host"].as_str().unwrap().to_owned(),
+                plugin["processed"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exclusive_plugin_is_pulled_by_one_host_and_fails_over() {
+    let mut env = TestEnv::new(STREAMS);
+    env.install("test-guests/hostile", "pinned", |m| {
+        keyed(m).replace("concurrency = 16", "concurrency = 16\nexclusive = true")
+    });
+    env.start_host();
+    env.start_host();
+    let js = env.jetstream().await;
+    publish_keyed(&js, "ordered").await;
+    wait_until(WAIT, "progress", || async {
+        count(&js, "HOSTILE", "hostile.out").await >= 1_000
+    })
+    .await;
+    let counts = processed_per_host(&env, "pinned");
+    assert_eq!(counts.len(), 2, "both hosts answer: {counts:?}");
+    let working: Vec<&(String, u64)> = counts.iter().filter(|(_, n)| *n > 0).collect();
+    assert_eq!(
+        working.len(),
+        1,
+        "exactly one host pulls an exclusive plugin: {counts:?}"
+    );
+    // Kill the pinned host; the standby takes over after the pin timeout.
+    let pinned_pid: u32 = working[0].0.rsplit(':').next().unwrap().parse().unwrap();
+    let victim = (0..2)
+        .find(|&i| env.host(i).pid() as u32 == pinned_pid)
+        .expect("pinned host is one of ours");
+    env.host(victim).kill();
+    wait_until(WAIT, "the standby to finish the work", || async {
+        count(&js, "HOSTILE", "hostile.out").await >= EVENTS as u64
+            && consumer_backlog(&js, "HOSTILE", "pinned").await == (0, 0)
+    })
+    .await;
+    assert_eq!(
+        count(&js, "HOSTILE", "hostile.out").await,
+        EVENTS as u64,
+        "each event once"
+    );
+    let survivor = processed_per_host(&env, "pinned");
+    assert_eq!(survivor.len(), 1);
+    assert!(survivor[0].1 > 0, "the standby took over: {survivor:?}");
+}

@@ -78,13 +78,25 @@ pub async fn run(
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
 
     'subscribe: while !shutdown.is_cancelled() {
-        let stream = consumer
-            .stream()
-            .max_messages_per_batch(batch)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await;
+        let stream = if manifest.exclusive {
+            // Pulls must come well inside the pin timeout, or the pin is lost.
+            consumer
+                .stream()
+                .group(crate::source::PRIORITY_GROUP)
+                .max_messages_per_batch(batch)
+                .heartbeat(Duration::from_secs(1))
+                .expires(Duration::from_secs(3))
+                .messages()
+                .await
+        } else {
+            consumer
+                .stream()
+                .max_messages_per_batch(batch)
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await
+        };
         let mut messages = match stream {
             Ok(messages) => messages,
             Err(e) => {

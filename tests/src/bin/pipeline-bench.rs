@@ -40,12 +40,27 @@ struct Run {
     guest: &'static str,
     concurrency: u32,
     idempotency: bool,
+    /// Order events per customer (subject token 3).
+    keyed: bool,
     /// Payload of event `i`.
     payload: fn(usize) -> String,
 }
 
+impl Run {
+    const fn fraud(label: &'static str, concurrency: u32, keyed: bool) -> Run {
+        Run {
+            label,
+            guest: "plugins/fraud",
+            concurrency,
+            idempotency: true,
+            keyed,
+            payload: order,
+        }
+    }
+}
+
 fn tally(i: usize) -> String {
-    format!("tally k{}", i % 64)
+    format!("tally c-{}", i % 50)
 }
 
 #[tokio::main]
@@ -88,47 +103,43 @@ async fn main() {
     );
 
     let runs = [
+        Run::fraud("weir + fraud, concurrency 1", 1, false),
+        Run::fraud("weir + fraud, concurrency 4", 4, false),
+        Run::fraud("weir + fraud, concurrency 16", 16, false),
+        Run::fraud("weir + fraud, concurrency 64", 64, false),
+        Run::fraud("weir + fraud, keyed by customer, concurrency 1", 1, true),
+        Run::fraud("weir + fraud, keyed by customer, concurrency 4", 4, true),
+        Run::fraud("weir + fraud, keyed by customer, concurrency 16", 16, true),
+        Run::fraud("weir + fraud, keyed by customer, concurrency 64", 64, true),
         Run {
-            label: "weir + fraud, concurrency 1",
+            label: "weir + fraud, concurrency 16, idempotency off",
             guest: "plugins/fraud",
-            concurrency: 1,
-            idempotency: true,
-            payload: order,
-        },
-        Run {
-            label: "weir + fraud, concurrency 8",
-            guest: "plugins/fraud",
-            concurrency: 8,
-            idempotency: true,
-            payload: order,
-        },
-        Run {
-            label: "weir + fraud, concurrency 32",
-            guest: "plugins/fraud",
-            concurrency: 32,
-            idempotency: true,
-            payload: order,
-        },
-        Run {
-            label: "weir + fraud, concurrency 32, idempotency off",
-            guest: "plugins/fraud",
-            concurrency: 32,
+            concurrency: 16,
             idempotency: false,
+            keyed: false,
             payload: order,
         },
         Run {
-            label: "weir + stateful tally, concurrency 32",
+            label: "weir + stateful tally (50 keys), concurrency 16",
             guest: "test-guests/hostile",
-            concurrency: 32,
+            concurrency: 16,
             idempotency: true,
+            keyed: false,
+            payload: tally,
+        },
+        Run {
+            label: "weir + stateful tally (50 keys), keyed, concurrency 16",
+            guest: "test-guests/hostile",
+            concurrency: 16,
+            idempotency: true,
+            keyed: true,
             payload: tally,
         },
     ];
     let mut latency_host = None;
     for (i, run) in runs.iter().enumerate() {
         let subject = format!("bench.run{i}");
-        let payloads: Vec<String> = (0..events).map(run.payload).collect();
-        publish_all(&js, &subject, &payloads, None).await;
+        publish_keyed(&js, &subject, events, run.payload).await;
         let (host, stats, rate) =
             weir_drain(dir.path(), &server.url(), &client, run, i, &subject, events).await;
         println!(
@@ -136,14 +147,14 @@ async fn main() {
             run.label,
             100.0 * rate / base_rate
         );
-        if i == 1 {
-            latency_host = Some((host, stats, subject));
+        if i == 2 {
+            latency_host = Some((host, stats, format!("{subject}.c-0")));
         } else {
             host.shutdown().await;
         }
     }
 
-    // Latency at a fixed offered rate: weir (fraud, concurrency 8) and the
+    // Latency at a fixed offered rate: weir (fraud, concurrency 16) and the
     // baseline consumer double-acking, as weir's acks are confirmed.
     let count = (rate * 10).min(events);
     println!("\npublish-to-ack latency at {rate} events/s offered ({count} events)");
@@ -171,7 +182,7 @@ async fn main() {
             "baseline: pull consumer, double-ack each",
             base_latency.as_ref(),
         ),
-        ("weir + fraud, concurrency 8", &stats.ack_latency),
+        ("weir + fraud, concurrency 16", &stats.ack_latency),
     ] {
         let p = |q| {
             h.quantile(q)
@@ -198,8 +209,13 @@ async fn weir_drain(
     let wasm = dist(&format!("{}.wasm", run.guest));
     let name = format!("run{index}");
     std::fs::copy(&wasm, plugins.join(format!("{name}.wasm"))).unwrap();
+    let key = if run.keyed {
+        "ordering-key = { subject-token = 3 }\n"
+    } else {
+        ""
+    };
     let manifest = format!(
-        "subjects = [\"{subject}\"]\nstream = \"BENCH\"\nstart = \"all\"\nconcurrency = {}\n{}",
+        "subjects = [\"{subject}.>\"]\nstream = \"BENCH\"\nstart = \"all\"\nconcurrency = {}\n{key}{}",
         run.concurrency,
         config_of(&wasm.with_extension("toml"))
     );
@@ -217,6 +233,28 @@ async fn weir_drain(
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
     (host, stats, rate)
+}
+
+/// Publish `n` events on `<subject>.c-<customer>` (50 customers), pipelined.
+async fn publish_keyed(
+    js: &jetstream::Context,
+    subject: &str,
+    n: usize,
+    payload: fn(usize) -> String,
+) {
+    for start in (0..n).step_by(1000) {
+        let mut acks = Vec::with_capacity(1000);
+        for i in start..(start + 1000).min(n) {
+            acks.push(
+                js.publish(format!("{subject}.c-{}", i % 50), payload(i).into())
+                    .await
+                    .unwrap(),
+            );
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+    }
 }
 
 /// The `[config]` table (and everything after it) of a shipped manifest.
