@@ -372,44 +372,37 @@ impl Inner {
                 continue;
             }
             let landed = Instant::now();
-            match self.load(&name, &found).await {
+            let was_running = registry.running.contains_key(&name);
+            let result = match self.load(&name, &found).await {
                 Ok(plugin) => {
+                    self.apply(
+                        &mut registry,
+                        &name,
+                        plugin,
+                        found.fingerprint.clone(),
+                        landed,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => {
                     registry.failures.remove(&name);
-                    if let Err(e) = self
-                        .apply(
-                            &mut registry,
-                            &name,
-                            plugin,
-                            found.fingerprint.clone(),
-                            landed,
-                        )
-                        .await
-                    {
-                        tracing::error!(plugin = %name, "plugin not started: {e:#}");
-                        registry.failures.insert(
-                            name,
-                            LoadFailure {
-                                path: found.wasm_path,
-                                error: format!("{e:#}"),
-                                fingerprint: Some(found.fingerprint),
-                            },
-                        );
-                    }
                 }
                 Err(e) => {
-                    if registry.running.contains_key(&name) {
+                    if was_running && registry.running.contains_key(&name) {
                         tracing::error!(plugin = %name, "new version rejected, the running version keeps serving: {e:#}");
                     } else {
                         tracing::error!(path = %found.wasm_path.display(), "plugin not started: {e:#}");
                     }
-                    registry.failures.insert(
-                        name,
-                        LoadFailure {
-                            path: found.wasm_path,
-                            error: format!("{e:#}"),
-                            fingerprint: Some(found.fingerprint),
-                        },
-                    );
+                    // Not retried until the files change again.
+                    let failure = LoadFailure {
+                        path: found.wasm_path,
+                        error: format!("{e:#}"),
+                        fingerprint: Some(found.fingerprint),
+                    };
+                    registry.failures.insert(name, failure);
                 }
             }
         }

@@ -417,6 +417,21 @@ pub async fn count(js: &jetstream::Context, stream: &str, filter: &str) -> u64 {
     total
 }
 
+/// Wait until `plugin`'s consumer on the test guests' stream (`HOSTILE`)
+/// has nothing pending or unacknowledged and at least `outputs` messages
+/// are on `hostile.out`, the subject the test guest emits on.
+pub async fn wait_drained(js: &jetstream::Context, plugin: &str, outputs: u64, timeout: Duration) {
+    wait_until(
+        timeout,
+        &format!("plugin {plugin} to drain with {outputs} outputs"),
+        || async {
+            count(js, "HOSTILE", "hostile.out").await >= outputs
+                && consumer_backlog(js, "HOSTILE", plugin).await == (0, 0)
+        },
+    )
+    .await;
+}
+
 /// `(num_pending, num_ack_pending)` of a plugin's durable consumer.
 pub async fn consumer_backlog(js: &jetstream::Context, stream: &str, plugin: &str) -> (u64, usize) {
     let stream = js.get_stream(stream).await.unwrap();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::StreamExt;
 use weir_integration_tests::{
-    TestEnv, consumer_backlog, count, publish_all, read_stream, wait_until,
+    TestEnv, consumer_backlog, count, publish_all, read_stream, wait_drained, wait_until,
 };
 
 const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
@@ -70,15 +70,7 @@ async fn kill_repeatedly(env: &mut TestEnv, victim: usize, thresholds: &[u64]) -
 
 async fn assert_exactly_once(env: &mut TestEnv) {
     let js = env.jetstream().await;
-    wait_until(
-        Duration::from_secs(180),
-        "every event to be processed",
-        || async {
-            count(&js, "HOSTILE", "hostile.out").await >= EVENTS as u64
-                && consumer_backlog(&js, "HOSTILE", "hostile").await == (0, 0)
-        },
-    )
-    .await;
+    wait_drained(&js, "hostile", EVENTS as u64, Duration::from_secs(180)).await;
     // Messages, not distinct ids: a duplicate would show up here.
     assert_eq!(
         count(&js, "HOSTILE", "hostile.out").await,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use weir_integration_tests::{
     TestEnv, consumer_backlog, count, custom_section, dist, header, publish_all, read_stream,
-    version_of, wait_until, weir_binary,
+    version_of, wait_drained, wait_until, weir_binary,
 };
 
 const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
@@ -86,11 +86,7 @@ async fn versions_swapped_under_load_process_every_event_exactly_once() {
         published >= 15_000,
         "load was too light: {published} events"
     );
-    wait_until(WAIT, "every event to be processed", || async {
-        count(&js, "HOSTILE", "hostile.out").await >= published as u64
-            && consumer_backlog(&js, "HOSTILE", "swap").await == (0, 0)
-    })
-    .await;
+    wait_drained(&js, "swap", published as u64, WAIT).await;
     assert_eq!(
         count(&js, "HOSTILE", "hostile.out").await,
         published as u64,
@@ -171,11 +167,7 @@ async fn broken_version_is_rejected_and_the_old_one_keeps_serving() {
         .wait_for_log("new version rejected, the running version keeps serving", 3);
 
     publish_all(&js, "hostile.in", &vec!["echo".to_owned(); 20], None).await;
-    wait_until(WAIT, "the later events", || async {
-        count(&js, "HOSTILE", "hostile.out").await == 40
-            && consumer_backlog(&js, "HOSTILE", "steady").await == (0, 0)
-    })
-    .await;
+    wait_drained(&js, "steady", 40, WAIT).await;
     let good = tagged_version("good");
     assert!(
         versions_by_sequence(&js).await.values().all(|v| *v == good),
@@ -197,11 +189,7 @@ async fn plugin_added_at_runtime_backfills_history_then_keeps_up() {
     env.deploy("test-guests/hostile", "late", None, concurrent);
     env.host(0).wait_for_log("plugin started", 1);
     publish_all(&js, "hostile.in", &vec!["echo".to_owned(); 100], None).await;
-    wait_until(WAIT, "history and live events", || async {
-        count(&js, "HOSTILE", "hostile.out").await == 600
-            && consumer_backlog(&js, "HOSTILE", "late").await == (0, 0)
-    })
-    .await;
+    wait_drained(&js, "late", 600, WAIT).await;
     assert_eq!(versions_by_sequence(&js).await.len(), 600);
 }
 
@@ -234,11 +222,7 @@ async fn plugin_removed_and_readded_resumes_without_reprocessing() {
     );
 
     env.deploy("test-guests/hostile", "again", None, |m| m);
-    wait_until(WAIT, "the second 100", || async {
-        count(&js, "HOSTILE", "hostile.out").await == 200
-            && consumer_backlog(&js, "HOSTILE", "again").await == (0, 0)
-    })
-    .await;
+    wait_drained(&js, "again", 200, WAIT).await;
     let outputs = read_stream(&js, "HOSTILE", "hostile.out").await;
     let distinct: HashSet<&[u8]> = outputs.iter().map(|m| m.payload.as_ref()).collect();
     assert_eq!(distinct.len(), 200, "nothing reprocessed");

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use weir_integration_tests::{TestEnv, consumer_backlog, count, read_stream, wait_until};
+use weir_integration_tests::{TestEnv, count, read_stream, wait_drained, wait_until};
 
 const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
 const WAIT: Duration = Duration::from_secs(180);
@@ -90,11 +90,7 @@ async fn events_of_one_key_run_in_stream_order_and_keys_run_concurrently() {
     env.start_host();
     let js = env.jetstream().await;
     publish_keyed(&js, "ordered").await;
-    wait_until(WAIT, "every keyed event", || async {
-        count(&js, "HOSTILE", "hostile.out").await == EVENTS as u64
-            && consumer_backlog(&js, "HOSTILE", "ordered").await == (0, 0)
-    })
-    .await;
+    wait_drained(&js, "ordered", EVENTS as u64, WAIT).await;
     assert_ordered_per_key_but_not_globally(&outputs(&js).await);
 }
 
@@ -105,11 +101,7 @@ async fn a_retried_event_holds_its_key_so_order_survives_retries() {
     env.start_host();
     let js = env.jetstream().await;
     publish_keyed(&js, "ordered-flaky").await;
-    wait_until(WAIT, "every keyed event", || async {
-        count(&js, "HOSTILE", "hostile.out").await == EVENTS as u64
-            && consumer_backlog(&js, "HOSTILE", "flaky").await == (0, 0)
-    })
-    .await;
+    wait_drained(&js, "flaky", EVENTS as u64, WAIT).await;
     assert_ordered_per_key_but_not_globally(&outputs(&js).await);
     assert_eq!(count(&js, "WEIR_DLQ", ">").await, 0);
     let log = env.host(0).log_text();
@@ -242,11 +234,7 @@ async fn exclusive_plugin_is_pulled_by_one_host_and_fails_over() {
         .find(|&i| env.host(i).pid() as u32 == pinned_pid)
         .expect("pinned host is one of ours");
     env.host(victim).kill();
-    wait_until(WAIT, "the standby to finish the work", || async {
-        count(&js, "HOSTILE", "hostile.out").await >= EVENTS as u64
-            && consumer_backlog(&js, "HOSTILE", "pinned").await == (0, 0)
-    })
-    .await;
+    wait_drained(&js, "pinned", EVENTS as u64, WAIT).await;
     assert_eq!(
         count(&js, "HOSTILE", "hostile.out").await,
         EVENTS as u64,

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use weir_integration_tests::{
-    TestEnv, consumer_backlog, count, header, publish_all, read_stream, wait_until,
+    TestEnv, consumer_backlog, count, header, publish_all, read_stream, wait_drained, wait_until,
 };
 
 const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
@@ -22,18 +22,6 @@ fn env_with_hostile(edit: impl FnOnce(String) -> String) -> TestEnv {
 
 fn commands(command: &str, n: usize) -> Vec<String> {
     vec![command.to_owned(); n]
-}
-
-/// Wait until the plugin's consumer has nothing pending or unacked and
-/// `outputs` messages are on hostile.out.
-async fn wait_drained(env: &mut TestEnv, outputs: u64) {
-    let js = env.jetstream().await;
-    wait_until(WAIT, "the consumer to drain", || async {
-        let out = count(&js, "HOSTILE", "hostile.out").await;
-        let backlog = consumer_backlog(&js, "HOSTILE", "hostile").await;
-        out >= outputs && backlog == (0, 0)
-    })
-    .await;
 }
 
 /// The hostile.out payloads (input event ids), asserting none repeats.
@@ -56,7 +44,7 @@ async fn happy_path_processes_everything_and_leaves_nothing_pending() {
     env.start_host();
     let js = env.jetstream().await;
     publish_all(&js, "hostile.in", &commands("echo", 1000), None).await;
-    wait_drained(&mut env, 1000).await;
+    wait_drained(&env.jetstream().await, "hostile", 1000, WAIT).await;
     let outputs = distinct_outputs(&env).await;
     assert_eq!(outputs.len(), 1000);
     // Each output names its input by id: "<stream>:<sequence>".
@@ -79,7 +67,7 @@ async fn failed_attempt_is_retried_then_succeeds() {
     env.start_host();
     let js = env.jetstream().await;
     publish_all(&js, "hostile.in", &commands("retry-once", 20), None).await;
-    wait_drained(&mut env, 20).await;
+    wait_drained(&env.jetstream().await, "hostile", 20, WAIT).await;
     assert_eq!(distinct_outputs(&env).await.len(), 20);
     assert_eq!(count(&js, "WEIR_DLQ", ">").await, 0);
 }
@@ -102,7 +90,7 @@ async fn rejected_event_is_dead_lettered_with_its_story() {
         count(&js, "WEIR_DLQ", ">").await == 1
     })
     .await;
-    wait_drained(&mut env, 0).await;
+    wait_drained(&env.jetstream().await, "hostile", 0, WAIT).await;
     let letters = read_stream(&js, "WEIR_DLQ", ">").await;
     let letter = &letters[0];
     assert_eq!(letter.subject.as_str(), "weir.dlq.hostile.hostile.in");
@@ -138,7 +126,7 @@ async fn guest_that_always_traps_is_dead_lettered_after_max_deliveries() {
         count(&js, "WEIR_DLQ", ">").await == 3
     })
     .await;
-    wait_drained(&mut env, 3).await;
+    wait_drained(&env.jetstream().await, "hostile", 3, WAIT).await;
     for letter in read_stream(&js, "WEIR_DLQ", ">").await {
         assert_eq!(header(&letter, "Weir-Dlq-Reason"), Some("trap"));
         assert_eq!(
@@ -179,7 +167,7 @@ async fn sigterm_mid_stream_then_restart_loses_nothing() {
     let (pending, _) = consumer_backlog(&js, "HOSTILE", "hostile").await;
     assert!(pending > 0, "the test must stop the host mid-stream");
     env.start_host();
-    wait_drained(&mut env, 600).await;
+    wait_drained(&env.jetstream().await, "hostile", 600, WAIT).await;
     assert_eq!(distinct_outputs(&env).await.len(), 600);
     assert_eq!(count(&js, "WEIR_DLQ", ">").await, 0);
 }
@@ -204,7 +192,7 @@ async fn nats_server_restart_mid_stream_loses_nothing() {
         env.host(0).is_running(),
         "the host survives the server going away"
     );
-    wait_drained(&mut env, 600).await;
+    wait_drained(&env.jetstream().await, "hostile", 600, WAIT).await;
     assert_eq!(distinct_outputs(&env).await.len(), 600);
     let js = env.jetstream().await;
     assert_eq!(count(&js, "WEIR_DLQ", ">").await, 0);
@@ -229,7 +217,7 @@ async fn broken_plugins_are_reported_and_the_others_still_served() {
     let host = env.start_host();
     let js = env.jetstream().await;
     publish_all(&js, "hostile.in", &commands("echo", 10), None).await;
-    wait_drained(&mut env, 10).await;
+    wait_drained(&env.jetstream().await, "hostile", 10, WAIT).await;
     let log = env.host(host).log_text();
     for needle in [
         "garbage.wasm is not a valid WebAssembly component",
