@@ -374,7 +374,7 @@ pub async fn read_stream(
     filter: &str,
 ) -> Vec<jetstream::Message> {
     let stream = js.get_stream(stream).await.unwrap();
-    let consumer = stream
+    let mut consumer = stream
         .create_consumer(consumer::pull::Config {
             filter_subject: filter.to_owned(),
             ack_policy: consumer::AckPolicy::None,
@@ -384,7 +384,6 @@ pub async fn read_stream(
         })
         .await
         .unwrap();
-    let mut consumer = consumer;
     let mut out = Vec::new();
     loop {
         let pending = consumer.info().await.unwrap().num_pending;

@@ -55,7 +55,7 @@ async fn kill_repeatedly(env: &mut TestEnv, victim: usize, thresholds: &[u64]) -
     let js = env.jetstream().await;
     let mut kills = 0;
     for &at in thresholds {
-        wait_until(Duration::from_secs(120), "progress", || async {
+        wait_until(Duration::from_secs(300), "progress", || async {
             count(&js, "HOSTILE", "hostile.out").await >= at
         })
         .await;
@@ -70,7 +70,7 @@ async fn kill_repeatedly(env: &mut TestEnv, victim: usize, thresholds: &[u64]) -
 
 async fn assert_exactly_once(env: &mut TestEnv) {
     let js = env.jetstream().await;
-    wait_drained(&js, "hostile", EVENTS as u64, Duration::from_secs(180)).await;
+    wait_drained(&js, "hostile", EVENTS as u64, Duration::from_secs(300)).await;
     // Messages, not distinct ids: a duplicate would show up here.
     assert_eq!(
         count(&js, "HOSTILE", "hostile.out").await,
