@@ -26,6 +26,7 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::StateConfig;
 use crate::event::Emitted;
@@ -72,7 +73,22 @@ pub struct PluginStore {
     kv: kv::Store,
     done_ttl: Duration,
     idempotency: bool,
+    batches: mpsc::UnboundedSender<BatchRequest>,
 }
+
+/// One message of a commit: subject, headers, payload.
+type Message = (String, HeaderMap, Bytes);
+
+/// A multi-message commit waiting for the group committer.
+struct BatchRequest {
+    messages: Vec<Message>,
+    reply: oneshot::Sender<Result<(), CommitError>>,
+}
+
+/// Group commits stay well inside the server's 1,000 messages per batch.
+const MAX_GROUP_MESSAGES: usize = 500;
+/// ... and small enough that a large outbox never makes a group unwieldy.
+const MAX_GROUP_BYTES: usize = 1 << 20;
 
 impl PluginStore {
     /// Open the plugin's bucket, creating it on first use, with atomic
@@ -116,8 +132,10 @@ impl PluginStore {
                 )
             })?;
         }
+        let client = js.client();
         Ok(PluginStore {
-            client: js.client(),
+            batches: spawn_group_committer(client.clone()),
+            client,
             kv,
             done_ttl: Duration::from_secs(config.done_ttl_s),
             idempotency: config.idempotency,
@@ -186,7 +204,15 @@ impl PluginStore {
                 self.publish_one(messages.pop().context("one message")?)
                     .await
             }
-            _ => self.publish_batch(messages).await,
+            _ => {
+                let (reply, answer) = oneshot::channel();
+                self.batches
+                    .send(BatchRequest { messages, reply })
+                    .map_err(|_| anyhow::anyhow!("the commit task of this plugin has stopped"))?;
+                answer
+                    .await
+                    .context("the commit task of this plugin has stopped")?
+            }
         };
         match result {
             Ok(()) => Ok(Commit::Committed),
@@ -228,42 +254,6 @@ impl PluginStore {
             .map_err(|e| CommitError::Other(e.into()))?;
         check_ack(&response.payload, None)
     }
-
-    async fn publish_batch(
-        &self,
-        messages: Vec<(String, HeaderMap, Bytes)>,
-    ) -> Result<(), CommitError> {
-        let batch_id = format!("{:032x}", rand::random::<u128>());
-        let last = messages.len();
-        for (i, (subject, mut headers, payload)) in messages.into_iter().enumerate() {
-            let sequence = i + 1;
-            headers.insert(async_nats::header::NATS_BATCH_ID, batch_id.as_str());
-            headers.insert(
-                async_nats::header::NATS_BATCH_SEQUENCE,
-                sequence.to_string().as_str(),
-            );
-            if sequence < last {
-                // Only the commit is acknowledged; a failure anywhere in the
-                // batch is reported there.
-                self.client
-                    .publish_with_headers(subject, headers, payload)
-                    .await
-                    .map_err(|e| CommitError::Other(e.into()))?;
-            } else {
-                headers.insert(
-                    async_nats::header::NATS_BATCH_COMMIT,
-                    async_nats::header::NATS_BATCH_COMMIT_FINAL,
-                );
-                let response = self
-                    .client
-                    .request_with_headers(subject, headers, payload)
-                    .await
-                    .map_err(|e| CommitError::Other(e.into()))?;
-                return check_ack(&response.payload, Some((&batch_id, last)));
-            }
-        }
-        Ok(())
-    }
 }
 
 impl StateStore for PluginStore {
@@ -290,6 +280,114 @@ impl StateStore for PluginStore {
                 },
             })
         })
+    }
+}
+
+async fn publish_batch(
+    client: &async_nats::Client,
+    messages: Vec<Message>,
+) -> Result<(), CommitError> {
+    let batch_id = format!("{:032x}", rand::random::<u128>());
+    let last = messages.len();
+    for (i, (subject, mut headers, payload)) in messages.into_iter().enumerate() {
+        let sequence = i + 1;
+        headers.insert(async_nats::header::NATS_BATCH_ID, batch_id.as_str());
+        headers.insert(
+            async_nats::header::NATS_BATCH_SEQUENCE,
+            sequence.to_string().as_str(),
+        );
+        if sequence < last {
+            // Only the commit is acknowledged; a failure anywhere in the
+            // batch is reported there.
+            client
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(|e| CommitError::Other(e.into()))?;
+        } else {
+            headers.insert(
+                async_nats::header::NATS_BATCH_COMMIT,
+                async_nats::header::NATS_BATCH_COMMIT_FINAL,
+            );
+            let response = client
+                .request_with_headers(subject, headers, payload)
+                .await
+                .map_err(|e| CommitError::Other(e.into()))?;
+            return check_ack(&response.payload, Some((&batch_id, last)));
+        }
+    }
+    Ok(())
+}
+
+/// The group committer: multi-message commits of one plugin are serialized
+/// by the server anyway (batches on a stream do not overlap, and each costs
+/// milliseconds), so commits that arrive together are stored as one atomic
+/// batch. If that batch loses a revision check, each commit is retried on
+/// its own so only the loser sees the conflict.
+fn spawn_group_committer(client: async_nats::Client) -> mpsc::UnboundedSender<BatchRequest> {
+    let (sender, mut requests) = mpsc::unbounded_channel::<BatchRequest>();
+    tokio::spawn(async move {
+        let mut carried: Option<BatchRequest> = None;
+        loop {
+            let first = match carried.take() {
+                Some(request) => request,
+                None => match requests.recv().await {
+                    Some(request) => request,
+                    None => break,
+                },
+            };
+            let mut size = first.messages.len();
+            let mut bytes: usize = first.messages.iter().map(|m| m.2.len()).sum();
+            let mut group = vec![first];
+            while let Ok(next) = requests.try_recv() {
+                let next_bytes: usize = next.messages.iter().map(|m| m.2.len()).sum();
+                if size + next.messages.len() > MAX_GROUP_MESSAGES
+                    || bytes + next_bytes > MAX_GROUP_BYTES
+                {
+                    carried = Some(next);
+                    break;
+                }
+                size += next.messages.len();
+                bytes += next_bytes;
+                group.push(next);
+            }
+            commit_group(&client, group).await;
+        }
+    });
+    sender
+}
+
+async fn commit_group(client: &async_nats::Client, mut group: Vec<BatchRequest>) {
+    if group.len() == 1 {
+        if let Some(request) = group.pop() {
+            let result = publish_batch(client, request.messages).await;
+            let _ = request.reply.send(result);
+        }
+        return;
+    }
+    let all: Vec<Message> = group
+        .iter()
+        .flat_map(|r| r.messages.iter().cloned())
+        .collect();
+    match publish_batch(client, all).await {
+        Ok(()) => {
+            for request in group {
+                let _ = request.reply.send(Ok(()));
+            }
+        }
+        Err(CommitError::WrongLastSequence) => {
+            for request in group {
+                let result = publish_batch(client, request.messages).await;
+                let _ = request.reply.send(result);
+            }
+        }
+        Err(CommitError::Other(e)) => {
+            let message = format!("{e:#}");
+            for request in group {
+                let _ = request
+                    .reply
+                    .send(Err(CommitError::Other(anyhow::anyhow!("{message}"))));
+            }
+        }
     }
 }
 
