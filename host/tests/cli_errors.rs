@@ -18,6 +18,18 @@ fn weir(args: &[&str], path_env: Option<&str>) -> (i32, String) {
     )
 }
 
+/// A config pointing at a loopback port nobody listens on.
+fn config_with_unused_port(dir: &std::path::Path) -> (std::path::PathBuf, u16) {
+    let config = dir.join("weir.toml");
+    let port = weir::dev::free_port().unwrap();
+    std::fs::write(
+        &config,
+        format!("[nats]\nurl = \"nats://127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    (config, port)
+}
+
 #[test]
 fn invalid_config_names_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -49,13 +61,7 @@ fn missing_config_file_is_an_error() {
 #[test]
 fn unreachable_nats_is_reported_with_the_url() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("weir.toml");
-    let port = weir::dev::free_port().unwrap();
-    std::fs::write(
-        &config,
-        format!("[nats]\nurl = \"nats://127.0.0.1:{port}\"\n"),
-    )
-    .unwrap();
+    let (config, port) = config_with_unused_port(dir.path());
     let (code, stderr) = weir(&["run", "--config", config.to_str().unwrap()], None);
     assert_ne!(code, 0);
     assert!(
@@ -67,13 +73,7 @@ fn unreachable_nats_is_reported_with_the_url() {
 #[test]
 fn weir_dev_without_nats_server_says_how_to_install_it() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("weir.toml");
-    let port = weir::dev::free_port().unwrap();
-    std::fs::write(
-        &config,
-        format!("[nats]\nurl = \"nats://127.0.0.1:{port}\"\n"),
-    )
-    .unwrap();
+    let (config, _) = config_with_unused_port(dir.path());
     let state = dir.path().join("state");
     // A PATH with the basic tools but no nats-server.
     let (code, stderr) = weir(
