@@ -305,13 +305,16 @@ async fn report(js: &jetstream::Context) -> anyhow::Result<()> {
         .collect()
         .await;
     keys.sort();
-    for key in keys.iter().filter(|k| k.starts_with("stock.")) {
+    // Plugin state keys live under `s.` in the bucket (done records under `d.`).
+    let mut levels = 0;
+    for key in keys.iter().filter(|k| k.starts_with("s.stock.")) {
         if let Some(value) = kv.get(key).await? {
             println!(
                 "  {:<10} {}",
-                key.trim_start_matches("stock."),
+                key.trim_start_matches("s.stock."),
                 String::from_utf8_lossy(&value)
             );
+            levels += 1;
         }
     }
 
@@ -331,6 +334,19 @@ async fn report(js: &jetstream::Context) -> anyhow::Result<()> {
         );
     }
 
+    // The demo doubles as a smoke test of the README's demo command.
+    let seen = (
+        flagged.len(),
+        reserved.len(),
+        backordered.len(),
+        levels,
+        letters.len(),
+    );
+    if seen != (3, 6, 2, 3, 2) {
+        bail!(
+            "unexpected demo result (flagged, reserved, backordered, stock levels, dead letters) = {seen:?}"
+        );
+    }
     println!(
         "\nEvery event was acknowledged only after its plugin succeeded and its outputs and state"
     );
