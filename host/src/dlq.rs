@@ -107,13 +107,9 @@ pub async fn publish(
         .message_id(format!("weir-dlq:{}:{}", letter.plugin, event.id));
     let subject = subject(prefix, letter.plugin, &event.subject);
     let ack = js.send_publish(subject.clone(), publish).await?;
-    match tokio::time::timeout(timeout, ack).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(anyhow::anyhow!("dead letter to {subject}: {e}")),
-        Err(_) => Err(anyhow::anyhow!(
-            "dead letter to {subject}: no acknowledgement within {timeout:?}"
-        )),
-    }
+    crate::outbox::await_stored(ack, timeout)
+        .await
+        .map_err(|e| anyhow::anyhow!("dead letter to {subject}: {e}"))
 }
 
 #[cfg(test)]

@@ -82,13 +82,21 @@ pub async fn publish(
             subject: subject.clone(),
             message,
         };
-        match tokio::time::timeout(timeout, ack).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(error(describe_publish_error(&e))),
-            Err(_) => return Err(error(format!("no acknowledgement within {timeout:?}"))),
-        }
+        await_stored(ack, timeout).await.map_err(error)?;
     }
     Ok(())
+}
+
+/// Wait for JetStream to confirm it stored a publish, up to `timeout`.
+pub(crate) async fn await_stored(
+    ack: jetstream::context::PublishAckFuture,
+    timeout: Duration,
+) -> Result<(), String> {
+    match tokio::time::timeout(timeout, ack).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(describe_publish_error(&e)),
+        Err(_) => Err(format!("no acknowledgement within {timeout:?}")),
+    }
 }
 
 fn describe_publish_error(e: &jetstream::context::PublishError) -> String {

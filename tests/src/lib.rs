@@ -237,20 +237,7 @@ impl WeirProcess {
     /// Wait until the log has more than `before` ready lines (a restarted
     /// host appends to the log of the one it replaces).
     pub fn wait_ready_after(&mut self, before: usize) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.ready_lines() <= before {
-            assert!(
-                self.is_running(),
-                "host exited during start-up; log:\n{}",
-                self.log_text()
-            );
-            assert!(
-                Instant::now() < deadline,
-                "host not ready after 60s; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_for_log("weir is running", before + 1);
     }
 
     pub fn pid(&self) -> i32 {
