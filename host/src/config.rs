@@ -28,6 +28,10 @@ pub struct HostConfig {
     pub runtime: RuntimeConfig,
     #[serde(default)]
     pub state: StateConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 /// How to reach NATS.
@@ -171,6 +175,98 @@ impl Default for StateConfig {
     }
 }
 
+/// The admin HTTP endpoint: `/metrics`, `/healthz`, `/readyz`, `/plugins`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AdminConfig {
+    pub enabled: bool,
+    /// Loopback by default: the endpoint shows plugin names and counters,
+    /// so exposing it further is a deliberate choice (with a token).
+    pub listen: String,
+    /// A bearer token required on `/metrics` and `/plugins`. The health
+    /// probes stay open: they reveal nothing and probes rarely carry secrets.
+    pub token: Option<String>,
+    /// The token read from a file (trailing whitespace ignored).
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: "127.0.0.1:9464".into(),
+            token: None,
+            token_file: None,
+        }
+    }
+}
+
+impl AdminConfig {
+    pub fn listen_addr(&self) -> Result<std::net::SocketAddr, String> {
+        self.listen.parse().map_err(|e| {
+            format!(
+                "`admin.listen` {:?} is not an address:port: {e}",
+                self.listen
+            )
+        })
+    }
+
+    /// The bearer token, if one is configured.
+    pub fn bearer_token(&self) -> anyhow::Result<Option<String>> {
+        match (&self.token, &self.token_file) {
+            (Some(token), _) => Ok(Some(token.clone())),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("reading `admin.token-file` {}: {e}", path.display())
+                })?;
+                let token = text.trim_end().to_owned();
+                anyhow::ensure!(
+                    !token.is_empty(),
+                    "`admin.token-file` {} is empty",
+                    path.display()
+                );
+                Ok(Some(token))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// Consumer-lag polling and OpenTelemetry trace export.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TelemetryConfig {
+    /// How often each plugin's consumer info is read for the lag gauges.
+    pub lag_poll_ms: u64,
+    /// Where spans go over OTLP/HTTP, used verbatim (include `/v1/traces`).
+    /// Unset: no export, but `traceparent` is still propagated.
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: OtlpProtocol,
+    /// Extra HTTP headers on every export (an API key, say).
+    pub otlp_headers: std::collections::BTreeMap<String, String>,
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            lag_poll_ms: 5_000,
+            otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::HttpProtobuf,
+            otlp_headers: Default::default(),
+            service_name: "weir".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum OtlpProtocol {
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    #[serde(rename = "http/json")]
+    HttpJson,
+}
+
 mod defaults {
     pub fn duplicate_window_s() -> u64 {
         120
@@ -231,6 +327,7 @@ impl HostConfig {
             &mut self.nats.tls.cert_file,
             &mut self.nats.tls.key_file,
             &mut self.runtime.cache_dir,
+            &mut self.admin.token_file,
         ]
         .into_iter()
         .flatten()
@@ -278,6 +375,20 @@ impl HostConfig {
         }
         if self.state.replicas == 0 {
             return Err("`state.replicas` must be at least 1".into());
+        }
+        self.admin.listen_addr()?;
+        if self.admin.token.is_some() && self.admin.token_file.is_some() {
+            return Err("`admin`: give only one of token, token-file".into());
+        }
+        if self.telemetry.lag_poll_ms < 100 {
+            return Err("`telemetry.lag-poll-ms` must be at least 100".into());
+        }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(format!(
+                "`telemetry.otlp-endpoint` {endpoint:?} must be an http:// or https:// URL"
+            ));
         }
         Ok(())
     }
@@ -331,6 +442,13 @@ mod tests {
             subjects = ["orders.>"]
             [runtime]
             shutdown-grace-ms = 100
+            [admin]
+            listen = "0.0.0.0:9000"
+            token-file = "secrets/admin-token"
+            [telemetry]
+            otlp-endpoint = "http://collector:4318/v1/traces"
+            otlp-protocol = "http/json"
+            otlp-headers = { x-api-key = "k" }
             "#,
             Path::new("/srv/weir"),
         )
@@ -343,6 +461,14 @@ mod tests {
         assert_eq!(c.plugins.dir, PathBuf::from("/srv/weir/../plugins"));
         assert_eq!(c.streams[0].duplicate_window_s, 120);
         assert_eq!(c.nats_url(), "nats://a:4222,nats://b:4222");
+        assert_eq!(
+            c.admin.token_file,
+            Some(PathBuf::from("/srv/weir/secrets/admin-token"))
+        );
+        assert_eq!(c.admin.listen_addr().unwrap().port(), 9000);
+        assert_eq!(c.telemetry.otlp_protocol, OtlpProtocol::HttpJson);
+        assert_eq!(c.telemetry.otlp_headers["x-api-key"], "k");
+        assert_eq!(c.telemetry.service_name, "weir");
     }
 
     #[test]
@@ -363,6 +489,16 @@ mod tests {
             (
                 "[dead-letter]\nsubject-prefix = \"a.>\"\n",
                 "subject-prefix",
+            ),
+            ("[admin]\nlisten = \"localhost\"\n", "admin.listen"),
+            (
+                "[admin]\ntoken = \"a\"\ntoken-file = \"b\"\n",
+                "only one of token",
+            ),
+            ("[telemetry]\notlp-protocol = \"grpc\"\n", "otlp-protocol"),
+            (
+                "[telemetry]\notlp-endpoint = \"collector:4318\"\n",
+                "http://",
             ),
         ] {
             let err = HostConfig::parse(text, Path::new(".")).unwrap_err();

@@ -12,6 +12,7 @@ use async_nats::jetstream::{self, message::PublishMessage};
 
 use crate::event::Event;
 use crate::outcome::Outcome;
+use crate::telemetry::propagation;
 
 /// Headers on every dead letter.
 pub mod headers {
@@ -42,6 +43,8 @@ pub struct DeadLetter<'a> {
     pub stream: &'a str,
     pub event: &'a Event,
     pub outcome: &'a Outcome,
+    /// Trace-context headers continuing the event's trace.
+    pub trace: Vec<(String, String)>,
 }
 
 /// `<prefix>.<plugin>.<original subject>`.
@@ -76,13 +79,18 @@ pub async fn publish(
     let event = letter.event;
     let mut headers = HeaderMap::new();
     for h in &event.headers {
-        // The original id would collide with the dead letter's own dedup id.
-        if !h
+        // The original id would collide with the dead letter's own dedup
+        // id; the trace context is replaced by the failing span's.
+        let own = h
             .key
             .eq_ignore_ascii_case(async_nats::header::NATS_MESSAGE_ID.as_ref())
-        {
+            || (!letter.trace.is_empty() && propagation::is_trace_header(&h.key));
+        if !own {
             headers.append(h.key.as_str(), h.value.as_str());
         }
+    }
+    for (key, value) in &letter.trace {
+        headers.insert(key.as_str(), value.as_str());
     }
     let now = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)

@@ -4,6 +4,7 @@
 //! [`testing`] (run a plugin against events with no broker). ARCHITECTURE.md
 //! follows one event through the modules.
 
+pub mod admin;
 pub mod bindings;
 pub mod cli;
 pub mod compile_cache;
@@ -23,6 +24,7 @@ pub mod sandbox;
 pub mod source;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 pub mod testing;
 pub mod watch;
 

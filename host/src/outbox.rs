@@ -11,6 +11,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage};
 
 use crate::event::{Emitted, Event};
+use crate::telemetry::propagation;
 
 /// Headers the host puts on every emitted event.
 pub mod headers {
@@ -45,16 +46,19 @@ pub async fn publish(
     version: &str,
     event: &Event,
     emitted: &[Emitted],
-    extra_headers: &[(String, String)],
+    trace: &[(String, String)],
     timeout: Duration,
 ) -> Result<(), PublishError> {
     let mut pending = Vec::with_capacity(emitted.len());
     for (index, out) in emitted.iter().enumerate() {
         let mut headers = HeaderMap::new();
         for h in &out.headers {
-            headers.append(h.key.as_str(), h.value.as_str());
+            // The host's trace context, when it has one, is the only one.
+            if trace.is_empty() || !propagation::is_trace_header(&h.key) {
+                headers.append(h.key.as_str(), h.value.as_str());
+            }
         }
-        for (k, v) in extra_headers {
+        for (k, v) in trace {
             headers.insert(k.as_str(), v.as_str());
         }
         headers.insert(headers::PLUGIN, plugin);

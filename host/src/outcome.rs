@@ -40,6 +40,16 @@ impl Outcome {
         matches!(self, Outcome::Ok)
     }
 
+    /// The kinds of every outcome but `ok`.
+    pub const FAILURE_KINDS: [&'static str; 6] = [
+        "retry",
+        "reject",
+        "trap",
+        "deadline",
+        "out_of_memory",
+        "host_error",
+    ];
+
     /// A short stable name, for metrics labels and dead-letter headers.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -104,5 +114,30 @@ mod opt_millis {
             Some(d) => super::millis::serialize(d, s),
             None => s.serialize_none(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_kinds_are_every_kind_but_ok() {
+        let text = |s: &str| s.to_owned();
+        let kinds = [
+            Outcome::Retry {
+                reason: text("r"),
+                delay: None,
+            },
+            Outcome::Reject { reason: text("r") },
+            Outcome::Trap { message: text("t") },
+            Outcome::Deadline {
+                limit: Duration::ZERO,
+            },
+            Outcome::OutOfMemory { limit_bytes: 0 },
+            Outcome::HostError { message: text("h") },
+        ]
+        .map(|o| o.kind());
+        assert_eq!(kinds, Outcome::FAILURE_KINDS);
     }
 }

@@ -26,6 +26,7 @@ use crate::pipeline::{self, PipelineContext};
 use crate::plugin::Plugin;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::store::PluginStore;
+use crate::telemetry::Metrics;
 
 /// How long to wait for JetStream to store a published output or dead letter.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,6 +56,7 @@ struct Running {
     plugin: watch::Sender<Plugin>,
     stats: Arc<PluginStats>,
     task: JoinHandle<()>,
+    lag_poller: JoinHandle<()>,
     stop: CancellationToken,
     fingerprint: Fingerprint,
 }
@@ -68,19 +70,22 @@ pub struct LoadFailure {
     fingerprint: Option<Fingerprint>,
 }
 
-/// What `weir plugins list` shows about a running plugin.
+/// What `weir plugins list` and the admin `/plugins` show about a plugin.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PluginInfo {
     pub name: String,
+    /// Empty for a plugin that never loaded.
     pub version: String,
     pub subjects: Vec<String>,
     pub stream: String,
+    /// `running`, or `failed` when no version of it could be loaded.
     pub status: String,
-    pub processed: u64,
-    pub retried: u64,
-    pub dead_lettered: u64,
-    pub skipped_duplicates: u64,
-    pub in_flight: u64,
+    #[serde(flatten)]
+    pub counters: StatsSnapshot,
+    /// Why the plugin's latest files were refused (a running plugin keeps
+    /// serving its previous version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Default)]
@@ -96,6 +101,7 @@ struct Inner {
     sandbox: Arc<Sandbox>,
     shutdown: CancellationToken,
     registry: Mutex<Registry>,
+    metrics: Arc<Metrics>,
 }
 
 /// A running host.
@@ -195,9 +201,13 @@ impl Host {
             sandbox,
             shutdown: CancellationToken::new(),
             registry: Mutex::new(Registry::default()),
+            metrics: Arc::new(Metrics::new()),
         });
         inner.reconcile().await?;
         let mut background = vec![crate::control::spawn_responder(inner.handle()).await?];
+        if inner.config.admin.enabled {
+            background.push(crate::admin::spawn(&inner.config.admin, inner.handle()).await?);
+        }
         if inner.config.plugins.watch {
             background.push(crate::watch::spawn(
                 inner.config.plugins.dir.clone(),
@@ -219,6 +229,11 @@ impl Host {
     /// Names, versions and counters of the running plugins.
     pub async fn plugins(&self) -> Vec<PluginInfo> {
         self.inner.plugins().await
+    }
+
+    /// The host's Prometheus metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// The live counters of one plugin.
@@ -257,9 +272,7 @@ impl Host {
         }
         let running = std::mem::take(&mut self.inner.registry.lock().await.running);
         for (name, running) in running {
-            if let Err(e) = running.task.await {
-                tracing::error!(plugin = %name, "pipeline task failed: {e}");
-            }
+            stop(&name, running).await;
         }
         // Make sure the last acks have left the process.
         if let Err(e) = self.inner.client.flush().await {
@@ -287,6 +300,24 @@ impl HostHandle {
 
     pub fn shutdown_token(&self) -> CancellationToken {
         self.0.shutdown.clone()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.0.metrics
+    }
+
+    /// Why the host is not ready to process events, if it is not: NATS is
+    /// unreachable, or a plugin in the directory could not be loaded.
+    pub async fn unready_reasons(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        let state = self.0.client.connection_state();
+        if state != async_nats::connection::State::Connected {
+            reasons.push(format!("NATS is not connected ({state})"));
+        }
+        for (name, failure) in &self.0.registry.lock().await.failures {
+            reasons.push(format!("plugin {name} failed to load: {}", failure.error));
+        }
+        reasons
     }
 
     /// Remove a plugin from the directory and stop it; its consumer is kept
@@ -319,26 +350,35 @@ impl Inner {
 
     async fn plugins(&self) -> Vec<PluginInfo> {
         let registry = self.registry.lock().await;
-        registry
-            .running
+        let error = |name: &str| registry.failures.get(name).map(|f| f.error.clone());
+        let running = registry.running.iter().map(|(name, r)| {
+            let plugin = r.plugin.borrow();
+            PluginInfo {
+                name: name.clone(),
+                version: plugin.version().to_string(),
+                subjects: plugin.manifest().subjects.clone(),
+                stream: plugin.manifest().stream.clone(),
+                status: "running".into(),
+                counters: r.stats.snapshot(),
+                error: error(name),
+            }
+        });
+        let failed = registry
+            .failures
             .iter()
-            .map(|(name, r)| {
-                let plugin = r.plugin.borrow();
-                let s: StatsSnapshot = r.stats.snapshot();
-                PluginInfo {
-                    name: name.clone(),
-                    version: plugin.version().to_string(),
-                    subjects: plugin.manifest().subjects.clone(),
-                    stream: plugin.manifest().stream.clone(),
-                    status: "running".into(),
-                    processed: s.processed,
-                    retried: s.retried,
-                    dead_lettered: s.dead_lettered,
-                    skipped_duplicates: s.skipped_duplicates,
-                    in_flight: s.in_flight,
-                }
-            })
-            .collect()
+            .filter(|(name, _)| !registry.running.contains_key(*name))
+            .map(|(name, failure)| PluginInfo {
+                name: name.clone(),
+                version: String::new(),
+                subjects: Vec::new(),
+                stream: String::new(),
+                status: "failed".into(),
+                counters: StatsSnapshot::default(),
+                error: Some(failure.error.clone()),
+            });
+        let mut all: Vec<PluginInfo> = running.chain(failed).collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
     }
 
     async fn reconcile(&self) -> anyhow::Result<()> {
@@ -391,6 +431,7 @@ impl Inner {
                     registry.failures.remove(&name);
                 }
                 Err(e) => {
+                    self.metrics.load_failure(&name);
                     if was_running && registry.running.contains_key(&name) {
                         tracing::error!(plugin = %name, "new version rejected, the running version keeps serving: {e:#}");
                     } else {
@@ -406,6 +447,7 @@ impl Inner {
                 }
             }
         }
+        self.metrics.set_plugins_running(registry.running.len());
         Ok(())
     }
 
@@ -446,6 +488,7 @@ impl Inner {
                     "plugin updated; events in flight finish on the old version"
                 );
                 // Later events take the new version; in-flight ones keep theirs.
+                self.metrics.start_version(name, plugin.version().as_str());
                 running.plugin.send_replace(plugin);
                 running.fingerprint = fingerprint;
                 return Ok(());
@@ -478,6 +521,7 @@ impl Inner {
             publish_timeout: PUBLISH_TIMEOUT,
             ack_wait: config.ack_wait(),
             stats: stats.clone(),
+            metrics: self.metrics.clone(),
         });
         tracing::info!(
             plugin = %name,
@@ -488,7 +532,16 @@ impl Inner {
             compile_cache = %plugin.cache_status(),
             "plugin started"
         );
+        self.metrics.start_version(&name, plugin.version().as_str());
         let stop = self.shutdown.child_token();
+        let lag_poller = tokio::spawn(crate::telemetry::lag::poll(
+            consumer.clone(),
+            name.clone(),
+            stats.clone(),
+            self.metrics.clone(),
+            Duration::from_millis(config.telemetry.lag_poll_ms),
+            stop.clone(),
+        ));
         let (sender, receiver) = watch::channel(plugin);
         let task = tokio::spawn(pipeline::run(
             ctx,
@@ -501,6 +554,7 @@ impl Inner {
             plugin: sender,
             stats,
             task,
+            lag_poller,
             stop,
             fingerprint,
         })
@@ -514,6 +568,7 @@ async fn stop(name: &str, running: Running) {
     if let Err(e) = running.task.await {
         tracing::error!(plugin = %name, "pipeline task failed: {e}");
     }
+    let _ = running.lag_poller.await;
 }
 
 /// Resolves on SIGINT or SIGTERM.

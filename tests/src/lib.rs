@@ -65,11 +65,19 @@ pub struct TestEnv {
 impl TestEnv {
     /// Start a server; `streams` is `[(name, subjects)]` created by the host's config.
     pub fn new(streams: &[(&str, &[&str])]) -> Self {
+        Self::with_config(streams, "", "")
+    }
+
+    /// Like [`TestEnv::new`], with extra lines for the config's `[admin]`
+    /// and `[telemetry]` tables. The admin endpoint listens on a free port
+    /// (see [`WeirProcess::admin_addr`]) and lag is polled every 200 ms.
+    pub fn with_config(streams: &[(&str, &[&str])], admin: &str, telemetry: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let server = NatsServer::start(&dir.path().join("nats"), free_port().unwrap()).unwrap();
         std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
         let mut config = format!(
-            "[nats]\nurl = \"{}\"\n[plugins]\ndir = \"plugins\"\n[runtime]\nshutdown-grace-ms = 5000\nack-wait-ms = 5000\n",
+            "[nats]\nurl = \"{}\"\n[plugins]\ndir = \"plugins\"\n[runtime]\nshutdown-grace-ms = 5000\nack-wait-ms = 5000\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n{admin}\n[telemetry]\nlag-poll-ms = 200\n{telemetry}\n",
             server.url()
         );
         for (name, subjects) in streams {
@@ -292,6 +300,136 @@ impl WeirProcess {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The address the host's admin endpoint bound (the harness asks for a
+    /// free port), from its latest start-up log line.
+    pub fn admin_addr(&mut self) -> String {
+        self.wait_for_log("admin endpoint listening", 1);
+        let log = self.log_text();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("admin endpoint listening"))
+            .unwrap();
+        line.split_whitespace()
+            .find_map(|field| field.strip_prefix("addr="))
+            .unwrap()
+            .to_owned()
+    }
+}
+
+/// A plain HTTP/1.1 GET: `(status, body)`, or the connection error.
+pub fn http_get(addr: &str, path: &str, token: Option<&str>) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
+}
+
+/// The sum of every series of metric `name` (as exposed, e.g.
+/// `weir_events_processed_total`) whose labels include all of `labels`.
+pub fn metric(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let matches = metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
+            matches.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// An OTLP/HTTP JSON receiver: collects every span exported to `url`.
+pub struct OtlpReceiver {
+    pub url: String,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl OtlpReceiver {
+    pub fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = spans.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let sink = sink.clone();
+                std::thread::spawn(move || serve_otlp(stream, &sink));
+            }
+        });
+        OtlpReceiver { url, spans }
+    }
+
+    /// Every span received so far (OTLP JSON span objects).
+    pub fn spans(&self) -> Vec<serde_json::Value> {
+        self.spans.lock().unwrap().clone()
+    }
+}
+
+/// Answer OTLP export requests on one keep-alive connection.
+fn serve_otlp(stream: std::net::TcpStream, sink: &std::sync::Mutex<Vec<serde_json::Value>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    loop {
+        let mut length = 0usize;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = header.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        if let Ok(request) = serde_json::from_slice::<serde_json::Value>(&body) {
+            let mut sink = sink.lock().unwrap();
+            for resource in request["resourceSpans"].as_array().into_iter().flatten() {
+                for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
+                    sink.extend(scope["spans"].as_array().into_iter().flatten().cloned());
+                }
+            }
+        }
+        let reply =
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+        if writer.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
     }
 }
 

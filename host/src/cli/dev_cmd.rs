@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use super::LogFormat;
+use crate::config::HostConfig;
 use crate::dev::NatsServer;
 
 #[derive(Debug, clap::Args)]
@@ -21,11 +23,18 @@ pub struct DevArgs {
     state_dir: PathBuf,
 }
 
-pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: DevArgs, log_format: LogFormat) -> anyhow::Result<ExitCode> {
     let mut config = super::run_cmd::load_config(&args.config, &args.plugins)?;
+    let telemetry = super::run_cmd::init_telemetry(&config, log_format)?;
+    let served = serve(args, &mut config);
+    telemetry.shutdown();
+    served
+}
+
+fn serve(args: DevArgs, config: &mut HostConfig) -> anyhow::Result<ExitCode> {
     let runtime = super::runtime()?;
     let reachable = runtime.block_on(async {
-        tokio::time::timeout(Duration::from_secs(2), crate::nats::connect(&config)).await
+        tokio::time::timeout(Duration::from_secs(2), crate::nats::connect(config)).await
     });
     let _server = match reachable {
         Ok(Ok(_)) => {
@@ -44,7 +53,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             Some(server)
         }
     };
-    runtime.block_on(super::run_cmd::serve(config))?;
+    runtime.block_on(super::run_cmd::serve(config.clone()))?;
     Ok(ExitCode::SUCCESS)
 }
 

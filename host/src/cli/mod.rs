@@ -41,19 +41,17 @@ enum Command {
     Plugins(plugins_cmd::PluginsArgs),
 }
 
-/// Log to stderr (stdout carries command output), filtered by `WEIR_LOG`.
-fn init_tracing(default_filter: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    let _ = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+impl LogFormat {
+    fn is_json(self) -> bool {
+        self == LogFormat::Json
+    }
+}
+
+/// Logs only, for the short-lived commands (stderr; stdout carries their
+/// output).
+fn init_logs(default_filter: &str, format: LogFormat) {
+    // Without an exporter, setting up logs cannot fail.
+    let _ = crate::telemetry::subscriber::init(default_filter, format.is_json(), None);
 }
 
 /// A multi-threaded runtime for the long-running commands.
@@ -72,20 +70,14 @@ fn fail(command: &str, e: anyhow::Error) -> ExitCode {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => {
-            init_tracing("info", cli.log_format);
-            run_cmd::run(args).unwrap_or_else(|e| fail("run", e))
-        }
-        Command::Dev(args) => {
-            init_tracing("info", cli.log_format);
-            dev_cmd::run(args).unwrap_or_else(|e| fail("dev", e))
-        }
+        Command::Run(args) => run_cmd::run(args, cli.log_format).unwrap_or_else(|e| fail("run", e)),
+        Command::Dev(args) => dev_cmd::run(args, cli.log_format).unwrap_or_else(|e| fail("dev", e)),
         Command::Plugins(args) => {
-            init_tracing("warn", cli.log_format);
+            init_logs("warn", cli.log_format);
             plugins_cmd::run(args).unwrap_or_else(|e| fail("plugins", e))
         }
         Command::Test(args) => {
-            init_tracing("warn", cli.log_format);
+            init_logs("warn", cli.log_format);
             test_cmd::run(args)
         }
     }

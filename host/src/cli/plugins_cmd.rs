@@ -58,22 +58,33 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                     }
                     println!("host {}", answer.host);
                     println!(
-                        "  {:<20} {:<13} {:<9} {:>10} {:>8} {:>8} {:>8}  subjects",
-                        "plugin", "version", "status", "processed", "retried", "dead", "skipped"
+                        "  {:<20} {:<13} {:<9} {:>10} {:>8} {:>8} {:>8} {:>8}  subjects",
+                        "plugin",
+                        "version",
+                        "status",
+                        "processed",
+                        "retried",
+                        "dead",
+                        "skipped",
+                        "lag"
                     );
                     for p in &answer.plugins {
                         println!(
-                            "  {:<20} {:<13} {:<9} {:>10} {:>8} {:>8} {:>8}  {} ({})",
+                            "  {:<20} {:<13} {:<9} {:>10} {:>8} {:>8} {:>8} {:>8}  {} ({})",
                             p.name,
                             p.version,
                             p.status,
-                            p.processed,
-                            p.retried,
-                            p.dead_lettered,
-                            p.skipped_duplicates,
+                            p.counters.processed,
+                            p.counters.retried,
+                            p.counters.dead_lettered,
+                            p.counters.skipped_duplicates,
+                            p.counters.lag.pending,
                             p.subjects.join(", "),
                             p.stream
                         );
+                        if let Some(error) = &p.error {
+                            println!("    error: {error}");
+                        }
                     }
                 }
                 Ok(ExitCode::SUCCESS)

@@ -3,8 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use super::LogFormat;
 use crate::config::HostConfig;
 use crate::runtime::{Host, shutdown_signal};
+use crate::telemetry::subscriber::Telemetry;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -32,10 +34,21 @@ pub(super) fn load_config(config: &Path, plugins: &Option<PathBuf>) -> anyhow::R
     Ok(config)
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: RunArgs, log_format: LogFormat) -> anyhow::Result<ExitCode> {
     let config = load_config(&args.config, &args.plugins)?;
-    super::runtime()?.block_on(serve(config))?;
+    let telemetry = init_telemetry(&config, log_format)?;
+    let served = super::runtime()?.block_on(serve(config));
+    telemetry.shutdown();
+    served?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Logs and traces for a serving host, set up before its runtime starts.
+pub(super) fn init_telemetry(
+    config: &HostConfig,
+    log_format: LogFormat,
+) -> anyhow::Result<Telemetry> {
+    crate::telemetry::subscriber::init("info", log_format.is_json(), Some(&config.telemetry))
 }
 
 /// Run the host until SIGINT/SIGTERM, then shut down gracefully.

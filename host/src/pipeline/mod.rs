@@ -22,6 +22,7 @@ use stats::PluginStats;
 
 use crate::plugin::Plugin;
 use crate::store::PluginStore;
+use crate::telemetry::{Counted, Metrics};
 
 /// What every event of one plugin shares.
 pub struct PipelineContext {
@@ -33,6 +34,36 @@ pub struct PipelineContext {
     pub publish_timeout: Duration,
     pub ack_wait: Duration,
     pub stats: Arc<PluginStats>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl PipelineContext {
+    /// Count an event's fate in the plugin's totals and in the metrics.
+    fn count(&self, plugin: &Plugin, what: Counted) {
+        let total = match what {
+            Counted::Processed => &self.stats.processed,
+            Counted::Retried => &self.stats.retried,
+            Counted::Rejected => &self.stats.rejected,
+            Counted::Duplicate => &self.stats.skipped_duplicates,
+            Counted::HostError => &self.stats.host_errors,
+        };
+        PluginStats::bump(total);
+        self.metrics
+            .count(what, plugin.name(), plugin.version().as_str());
+    }
+
+    /// Record how long a plugin call took and which limit stopped it.
+    fn observe_call(&self, plugin: &Plugin, invocation: &crate::sandbox::Invocation) {
+        let (name, version) = (plugin.name(), plugin.version().as_str());
+        self.metrics
+            .handler_duration(name, version, invocation.duration);
+        let limit = match invocation.outcome {
+            crate::outcome::Outcome::Deadline { .. } => "deadline",
+            crate::outcome::Outcome::OutOfMemory { .. } => "memory",
+            _ => return,
+        };
+        self.metrics.limit_hit(name, version, limit);
+    }
 }
 
 /// How long to wait before re-opening the message stream after it failed.
@@ -56,17 +87,21 @@ pub async fn run(
     let ordered = manifest.ordering_key.is_some();
     let (batch, _) = crate::source::flow_limits(&manifest);
     let release = CancellationToken::new();
+    let in_flight = ctx.metrics.in_flight(&name);
     let lanes = {
         let (ctx, plugin, release) = (ctx.clone(), plugin.clone(), release.clone());
         Lanes::new(
             manifest.concurrency as usize,
             move |message: jetstream::Message| {
                 let (ctx, release) = (ctx.clone(), release.clone());
+                let in_flight = in_flight.clone();
                 let current = plugin.borrow().clone();
                 async move {
                     let stats = ctx.stats.clone();
                     stats.in_flight.fetch_add(1, Ordering::Relaxed);
+                    in_flight.inc();
                     process::process(ctx, current, message, release, ordered).await;
+                    in_flight.dec();
                     stats.in_flight.fetch_sub(1, Ordering::Relaxed);
                 }
             },

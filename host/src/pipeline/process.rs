@@ -18,6 +18,8 @@ use crate::plugin::Plugin;
 use crate::source;
 use crate::state::StateStore;
 use crate::store::Commit;
+use crate::telemetry::{Counted, propagation};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Delay before redelivering an event whose failure was the host's
 /// (publish or commit failed, NATS unreachable): short, the cause is
@@ -33,7 +35,8 @@ const MAX_CONFLICT_RERUNS: usize = 5;
 pub enum Disposition {
     Acked,
     Retried,
-    DeadLettered,
+    /// Moved to the dead-letter stream; the outcome's kind says why.
+    DeadLettered(&'static str),
     /// Handed back unprocessed (shutdown).
     Released,
     /// A host-side failure sent it back for another try.
@@ -53,7 +56,6 @@ pub async fn process(
     release: CancellationToken,
     ordered: bool,
 ) -> Disposition {
-    let stats = &ctx.stats;
     let event = match source::to_event(&message) {
         Ok(event) => event,
         Err(e) => {
@@ -65,17 +67,10 @@ pub async fn process(
             return Disposition::HostError;
         }
     };
-    let span = tracing::info_span!(
-        "event",
-        plugin = plugin.name(),
-        version = %plugin.version(),
-        event_id = %event.id,
-        subject = %event.subject,
-        attempt = event.attempt,
-    );
+    let span = consumer_span(&plugin, &event, &message);
     let disposition = tokio::select! {
         biased;
-        d = handle(&ctx, &plugin, &message, event.clone(), ordered).instrument(span) => d,
+        d = handle(&ctx, &plugin, &message, event.clone(), ordered).instrument(span.clone()) => d,
         _ = release.cancelled() => {
             // Shutting down and out of grace: hand the event back now rather
             // than letting it sit until its ack wait expires.
@@ -84,14 +79,64 @@ pub async fn process(
         }
     };
     match disposition {
-        Disposition::Acked => PluginStats::bump(&stats.processed),
-        Disposition::Retried => PluginStats::bump(&stats.retried),
-        Disposition::DeadLettered => PluginStats::bump(&stats.dead_lettered),
-        Disposition::HostError => PluginStats::bump(&stats.host_errors),
-        Disposition::Skipped => PluginStats::bump(&stats.skipped_duplicates),
+        Disposition::Acked => ctx.count(&plugin, Counted::Processed),
+        Disposition::Retried => ctx.count(&plugin, Counted::Retried),
+        Disposition::DeadLettered(reason) => {
+            PluginStats::bump(&ctx.stats.dead_lettered);
+            let version = plugin.version().as_str();
+            ctx.metrics.dead_lettered(plugin.name(), version, reason);
+            if reason == "reject" {
+                ctx.count(&plugin, Counted::Rejected);
+            }
+            span.record("otel.status_code", "ERROR");
+        }
+        Disposition::HostError => ctx.count(&plugin, Counted::HostError),
+        Disposition::Skipped => ctx.count(&plugin, Counted::Duplicate),
         Disposition::Released => {}
     }
     disposition
+}
+
+/// The OpenTelemetry consumer span of one delivery, a child of the trace
+/// the event came with. Its `plugin`, `version` and `event_id` fields also
+/// tag every log line written while handling the event, the plugin's own
+/// included.
+fn consumer_span(plugin: &Plugin, event: &Event, message: &jetstream::Message) -> tracing::Span {
+    let span = tracing::info_span!(
+        "event",
+        otel.name = %format_args!("process {}", event.subject),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        plugin = plugin.name(),
+        version = %plugin.version(),
+        event_id = %event.id,
+        subject = %event.subject,
+        attempt = event.attempt,
+    );
+    propagation::continue_trace(&span, event);
+    // Semantic-convention attributes go to the trace only, keeping log
+    // lines short.
+    let stream = message
+        .info()
+        .map(|i| i.stream.to_owned())
+        .unwrap_or_default();
+    for (key, value) in [
+        ("messaging.system", "nats".to_owned()),
+        ("messaging.operation.type", "process".to_owned()),
+        ("messaging.operation.name", "process".to_owned()),
+        ("messaging.destination.name", event.subject.clone()),
+        (
+            "messaging.consumer.group.name",
+            source::durable_name(plugin.name()),
+        ),
+        ("messaging.message.id", event.id.clone()),
+        ("weir.stream", stream),
+    ] {
+        span.set_attribute(key, value);
+    }
+    span.set_attribute("messaging.message.body.size", event.payload.len() as i64);
+    span.set_attribute("weir.delivery.attempt", i64::from(event.attempt));
+    span
 }
 
 async fn handle(
@@ -105,7 +150,7 @@ async fn handle(
         match attempt(ctx, plugin, message, &event).await {
             Step::Done(disposition) => return disposition,
             Step::RetryAfter(delay) if ordered => {
-                PluginStats::bump(&ctx.stats.retried);
+                ctx.count(plugin, Counted::Retried);
                 with_progress(message, ctx.ack_wait, tokio::time::sleep(delay)).await;
                 event.attempt += 1;
             }
@@ -144,7 +189,20 @@ async fn attempt(
     }
     for _ in 0..MAX_CONFLICT_RERUNS {
         let state: Arc<dyn StateStore> = ctx.store.clone();
-        let invocation = with_progress(message, ctx.ack_wait, plugin.invoke(event, state)).await;
+        let call = tracing::info_span!(
+            "invoke",
+            otel.name = %format_args!("invoke {}", plugin.name()),
+            otel.status_code = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let invocation = with_progress(message, ctx.ack_wait, plugin.invoke(event, state))
+            .instrument(call.clone())
+            .await;
+        call.record("outcome", invocation.outcome.kind());
+        if !invocation.outcome.is_ok() {
+            call.record("otel.status_code", "ERROR");
+        }
+        ctx.observe_call(plugin, &invocation);
         tracing::trace!(outcome = %invocation.outcome, took = ?invocation.duration, "invoked");
         if !invocation.outcome.is_ok() {
             return failed(ctx, plugin, message, event, &invocation.outcome).await;
@@ -187,13 +245,14 @@ async fn publish_and_ack(
 ) -> Disposition {
     tracing::trace!("committed");
     let version = plugin.version().as_str();
+    let trace = propagation::outgoing(&tracing::Span::current(), event);
     let publish = crate::outbox::publish(
         &ctx.js,
         plugin.name(),
         version,
         event,
         outbox,
-        &[],
+        &trace,
         ctx.publish_timeout,
     );
     if let Err(e) = with_progress(message, ctx.ack_wait, publish).await {
@@ -212,7 +271,9 @@ async fn publish_and_ack(
         return Disposition::HostError;
     }
     if let Ok(info) = message.info() {
-        ctx.stats.ack_latency.record(since(info.published));
+        let latency = since(info.published);
+        ctx.stats.ack_latency.record(latency);
+        ctx.metrics.publish_to_ack(plugin.name(), version, latency);
     }
     if ctx.idempotency && !outbox.is_empty() {
         ctx.store.forget_outbox(&event.id).await;
@@ -293,6 +354,7 @@ async fn dead_letter(
         stream: &stream,
         event,
         outcome,
+        trace: propagation::outgoing(&tracing::Span::current(), event),
     };
     let published = with_progress(
         message,
@@ -307,7 +369,7 @@ async fn dead_letter(
     }
     tracing::warn!(plugin = plugin.name(), event_id = %event.id, attempts = event.attempt, "dead-lettered: {outcome}");
     match message.double_ack_with(AckKind::Term).await {
-        Ok(()) => Disposition::DeadLettered,
+        Ok(()) => Disposition::DeadLettered(outcome.kind()),
         Err(e) => {
             // Redelivered later; the dead letter's message id keeps it single.
             tracing::warn!(plugin = plugin.name(), event_id = %event.id, "terminate not confirmed: {e}");

@@ -4,29 +4,39 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::telemetry::ConsumerLag;
+
 /// What happened to the events a plugin received.
 #[derive(Debug, Default)]
 pub struct PluginStats {
     pub processed: AtomicU64,
     pub retried: AtomicU64,
+    /// Rejected by the plugin (these are dead-lettered too).
+    pub rejected: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub skipped_duplicates: AtomicU64,
     /// Host-side failures (publish, commit, ack) that sent an event back.
     pub host_errors: AtomicU64,
     pub in_flight: AtomicU64,
+    /// The consumer's lag at the last poll.
+    pub lag: std::sync::Mutex<ConsumerLag>,
     /// From the event's arrival in its stream to its confirmed ack.
     pub ack_latency: LatencyHistogram,
 }
 
 /// A copy of [`PluginStats`] at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
     pub processed: u64,
     pub retried: u64,
+    #[serde(default)]
+    pub rejected: u64,
     pub dead_lettered: u64,
     pub skipped_duplicates: u64,
     pub host_errors: u64,
     pub in_flight: u64,
+    #[serde(flatten)]
+    pub lag: ConsumerLag,
 }
 
 impl PluginStats {
@@ -39,10 +49,12 @@ impl PluginStats {
         StatsSnapshot {
             processed: get(&self.processed),
             retried: get(&self.retried),
+            rejected: get(&self.rejected),
             dead_lettered: get(&self.dead_lettered),
             skipped_duplicates: get(&self.skipped_duplicates),
             host_errors: get(&self.host_errors),
             in_flight: get(&self.in_flight),
+            lag: self.lag.lock().map(|l| *l).unwrap_or_default(),
         }
     }
 }

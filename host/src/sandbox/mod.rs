@@ -24,6 +24,10 @@ use crate::manifest::{Manifest, ManifestError};
 use crate::plugin::{Plugin, PluginVersion};
 
 pub use engine::EPOCH_TICK;
+
+/// The wasmtime the host is built with, for build info and bug reports.
+/// A test checks it against Cargo.lock.
+pub const WASMTIME_VERSION: &str = "48.0.8";
 pub use host::{CallState, LogLevel, LogLine, PluginContext, StateUnavailable};
 pub use invoke::{Invocation, WarmInstance};
 pub use limits::{DeadlineExceeded, MemoryLimitExceeded};
@@ -168,4 +172,18 @@ fn plugin_name(wasm: &Path) -> Result<String, LoadError> {
         .ok_or_else(|| LoadError::Name {
             path: wasm.to_owned(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn wasmtime_version_matches_the_lockfile() {
+        let lock =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).unwrap();
+        let entry = format!(
+            "name = \"wasmtime\"\nversion = \"{}\"",
+            super::WASMTIME_VERSION
+        );
+        assert!(lock.contains(&entry), "Cargo.lock has another wasmtime");
+    }
 }

@@ -1,0 +1,411 @@
+//! The Prometheus metrics of one host, encoded by `prometheus-client` for
+//! the admin endpoint's `/metrics`.
+//!
+//! Event counters are labelled by plugin and version so a bad deploy shows
+//! up as the new version's failures; gauges that describe the consumer
+//! (lag, in flight) are labelled by plugin only, since the consumer outlives
+//! versions.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    plugin: String,
+    version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabels {
+    plugin: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    plugin: String,
+    version: String,
+    reason: String,
+}
+
+/// Event counters that carry only plugin and version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// Handled, committed, outputs published, acked.
+    Processed,
+    /// Sent back for another attempt after a retryable failure.
+    Retried,
+    /// The plugin rejected it (it is also counted as dead-lettered).
+    Rejected,
+    /// A redelivery of an event already committed, finished without a call.
+    Duplicate,
+    /// A host-side failure (publish, commit, ack) sent it back.
+    HostError,
+}
+
+/// A plugin's consumer as the server reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConsumerLag {
+    /// Messages in the stream the consumer has not been given yet.
+    pub pending: u64,
+    /// Delivered, not yet acknowledged.
+    pub ack_pending: u64,
+    /// Delivered more than once and not yet acknowledged.
+    pub redelivered: u64,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to ~52 s: a warm call at the bottom, a long retry chain at the top.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+type Counters = Family<VersionLabels, Counter>;
+type Latencies = Family<VersionLabels, Histogram, fn() -> Histogram>;
+
+/// Every metric the host exports.
+pub struct Metrics {
+    registry: Registry,
+    processed: Counters,
+    retried: Counters,
+    rejected: Counters,
+    duplicates: Counters,
+    host_errors: Counters,
+    dead_lettered: Family<ReasonLabels, Counter>,
+    limit_hits: Family<ReasonLabels, Counter>,
+    handler_duration: Latencies,
+    publish_to_ack: Latencies,
+    in_flight: Family<PluginLabels, Gauge>,
+    pending: Family<PluginLabels, Gauge>,
+    ack_pending: Family<PluginLabels, Gauge>,
+    redelivered: Family<PluginLabels, Gauge>,
+    load_failures: Family<PluginLabels, Counter>,
+    plugins_running: Gauge,
+    nats_connected: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("weir");
+        let counters = |registry: &mut Registry, name: &str, help: &str| {
+            let family = Counters::default();
+            registry.register(name, help, family.clone());
+            family
+        };
+        let processed = counters(
+            &mut registry,
+            "events_processed",
+            "Events handled successfully and acknowledged",
+        );
+        let retried = counters(
+            &mut registry,
+            "events_retried",
+            "Retryable failures sent back for another attempt",
+        );
+        let rejected = counters(
+            &mut registry,
+            "events_rejected",
+            "Events the plugin rejected (also counted as dead-lettered)",
+        );
+        let duplicates = counters(
+            &mut registry,
+            "events_duplicate",
+            "Redeliveries of committed events, finished without running the plugin",
+        );
+        let host_errors = counters(
+            &mut registry,
+            "events_host_errors",
+            "Events sent back because the host could not publish, commit or ack",
+        );
+        let dead_lettered = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "events_dead_lettered",
+            "Events moved to the dead-letter stream, by the outcome that sent them",
+            dead_lettered.clone(),
+        );
+        let limit_hits = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "limit_hits",
+            "Plugin calls stopped by a sandbox limit (reason: deadline, memory)",
+            limit_hits.clone(),
+        );
+        let latencies = |registry: &mut Registry, name: &str, help: &str| {
+            let family = Latencies::new_with_constructor(latency_histogram as fn() -> Histogram);
+            registry.register_with_unit(name, help, Unit::Seconds, family.clone());
+            family
+        };
+        let handler_duration = latencies(
+            &mut registry,
+            "handler_duration",
+            "Time in the plugin call, per attempt",
+        );
+        let publish_to_ack = latencies(
+            &mut registry,
+            "publish_to_ack",
+            "From the event's arrival in its stream to its acknowledgement",
+        );
+        let gauges = |registry: &mut Registry, name: &str, help: &str| {
+            let family = Family::<PluginLabels, Gauge>::default();
+            registry.register(name, help, family.clone());
+            family
+        };
+        let in_flight = gauges(
+            &mut registry,
+            "events_in_flight",
+            "Events being handled now",
+        );
+        let pending = gauges(
+            &mut registry,
+            "consumer_pending_messages",
+            "Consumer lag: messages in the stream not yet delivered (num_pending)",
+        );
+        let ack_pending = gauges(
+            &mut registry,
+            "consumer_ack_pending_messages",
+            "Messages delivered and not yet acknowledged (num_ack_pending)",
+        );
+        let redelivered = gauges(
+            &mut registry,
+            "consumer_redelivered_messages",
+            "Unacknowledged messages delivered more than once (num_redelivered)",
+        );
+        let load_failures = Family::<PluginLabels, Counter>::default();
+        registry.register(
+            "plugin_load_failures",
+            "Plugin files or versions that could not be loaded",
+            load_failures.clone(),
+        );
+        let plugins_running = Gauge::default();
+        registry.register(
+            "plugins_running",
+            "Plugins being served",
+            plugins_running.clone(),
+        );
+        let nats_connected = Gauge::default();
+        registry.register(
+            "nats_connected",
+            "1 while the host is connected to NATS",
+            nats_connected.clone(),
+        );
+        registry.register(
+            "build",
+            "The host's build",
+            Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("wasmtime", crate::sandbox::WASMTIME_VERSION),
+            ]),
+        );
+        Metrics {
+            registry,
+            processed,
+            retried,
+            rejected,
+            duplicates,
+            host_errors,
+            dead_lettered,
+            limit_hits,
+            handler_duration,
+            publish_to_ack,
+            in_flight,
+            pending,
+            ack_pending,
+            redelivered,
+            load_failures,
+            plugins_running,
+            nats_connected,
+        }
+    }
+
+    /// Create every series of a newly served version at zero, so rates
+    /// and alerts see it from its first scrape rather than from its first
+    /// failure.
+    pub fn start_version(&self, plugin: &str, version: &str) {
+        let labels = version_labels(plugin, version);
+        for family in [
+            &self.processed,
+            &self.retried,
+            &self.rejected,
+            &self.duplicates,
+            &self.host_errors,
+        ] {
+            let _ = family.get_or_create(&labels);
+        }
+        let _ = self.handler_duration.get_or_create(&labels);
+        let _ = self.publish_to_ack.get_or_create(&labels);
+        for reason in crate::outcome::Outcome::FAILURE_KINDS {
+            let _ = self
+                .dead_lettered
+                .get_or_create(&reason_labels(plugin, version, reason));
+        }
+        for limit in ["deadline", "memory"] {
+            let _ = self
+                .limit_hits
+                .get_or_create(&reason_labels(plugin, version, limit));
+        }
+        let _ = self.in_flight.get_or_create(&plugin_labels(plugin));
+        let _ = self.load_failures.get_or_create(&plugin_labels(plugin));
+    }
+
+    pub fn count(&self, what: Counted, plugin: &str, version: &str) {
+        let family = match what {
+            Counted::Processed => &self.processed,
+            Counted::Retried => &self.retried,
+            Counted::Rejected => &self.rejected,
+            Counted::Duplicate => &self.duplicates,
+            Counted::HostError => &self.host_errors,
+        };
+        family.get_or_create(&version_labels(plugin, version)).inc();
+    }
+
+    /// `reason` is the outcome's kind (`reject`, `trap`, `deadline`, ...).
+    pub fn dead_lettered(&self, plugin: &str, version: &str, reason: &str) {
+        self.dead_lettered
+            .get_or_create(&reason_labels(plugin, version, reason))
+            .inc();
+    }
+
+    /// `limit` is `deadline` or `memory`.
+    pub fn limit_hit(&self, plugin: &str, version: &str, limit: &str) {
+        self.limit_hits
+            .get_or_create(&reason_labels(plugin, version, limit))
+            .inc();
+    }
+
+    pub fn handler_duration(&self, plugin: &str, version: &str, took: Duration) {
+        self.handler_duration
+            .get_or_create(&version_labels(plugin, version))
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn publish_to_ack(&self, plugin: &str, version: &str, took: Duration) {
+        self.publish_to_ack
+            .get_or_create(&version_labels(plugin, version))
+            .observe(took.as_secs_f64());
+    }
+
+    /// The in-flight gauge of `plugin`, to keep and update without lookups.
+    pub fn in_flight(&self, plugin: &str) -> Gauge {
+        self.in_flight.get_or_create_owned(&plugin_labels(plugin))
+    }
+
+    pub fn set_lag(&self, plugin: &str, lag: ConsumerLag) {
+        let labels = plugin_labels(plugin);
+        let set = |family: &Family<PluginLabels, Gauge>, v: u64| {
+            family
+                .get_or_create(&labels)
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        set(&self.pending, lag.pending);
+        set(&self.ack_pending, lag.ack_pending);
+        set(&self.redelivered, lag.redelivered);
+    }
+
+    /// A plugin stopped: its consumer gauges no longer describe anything
+    /// this host does. Counters stay, as Prometheus expects of counters.
+    pub fn forget_consumer(&self, plugin: &str) {
+        let labels = plugin_labels(plugin);
+        for family in [
+            &self.in_flight,
+            &self.pending,
+            &self.ack_pending,
+            &self.redelivered,
+        ] {
+            family.remove(&labels);
+        }
+    }
+
+    pub fn load_failure(&self, plugin: &str) {
+        self.load_failures
+            .get_or_create(&plugin_labels(plugin))
+            .inc();
+    }
+
+    pub fn set_plugins_running(&self, n: usize) {
+        self.plugins_running.set(n as i64);
+    }
+
+    pub fn set_nats_connected(&self, connected: bool) {
+        self.nats_connected.set(i64::from(connected));
+    }
+
+    /// The OpenMetrics text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+fn version_labels(plugin: &str, version: &str) -> VersionLabels {
+    VersionLabels {
+        plugin: plugin.to_owned(),
+        version: version.to_owned(),
+    }
+}
+
+fn plugin_labels(plugin: &str) -> PluginLabels {
+    PluginLabels {
+        plugin: plugin.to_owned(),
+    }
+}
+
+fn reason_labels(plugin: &str, version: &str, reason: &str) -> ReasonLabels {
+    ReasonLabels {
+        plugin: plugin.to_owned(),
+        version: version.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_labelled_by_plugin_and_version() {
+        let m = Metrics::new();
+        m.count(Counted::Processed, "fraud", "abc");
+        m.count(Counted::Processed, "fraud", "abc");
+        m.dead_lettered("fraud", "abc", "reject");
+        m.handler_duration("fraud", "abc", Duration::from_millis(3));
+        m.set_lag(
+            "fraud",
+            ConsumerLag {
+                pending: 7,
+                ack_pending: 2,
+                redelivered: 1,
+            },
+        );
+        let text = m.encode();
+        assert!(
+            text.contains(r#"weir_events_processed_total{plugin="fraud",version="abc"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"weir_events_dead_lettered_total{plugin="fraud",version="abc",reason="reject"} 1"#
+        ));
+        assert!(text.contains(r#"weir_consumer_pending_messages{plugin="fraud"} 7"#));
+        assert!(text.contains("weir_handler_duration_seconds_count"));
+        assert!(text.contains("weir_build_info{"));
+        m.forget_consumer("fraud");
+        assert!(!m.encode().contains("weir_consumer_pending_messages{"));
+    }
+}
