@@ -113,7 +113,88 @@ async fn demo() -> anyhow::Result<()> {
     for plugin in PLUGINS {
         wait_caught_up(&js, plugin).await?;
     }
-    report(&js).await
+    report(&js).await?;
+    let admin = admin_addr(&log_path)?;
+    rush_hour(&js, &admin).await
+}
+
+/// Orders in the rush-hour burst.
+const RUSH_ORDERS: usize = 5_000;
+
+/// A burst of orders, watched through the host's admin endpoint while the
+/// plugins work through it.
+async fn rush_hour(js: &jetstream::Context, admin: &str) -> anyhow::Result<()> {
+    println!("\nRush hour: {RUSH_ORDERS} more orders, watched live on http://{admin}/plugins");
+    println!("(Prometheus metrics on http://{admin}/metrics)\n");
+    let before = plugin_counters(admin)?;
+    let mut acks = Vec::with_capacity(RUSH_ORDERS);
+    for i in 0..RUSH_ORDERS {
+        let order = json!({"order_id": format!("r{i}"), "customer_id": format!("c{}", i % 97),
+            "amount_cents": 1_000 + (i % 50) * 700, "country": "NL", "items": [{"sku": "mug", "qty": 1}]});
+        let message = jetstream::message::PublishMessage::build()
+            .payload(serde_json::to_vec(&order)?.into())
+            .message_id(format!("rush-{i}"));
+        acks.push(js.send_publish("orders.placed", message).await?);
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    let started = Instant::now();
+    loop {
+        let now = plugin_counters(admin)?;
+        let mut line = format!("  {:>5.1}s", started.elapsed().as_secs_f64());
+        let mut done = true;
+        for plugin in PLUGINS {
+            let (b, n) = (&before[plugin], &now[plugin]);
+            let processed =
+                n["processed"].as_u64().unwrap_or(0) - b["processed"].as_u64().unwrap_or(0);
+            let failed = ["retried", "dead_lettered", "host_errors"]
+                .iter()
+                .map(|k| n[k].as_u64().unwrap_or(0) - b[k].as_u64().unwrap_or(0))
+                .sum::<u64>();
+            let lag = n["pending"].as_u64().unwrap_or(0) + n["ack_pending"].as_u64().unwrap_or(0);
+            line.push_str(&format!(
+                "   {plugin}: {processed:>5} processed, {failed} failed, lag {lag:>5}"
+            ));
+            done &= processed >= RUSH_ORDERS as u64 && lag == 0;
+        }
+        println!("{line}");
+        if done {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("the rush-hour burst was not worked off within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!(
+        "\nEvery event was acknowledged only after its plugin succeeded and its outputs and state"
+    );
+    println!("were stored; every consumer has nothing pending. Stopping weir dev.");
+    Ok(())
+}
+
+/// Each plugin's counters from the admin endpoint's `/plugins`, by name.
+fn plugin_counters(admin: &str) -> anyhow::Result<std::collections::HashMap<String, Value>> {
+    let (status, body) = weir::admin::http_get(admin, "/plugins", None)?;
+    if status != 200 {
+        bail!("GET /plugins answered {status}: {body}");
+    }
+    let plugins: Vec<Value> = serde_json::from_str(&body)?;
+    Ok(plugins
+        .into_iter()
+        .map(|p| (p["name"].as_str().unwrap_or("?").to_owned(), p))
+        .collect())
+}
+
+/// The admin endpoint's address, from the host's start-up log line.
+fn admin_addr(log_path: &Path) -> anyhow::Result<String> {
+    let log = std::fs::read_to_string(log_path)?;
+    log.lines()
+        .filter(|l| l.contains("admin endpoint listening"))
+        .find_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("addr=")))
+        .map(str::to_owned)
+        .context("the host log names no admin endpoint")
 }
 
 fn sample_orders() -> Vec<Value> {
@@ -347,9 +428,5 @@ async fn report(js: &jetstream::Context) -> anyhow::Result<()> {
             "unexpected demo result (flagged, reserved, backordered, stock levels, dead letters) = {seen:?}"
         );
     }
-    println!(
-        "\nEvery event was acknowledged only after its plugin succeeded and its outputs and state"
-    );
-    println!("were stored; both plugins' consumers have nothing pending. Stopping weir dev.");
     Ok(())
 }
