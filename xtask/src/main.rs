@@ -11,7 +11,11 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-/// Guest crates: (package, directory holding its manifest, output folder under dist/).
+mod polyglot;
+mod toolchains;
+
+/// Rust guest crates: (package, directory holding its manifest, output
+/// folder under dist/). Plugins in other languages are in [`polyglot`].
 const GUESTS: &[(&str, &str, &str)] = &[
     ("fraud", "plugins/fraud", "plugins"),
     ("inventory", "plugins/inventory", "plugins"),
@@ -98,9 +102,10 @@ fn build(root: &Path) -> anyhow::Result<()> {
             &dest.join(format!("{name}.toml")),
         )?;
     }
+    polyglot::build(root, &target_dir(root))?;
     eprintln!(
         "built {} guests into {}",
-        GUESTS.len(),
+        GUESTS.len() + polyglot::PLUGINS.len(),
         root.join("dist").display()
     );
     Ok(())
@@ -144,6 +149,10 @@ fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     run(cargo()
         .current_dir(root)
         .args(["test", "--workspace", "--doc"]))?;
+    // The JavaScript plugin's own unit tests, with Node's runner.
+    run(command("node")
+        .current_dir(root)
+        .args(["--test", "plugins/notify/tests/"]))?;
     fixtures(root)
 }
 
@@ -152,7 +161,11 @@ fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
 fn fixtures(root: &Path) -> anyhow::Result<()> {
     let mut ran = 0;
     let mut failed = Vec::new();
-    for (package, source, folder) in GUESTS {
+    let plugins = GUESTS
+        .iter()
+        .map(|(package, source, folder)| (*package, *source, *folder))
+        .chain(polyglot::PLUGINS.iter().map(|p| (p.name, p.dir, "plugins")));
+    for (package, source, folder) in plugins {
         let dir = root.join(source).join("tests");
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;

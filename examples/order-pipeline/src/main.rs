@@ -1,8 +1,9 @@
 //! The Weir demo: an order flow moved off synchronous REST calls.
 //!
-//! 1. Starts `weir dev` with the plugins in `dist/plugins` (fraud scoring
-//!    and inventory, both Rust). With no NATS server at `NATS_URL`, `weir
-//!    dev` starts a private one.
+//! 1. Starts `weir dev` with the plugins in `dist/plugins`, in four
+//!    languages: fraud scoring and inventory (Rust), loyalty points
+//!    (Python), customer emails (JavaScript) and analytics (C). With no
+//!    NATS server at `NATS_URL`, `weir dev` starts a private one.
 //! 2. Publishes sample orders the way any producer would: plain JetStream
 //!    publishes, knowing nothing about the consumers.
 //! 3. Waits until every plugin has caught up, then tells what happened:
@@ -19,7 +20,14 @@ use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-const PLUGINS: [&str; 2] = ["fraud", "inventory"];
+/// The plugins and the language each is written in.
+const PLUGINS: [(&str, &str); 5] = [
+    ("fraud", "Rust"),
+    ("inventory", "Rust"),
+    ("loyalty", "Python"),
+    ("notify", "JavaScript"),
+    ("analytics", "C"),
+];
 
 fn main() -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(demo())
@@ -61,9 +69,13 @@ async fn demo() -> anyhow::Result<()> {
 
     println!("Weir demo: an order pipeline on NATS JetStream");
     println!("==============================================\n");
+    let listed: Vec<String> = PLUGINS
+        .iter()
+        .map(|(name, language)| format!("{name} ({language})"))
+        .collect();
     println!(
         "Starting `weir dev` with the plugins in dist/plugins: {}.",
-        PLUGINS.join(", ")
+        listed.join(", ")
     );
     let child = Command::new(weir_binary()?)
         .args(["dev", "--config"])
@@ -110,7 +122,7 @@ async fn demo() -> anyhow::Result<()> {
         .await?;
     ack.await?;
 
-    for plugin in PLUGINS {
+    for (plugin, _) in PLUGINS {
         wait_caught_up(&js, plugin).await?;
     }
     report(&js).await?;
@@ -119,7 +131,7 @@ async fn demo() -> anyhow::Result<()> {
 }
 
 /// Orders in the rush-hour burst.
-const RUSH_ORDERS: usize = 5_000;
+const RUSH_ORDERS: usize = 1_000;
 
 /// A burst of orders, watched through the host's admin endpoint while the
 /// plugins work through it.
@@ -131,20 +143,25 @@ async fn rush_hour(js: &jetstream::Context, admin: &str) -> anyhow::Result<()> {
     for i in 0..RUSH_ORDERS {
         let order = json!({"order_id": format!("r{i}"), "customer_id": format!("c{}", i % 97),
             "amount_cents": 1_000 + (i % 50) * 700, "country": "NL", "items": [{"sku": "mug", "qty": 1}]});
-        let message = jetstream::message::PublishMessage::build()
-            .payload(serde_json::to_vec(&order)?.into())
-            .message_id(format!("rush-{i}"));
-        acks.push(js.send_publish("orders.placed", message).await?);
+        acks.push(
+            js.send_publish("orders.placed", message(&format!("rush-{i}"), &order)?)
+                .await?,
+        );
     }
     for ack in acks {
         ack.await?;
     }
     let started = Instant::now();
+    let mut heading = String::from("  time ");
+    for (plugin, _) in PLUGINS {
+        heading.push_str(&format!("  {plugin:>14}"));
+    }
+    println!("{heading}\n  (per plugin: processed / failed / lag)");
     loop {
         let now = plugin_counters(admin)?;
-        let mut line = format!("  {:>5.1}s", started.elapsed().as_secs_f64());
+        let mut line = format!("  {:>4.1}s", started.elapsed().as_secs_f64());
         let mut done = true;
-        for plugin in PLUGINS {
+        for (plugin, _) in PLUGINS {
             let (b, n) = (&before[plugin], &now[plugin]);
             let processed =
                 n["processed"].as_u64().unwrap_or(0) - b["processed"].as_u64().unwrap_or(0);
@@ -153,9 +170,8 @@ async fn rush_hour(js: &jetstream::Context, admin: &str) -> anyhow::Result<()> {
                 .map(|k| n[k].as_u64().unwrap_or(0) - b[k].as_u64().unwrap_or(0))
                 .sum::<u64>();
             let lag = n["pending"].as_u64().unwrap_or(0) + n["ack_pending"].as_u64().unwrap_or(0);
-            line.push_str(&format!(
-                "   {plugin}: {processed:>5} processed, {failed} failed, lag {lag:>5}"
-            ));
+            let cell = format!("{processed} / {failed} / {lag}");
+            line.push_str(&format!("  {cell:>14}"));
             done &= processed >= RUSH_ORDERS as u64 && lag == 0;
         }
         println!("{line}");
@@ -165,7 +181,7 @@ async fn rush_hour(js: &jetstream::Context, admin: &str) -> anyhow::Result<()> {
         if started.elapsed() > Duration::from_secs(120) {
             bail!("the rush-hour burst was not worked off within 120 s");
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     println!(
         "\nEvery event was acknowledged only after its plugin succeeded and its outputs and state"
@@ -220,11 +236,24 @@ async fn publish(
     id: &str,
     body: &Value,
 ) -> anyhow::Result<()> {
-    let message = jetstream::message::PublishMessage::build()
+    js.send_publish(subject.to_owned(), message(id, body)?)
+        .await?
+        .await?;
+    Ok(())
+}
+
+/// A message with a dedup id, carrying the customer as a header the way a
+/// producer that knows its consumers key by customer would.
+fn message(id: &str, body: &Value) -> anyhow::Result<jetstream::message::PublishMessage> {
+    let mut message = jetstream::message::PublishMessage::build()
         .payload(serde_json::to_vec(body)?.into())
         .message_id(id);
-    js.send_publish(subject.to_owned(), message).await?.await?;
-    Ok(())
+    if let Some(customer) = body["customer_id"].as_str() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Customer-Id", customer);
+        message = message.headers(headers);
+    }
+    Ok(message)
 }
 
 fn wait_for_log(path: &Path, needle: &str, timeout: Duration) -> anyhow::Result<()> {
@@ -261,6 +290,33 @@ async fn wait_caught_up(js: &jetstream::Context, plugin: &str) -> anyhow::Result
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A plugin's state entries whose keys start with `prefix`, as
+/// `(key without prefix, value)`, sorted. Plugin state lives in the KV
+/// bucket `weir_state_<plugin>` under `s.` (done records under `d.`).
+async fn state_entries(
+    js: &jetstream::Context,
+    plugin: &str,
+    prefix: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let kv = js.get_key_value(format!("weir_state_{plugin}")).await?;
+    let mut keys: Vec<String> = kv
+        .keys()
+        .await?
+        .filter_map(|k| async move { k.ok() })
+        .collect()
+        .await;
+    keys.sort();
+    let full_prefix = format!("s.{prefix}");
+    let mut out = Vec::new();
+    for key in keys.iter().filter(|k| k.starts_with(&full_prefix)) {
+        if let Some(value) = kv.get(key).await? {
+            let name = key[full_prefix.len()..].to_owned();
+            out.push((name, String::from_utf8_lossy(&value).into_owned()));
+        }
+    }
+    Ok(out)
 }
 
 /// Every message on `filter` in `stream`.
@@ -378,25 +434,58 @@ async fn report(js: &jetstream::Context) -> anyhow::Result<()> {
     println!(
         "\nStock levels, kept in the inventory plugin's state (JetStream KV bucket weir_state_inventory):"
     );
-    let kv = js.get_key_value("weir_state_inventory").await?;
-    let mut keys: Vec<String> = kv
-        .keys()
-        .await?
-        .filter_map(|k| async move { k.ok() })
-        .collect()
-        .await;
-    keys.sort();
-    // Plugin state keys live under `s.` in the bucket (done records under `d.`).
-    let mut levels = 0;
-    for key in keys.iter().filter(|k| k.starts_with("s.stock.")) {
-        if let Some(value) = kv.get(key).await? {
-            println!(
-                "  {:<10} {}",
-                key.trim_start_matches("s.stock."),
-                String::from_utf8_lossy(&value)
-            );
-            levels += 1;
-        }
+    let stock = state_entries(js, "inventory", "stock.").await?;
+    for (sku, level) in &stock {
+        println!("  {sku:<10} {level}");
+    }
+
+    println!(
+        "\nLoyalty points (plugin `loyalty`, Python), kept in its state; tier changes on `loyalty.tier`:"
+    );
+    let points = state_entries(js, "loyalty", "points.").await?;
+    for (customer, total) in &points {
+        println!("  {customer:<10} {total}");
+    }
+    for m in read(js, "ORDERS", "loyalty.tier").await? {
+        let b = body(&m);
+        println!(
+            "  {} reached tier {}",
+            b["customer_id"].as_str().unwrap_or("?"),
+            b["tier"]
+        );
+    }
+
+    let emails = read(js, "ORDERS", "notifications.email").await?;
+    println!(
+        "\nCustomer emails (plugin `notify`, JavaScript) on `notifications.email`: {}",
+        emails.len()
+    );
+    for m in &emails {
+        let b = body(m);
+        println!(
+            "  to {:<28} {}",
+            b["to"].as_str().unwrap_or("?"),
+            b["subject"].as_str().unwrap_or("?")
+        );
+    }
+
+    println!("\nOrders and revenue per country (plugin `analytics`, C), kept in its state:");
+    let revenue: std::collections::BTreeMap<String, String> =
+        state_entries(js, "analytics", "revenue.")
+            .await?
+            .into_iter()
+            .collect();
+    let countries = state_entries(js, "analytics", "orders.").await?;
+    for (country, orders) in &countries {
+        let cents: u64 = revenue
+            .get(country)
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        println!(
+            "  {country:<4} {orders} orders, EUR {}.{:02}",
+            cents / 100,
+            cents % 100
+        );
     }
 
     let letters = read(js, "WEIR_DLQ", ">").await?;
@@ -416,17 +505,24 @@ async fn report(js: &jetstream::Context) -> anyhow::Result<()> {
     }
 
     // The demo doubles as a smoke test of the README's demo command.
-    let seen = (
-        flagged.len(),
-        reserved.len(),
-        backordered.len(),
-        levels,
-        letters.len(),
-    );
-    if seen != (3, 6, 2, 3, 2) {
-        bail!(
-            "unexpected demo result (flagged, reserved, backordered, stock levels, dead letters) = {seen:?}"
-        );
+    let seen = [
+        ("flagged", flagged.len(), 3),
+        ("reserved", reserved.len(), 6),
+        ("backordered", backordered.len(), 2),
+        ("stock levels", stock.len(), 3),
+        ("customers with points", points.len(), 7),
+        ("emails", emails.len(), 10),
+        ("countries", countries.len(), 6),
+        // The malformed order, rejected by each of the five plugins.
+        ("dead letters", letters.len(), 5),
+    ];
+    let wrong: Vec<String> = seen
+        .iter()
+        .filter(|(_, got, want)| got != want)
+        .map(|(what, got, want)| format!("{what}: {got}, expected {want}"))
+        .collect();
+    if !wrong.is_empty() {
+        bail!("unexpected demo result: {}", wrong.join("; "));
     }
     Ok(())
 }

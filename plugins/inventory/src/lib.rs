@@ -12,6 +12,10 @@ use weir_guest::{Event, Plugin, Result, config, emit, log, reject, state};
 #[derive(Debug, Deserialize)]
 struct Order {
     order_id: String,
+    /// Passed on so downstream consumers (notifications) can address the
+    /// customer without looking the order up.
+    #[serde(default)]
+    customer_id: Option<String>,
     items: Vec<Line>,
 }
 
@@ -66,7 +70,11 @@ fn reserve(order: Order) -> Result {
         log::warn(&format!("order {} backordered", order.order_id));
         return emit::json(
             "inventory.backordered",
-            &serde_json::json!({ "order_id": order.order_id, "shortages": shortages }),
+            &serde_json::json!({
+                "order_id": order.order_id,
+                "customer_id": order.customer_id,
+                "shortages": shortages,
+            }),
         );
     }
     for (sku, left) in remaining {
@@ -74,7 +82,11 @@ fn reserve(order: Order) -> Result {
     }
     emit::json(
         "inventory.reserved",
-        &serde_json::json!({ "order_id": order.order_id, "items": order.items }),
+        &serde_json::json!({
+            "order_id": order.order_id,
+            "customer_id": order.customer_id,
+            "items": order.items,
+        }),
     )
 }
 
