@@ -13,15 +13,12 @@ from componentize_py_types import Err
 from wit_world import exports
 from wit_world.imports import config, emit, log, state, types
 
+from points import earned, tier_of
+
 
 def reject(reason: str) -> Err:
     """The event can never succeed: dead-letter it."""
     return Err(types.Error_Reject(reason))
-
-
-def retry(reason: str, delay_ms: int | None = None) -> Err:
-    """A transient failure: try the event again later."""
-    return Err(types.Error_Retry(types.RetryAfter(reason, delay_ms)))
 
 
 def config_int(key: str, default: int) -> int:
@@ -29,18 +26,10 @@ def config_int(key: str, default: int) -> int:
     return default if value is None else int(json.loads(value))
 
 
-def tiers() -> list[tuple[int, str]]:
-    """(threshold, name) pairs, highest first."""
+def tiers() -> dict[str, int]:
     raw = config.get("tiers")
     table = json.loads(raw) if raw else {"silver": 500, "gold": 2000}
-    return sorted(((int(v), k) for k, v in table.items()), reverse=True)
-
-
-def tier_of(points: int) -> str | None:
-    for threshold, name in tiers():
-        if points >= threshold:
-            return name
-    return None
+    return {name: int(threshold) for name, threshold in table.items()}
 
 
 def publish(subject: str, body: dict, customer: str) -> None:
@@ -60,19 +49,20 @@ class Handler(exports.Handler):
         if cents < 0:
             raise reject(f"order {order_id} has a negative amount")
 
-        earned = cents // 100 * config_int("points-per-unit", 1)
+        points = earned(cents, config_int("points-per-unit", 1))
         key = f"points.{customer}"
         stored = state.get(key)
         before = int(stored) if stored is not None else 0
-        total = before + earned
+        total = before + points
         state.set(key, str(total).encode())
 
         publish(
             "loyalty.awarded",
-            {"customer_id": customer, "order_id": order_id, "earned": earned, "total": total},
+            {"customer_id": customer, "order_id": order_id, "earned": points, "total": total},
             customer,
         )
-        old_tier, new_tier = tier_of(before), tier_of(total)
+        table = tiers()
+        old_tier, new_tier = tier_of(before, table), tier_of(total, table)
         if new_tier != old_tier:
             publish("loyalty.tier", {"customer_id": customer, "tier": new_tier}, customer)
             log.log(log.Level.INFO, f"customer {customer} reached tier {new_tier}")

@@ -149,10 +149,14 @@ fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     run(cargo()
         .current_dir(root)
         .args(["test", "--workspace", "--doc"]))?;
-    // The JavaScript plugin's own unit tests, with Node's runner.
+    // The plugins' own unit tests, with their languages' runners.
     run(command("node")
         .current_dir(root)
         .args(["--test", "plugins/notify/tests/"]))?;
+    run(command("python3")
+        .current_dir(root.join("plugins/loyalty"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .args(["-m", "unittest", "discover", "-s", "tests", "-t", "."]))?;
     fixtures(root)
 }
 

@@ -37,7 +37,7 @@ pub const PLUGINS: &[Plugin] = &[
         name: "loyalty",
         dir: "plugins/loyalty",
         language: Language::Python,
-        sources: &["app.py"],
+        sources: &["app.py", "points.py"],
         pins: &["plugins/loyalty/requirements-build.txt"],
     },
     Plugin {
@@ -102,6 +102,8 @@ fn build_one(
             let bin = toolchains.python_tools(root)?;
             let module = plugin.sources[0].trim_end_matches(".py");
             run(command(bin.join("componentize-py"))
+                // Keep the source tree free of bytecode caches.
+                .env("PYTHONDONTWRITEBYTECODE", "1")
                 .arg("--wit-path")
                 .arg(&wit)
                 .args(["--world", "plugin", "componentize", "--python-path"])
