@@ -5,6 +5,8 @@
 //! - `cargo xtask test`: build, then run every test (unit, sandbox,
 //!   plugin, `weir test` fixtures).
 //! - `cargo xtask demo`: build, then run the order pipeline demo on `weir dev`.
+//! - `cargo xtask adapter PATH`: write the WASI preview1 reactor adapter
+//!   (for componentizing C guests by hand) to PATH.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,8 +32,22 @@ fn main() -> anyhow::Result<()> {
         Some("build") => build(&root),
         Some("test") => test(&root, &args[1..]),
         Some("demo") => demo(&root),
+        Some("adapter") => {
+            // For C and other preview1 guests built by hand (see plugins/README.md).
+            let to = args
+                .get(1)
+                .map(PathBuf::from)
+                .context("usage: cargo xtask adapter <path>")?;
+            std::fs::write(&to, toolchains::PREVIEW1_REACTOR_ADAPTER)
+                .with_context(|| format!("writing {}", to.display()))?;
+            eprintln!(
+                "wrote the WASI preview1 reactor adapter to {}",
+                to.display()
+            );
+            Ok(())
+        }
         _ => {
-            eprintln!("usage: cargo xtask <build|test|demo>");
+            eprintln!("usage: cargo xtask <build|test|demo|adapter PATH>");
             bail!("unknown or missing command")
         }
     }

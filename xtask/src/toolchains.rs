@@ -19,6 +19,11 @@ use crate::{command, run};
 /// as the Rust guests' `wit-bindgen` crate.
 pub const WIT_BINDGEN_VERSION: &str = "0.61.1";
 
+/// The WASI preview1 → preview2 adapter for reactor modules, from the
+/// wasmtime release the host uses.
+pub const PREVIEW1_REACTOR_ADAPTER: &[u8] =
+    wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER;
+
 /// Where the tools live.
 pub struct Toolchains {
     dir: PathBuf,
