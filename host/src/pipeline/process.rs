@@ -18,8 +18,7 @@ use crate::plugin::Plugin;
 use crate::source;
 use crate::state::StateStore;
 use crate::store::Commit;
-use crate::telemetry::{Counted, propagation};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
+use crate::telemetry::{Counted, propagation, spans};
 
 /// Delay before redelivering an event whose failure was the host's
 /// (publish or commit failed, NATS unreachable): short, the cause is
@@ -67,7 +66,8 @@ pub async fn process(
             return Disposition::HostError;
         }
     };
-    let span = consumer_span(&plugin, &event, &message);
+    let stream = message.info().map(|i| i.stream).unwrap_or_default();
+    let span = spans::consumer(plugin.name(), plugin.version().as_str(), &event, stream);
     let disposition = tokio::select! {
         biased;
         d = handle(&ctx, &plugin, &message, event.clone(), ordered).instrument(span.clone()) => d,
@@ -95,48 +95,6 @@ pub async fn process(
         Disposition::Released => {}
     }
     disposition
-}
-
-/// The OpenTelemetry consumer span of one delivery, a child of the trace
-/// the event came with. Its `plugin`, `version` and `event_id` fields also
-/// tag every log line written while handling the event, the plugin's own
-/// included.
-fn consumer_span(plugin: &Plugin, event: &Event, message: &jetstream::Message) -> tracing::Span {
-    let span = tracing::info_span!(
-        "event",
-        otel.name = %format_args!("process {}", event.subject),
-        otel.kind = "consumer",
-        otel.status_code = tracing::field::Empty,
-        plugin = plugin.name(),
-        version = %plugin.version(),
-        event_id = %event.id,
-        subject = %event.subject,
-        attempt = event.attempt,
-    );
-    propagation::continue_trace(&span, event);
-    // Semantic-convention attributes go to the trace only, keeping log
-    // lines short.
-    let stream = message
-        .info()
-        .map(|i| i.stream.to_owned())
-        .unwrap_or_default();
-    for (key, value) in [
-        ("messaging.system", "nats".to_owned()),
-        ("messaging.operation.type", "process".to_owned()),
-        ("messaging.operation.name", "process".to_owned()),
-        ("messaging.destination.name", event.subject.clone()),
-        (
-            "messaging.consumer.group.name",
-            source::durable_name(plugin.name()),
-        ),
-        ("messaging.message.id", event.id.clone()),
-        ("weir.stream", stream),
-    ] {
-        span.set_attribute(key, value);
-    }
-    span.set_attribute("messaging.message.body.size", event.payload.len() as i64);
-    span.set_attribute("weir.delivery.attempt", i64::from(event.attempt));
-    span
 }
 
 async fn handle(
@@ -189,12 +147,7 @@ async fn attempt(
     }
     for _ in 0..MAX_CONFLICT_RERUNS {
         let state: Arc<dyn StateStore> = ctx.store.clone();
-        let call = tracing::info_span!(
-            "invoke",
-            otel.name = %format_args!("invoke {}", plugin.name()),
-            otel.status_code = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-        );
+        let call = spans::invoke(plugin.name());
         let invocation = with_progress(message, ctx.ack_wait, plugin.invoke(event, state))
             .instrument(call.clone())
             .await;

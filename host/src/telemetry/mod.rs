@@ -4,6 +4,7 @@
 pub mod lag;
 pub mod metrics;
 pub mod propagation;
+pub mod spans;
 pub mod subscriber;
 
 pub use metrics::{ConsumerLag, Counted, Metrics};
