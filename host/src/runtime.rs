@@ -338,6 +338,7 @@ impl HostHandle {
                 Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
             }
         }
+        inner.metrics.set_plugins_running(registry.running.len());
         stop(name, running).await;
         Ok(Some(stream))
     }
