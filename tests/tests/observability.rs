@@ -294,3 +294,43 @@ async fn readyz_follows_the_nats_connection_and_plugin_loading() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_collector_does_not_hold_up_events() {
+    // Nothing listens on this port: every export fails.
+    let dead = weir::dev::free_port().unwrap();
+    let telemetry = format!("otlp-endpoint = \"http://127.0.0.1:{dead}/v1/traces\"");
+    let mut env = TestEnv::with_config(STREAMS, "", &telemetry);
+    env.install("test-guests/hostile", "hostile", |m| m);
+    env.start_host();
+    let js = env.jetstream().await;
+    publish_all(&js, "hostile.in", &commands("echo", 500), None).await;
+    wait_drained(&js, "hostile", 500, WAIT).await;
+    assert_eq!(count(&js, "WEIR_DLQ", ">").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_address_in_use_stops_start_up_with_the_reason() {
+    let env = TestEnv::new(STREAMS);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let config = std::fs::read_to_string(env.config_path())
+        .unwrap()
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
+    std::fs::write(env.config_path(), config).unwrap();
+    let log = env.dir.path().join("host.log");
+    let mut host = weir_integration_tests::WeirProcess::start(&env.config_path(), &log);
+    let deadline = std::time::Instant::now() + WAIT;
+    while host.is_running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the host kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = host.log_text();
+    assert!(
+        text.contains(&format!("admin endpoint cannot listen on {addr}")),
+        "{text}"
+    );
+}
