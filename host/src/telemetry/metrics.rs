@@ -14,7 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Metric, Registry, Unit};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabels {
@@ -104,105 +104,100 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("weir");
-        let counters = |registry: &mut Registry, name: &str, help: &str| {
-            let family = Counters::default();
-            registry.register(name, help, family.clone());
-            family
-        };
-        let processed = counters(
-            &mut registry,
+        let r = &mut registry;
+        let processed = register(
+            r,
             "events_processed",
             "Events handled successfully and acknowledged",
+            Counters::default(),
         );
-        let retried = counters(
-            &mut registry,
+        let retried = register(
+            r,
             "events_retried",
             "Retryable failures sent back for another attempt",
+            Counters::default(),
         );
-        let rejected = counters(
-            &mut registry,
+        let rejected = register(
+            r,
             "events_rejected",
             "Events the plugin rejected (also counted as dead-lettered)",
+            Counters::default(),
         );
-        let duplicates = counters(
-            &mut registry,
+        let duplicates = register(
+            r,
             "events_duplicate",
             "Redeliveries of committed events, finished without running the plugin",
+            Counters::default(),
         );
-        let host_errors = counters(
-            &mut registry,
+        let host_errors = register(
+            r,
             "events_host_errors",
             "Events sent back because the host could not publish, commit or ack",
+            Counters::default(),
         );
-        let dead_lettered = Family::<ReasonLabels, Counter>::default();
-        registry.register(
+        let dead_lettered = register(
+            r,
             "events_dead_lettered",
             "Events moved to the dead-letter stream, by the outcome that sent them",
-            dead_lettered.clone(),
+            Family::default(),
         );
-        let limit_hits = Family::<ReasonLabels, Counter>::default();
-        registry.register(
+        let limit_hits = register(
+            r,
             "limit_hits",
             "Plugin calls stopped by a sandbox limit (reason: deadline, memory)",
-            limit_hits.clone(),
+            Family::default(),
         );
-        let latencies = |registry: &mut Registry, name: &str, help: &str| {
-            let family = Latencies::new_with_constructor(latency_histogram as fn() -> Histogram);
-            registry.register_with_unit(name, help, Unit::Seconds, family.clone());
-            family
-        };
-        let handler_duration = latencies(
-            &mut registry,
+        let handler_duration = register_seconds(
+            r,
             "handler_duration",
             "Time in the plugin call, per attempt",
         );
-        let publish_to_ack = latencies(
-            &mut registry,
+        let publish_to_ack = register_seconds(
+            r,
             "publish_to_ack",
             "From the event's arrival in its stream to its acknowledgement",
         );
-        let gauges = |registry: &mut Registry, name: &str, help: &str| {
-            let family = Family::<PluginLabels, Gauge>::default();
-            registry.register(name, help, family.clone());
-            family
-        };
-        let in_flight = gauges(
-            &mut registry,
+        let in_flight = register(
+            r,
             "events_in_flight",
             "Events being handled now",
+            Family::default(),
         );
-        let pending = gauges(
-            &mut registry,
+        let pending = register(
+            r,
             "consumer_pending_messages",
             "Consumer lag: messages in the stream not yet delivered (num_pending)",
+            Family::default(),
         );
-        let ack_pending = gauges(
-            &mut registry,
+        let ack_pending = register(
+            r,
             "consumer_ack_pending_messages",
             "Messages delivered and not yet acknowledged (num_ack_pending)",
+            Family::default(),
         );
-        let redelivered = gauges(
-            &mut registry,
+        let redelivered = register(
+            r,
             "consumer_redelivered_messages",
             "Unacknowledged messages delivered more than once (num_redelivered)",
+            Family::default(),
         );
-        let load_failures = Family::<PluginLabels, Counter>::default();
-        registry.register(
+        let load_failures = register(
+            r,
             "plugin_load_failures",
             "Plugin files or versions that could not be loaded",
-            load_failures.clone(),
+            Family::default(),
         );
-        let plugins_running = Gauge::default();
-        registry.register(
+        let plugins_running = register(
+            r,
             "plugins_running",
             "Plugins being served",
-            plugins_running.clone(),
+            Gauge::default(),
         );
-        let nats_connected = Gauge::default();
-        registry.register(
+        let nats_connected = register(
+            r,
             "nats_connected",
             "1 while the host is connected to NATS",
-            nats_connected.clone(),
+            Gauge::default(),
         );
         registry.register(
             "build",
@@ -352,6 +347,20 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// Register `metric` and keep a handle to it (metrics share their state
+/// between clones).
+fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// Register a latency histogram family, in seconds.
+fn register_seconds(registry: &mut Registry, name: &str, help: &str) -> Latencies {
+    let family = Latencies::new_with_constructor(latency_histogram as fn() -> Histogram);
+    registry.register_with_unit(name, help, Unit::Seconds, family.clone());
+    family
 }
 
 fn version_labels(plugin: &str, version: &str) -> VersionLabels {
