@@ -38,7 +38,9 @@ pub struct PipelineContext {
 }
 
 impl PipelineContext {
-    /// Count an event's fate in the plugin's totals and in the metrics.
+    /// Count an event's fate in the plugin's totals and in the metrics:
+    /// every count goes through here or [`Self::count_dead_letter`], so the
+    /// two views cannot drift.
     fn count(&self, plugin: &Plugin, what: Counted) {
         let total = match what {
             Counted::Processed => &self.stats.processed,
@@ -52,8 +54,29 @@ impl PipelineContext {
             .count(what, plugin.name(), plugin.version().as_str());
     }
 
-    /// Record how long a plugin call took and which limit stopped it.
-    fn observe_call(&self, plugin: &Plugin, invocation: &crate::sandbox::Invocation) {
+    /// Count a dead letter, by the outcome kind that sent it; a rejection
+    /// is also counted as such.
+    fn count_dead_letter(&self, plugin: &Plugin, reason: &str) {
+        PluginStats::bump(&self.stats.dead_lettered);
+        self.metrics
+            .dead_lettered(plugin.name(), plugin.version().as_str(), reason);
+        if reason == "reject" {
+            self.count(plugin, Counted::Rejected);
+        }
+    }
+
+    /// Record a plugin call on its span and in the metrics: its outcome,
+    /// how long it took and which limit stopped it.
+    fn observe_call(
+        &self,
+        plugin: &Plugin,
+        invocation: &crate::sandbox::Invocation,
+        span: &tracing::Span,
+    ) {
+        span.record("outcome", invocation.outcome.kind());
+        if !invocation.outcome.is_ok() {
+            span.record("otel.status_code", "ERROR");
+        }
         let (name, version) = (plugin.name(), plugin.version().as_str());
         self.metrics
             .handler_duration(name, version, invocation.duration);

@@ -13,7 +13,6 @@ use crate::dlq::{self, DeadLetter};
 use crate::event::{Emitted, Event};
 use crate::outcome::Outcome;
 use crate::pipeline::PipelineContext;
-use crate::pipeline::stats::PluginStats;
 use crate::plugin::Plugin;
 use crate::source;
 use crate::state::StateStore;
@@ -82,12 +81,7 @@ pub async fn process(
         Disposition::Acked => ctx.count(&plugin, Counted::Processed),
         Disposition::Retried => ctx.count(&plugin, Counted::Retried),
         Disposition::DeadLettered(reason) => {
-            PluginStats::bump(&ctx.stats.dead_lettered);
-            let version = plugin.version().as_str();
-            ctx.metrics.dead_lettered(plugin.name(), version, reason);
-            if reason == "reject" {
-                ctx.count(&plugin, Counted::Rejected);
-            }
+            ctx.count_dead_letter(&plugin, reason);
             span.record("otel.status_code", "ERROR");
         }
         Disposition::HostError => ctx.count(&plugin, Counted::HostError),
@@ -151,11 +145,7 @@ async fn attempt(
         let invocation = with_progress(message, ctx.ack_wait, plugin.invoke(event, state))
             .instrument(call.clone())
             .await;
-        call.record("outcome", invocation.outcome.kind());
-        if !invocation.outcome.is_ok() {
-            call.record("otel.status_code", "ERROR");
-        }
-        ctx.observe_call(plugin, &invocation);
+        ctx.observe_call(plugin, &invocation, &call);
         tracing::trace!(outcome = %invocation.outcome, took = ?invocation.duration, "invoked");
         if !invocation.outcome.is_ok() {
             return failed(ctx, plugin, message, event, &invocation.outcome).await;
