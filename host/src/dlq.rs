@@ -84,7 +84,7 @@ pub async fn publish(
         let own = h
             .key
             .eq_ignore_ascii_case(async_nats::header::NATS_MESSAGE_ID.as_ref())
-            || (!letter.trace.is_empty() && propagation::is_trace_header(&h.key));
+            || propagation::is_replaced(&h.key, &letter.trace);
         if !own {
             headers.append(h.key.as_str(), h.value.as_str());
         }

@@ -53,8 +53,7 @@ pub async fn publish(
     for (index, out) in emitted.iter().enumerate() {
         let mut headers = HeaderMap::new();
         for h in &out.headers {
-            // The host's trace context, when it has one, is the only one.
-            if trace.is_empty() || !propagation::is_trace_header(&h.key) {
+            if !propagation::is_replaced(&h.key, trace) {
                 headers.append(h.key.as_str(), h.value.as_str());
             }
         }

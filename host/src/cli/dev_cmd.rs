@@ -24,17 +24,17 @@ pub struct DevArgs {
 }
 
 pub fn run(args: DevArgs, log_format: LogFormat) -> anyhow::Result<ExitCode> {
-    let mut config = super::run_cmd::load_config(&args.config, &args.plugins)?;
+    let config = super::run_cmd::load_config(&args.config, &args.plugins)?;
     let telemetry = super::run_cmd::init_telemetry(&config, log_format)?;
-    let served = serve(args, &mut config);
+    let served = serve(args, config);
     telemetry.shutdown();
     served
 }
 
-fn serve(args: DevArgs, config: &mut HostConfig) -> anyhow::Result<ExitCode> {
+fn serve(args: DevArgs, mut config: HostConfig) -> anyhow::Result<ExitCode> {
     let runtime = super::runtime()?;
     let reachable = runtime.block_on(async {
-        tokio::time::timeout(Duration::from_secs(2), crate::nats::connect(config)).await
+        tokio::time::timeout(Duration::from_secs(2), crate::nats::connect(&config)).await
     });
     let _server = match reachable {
         Ok(Ok(_)) => {
@@ -53,7 +53,7 @@ fn serve(args: DevArgs, config: &mut HostConfig) -> anyhow::Result<ExitCode> {
             Some(server)
         }
     };
-    runtime.block_on(super::run_cmd::serve(config.clone()))?;
+    runtime.block_on(super::run_cmd::serve(config))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -13,10 +13,17 @@ use crate::event::Event;
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
 
-/// Whether `key` is a trace-context header the host owns on what it
-/// publishes (a plugin cannot set it; the host's replaces any copy).
+/// Whether `key` is a trace-context header.
 pub fn is_trace_header(key: &str) -> bool {
     key.eq_ignore_ascii_case(TRACEPARENT) || key.eq_ignore_ascii_case(TRACESTATE)
+}
+
+/// Whether a header `key` copied onto a published message (from what the
+/// plugin emitted, or from the event being dead-lettered) gives way to the
+/// host's `trace` headers: the host's context, when it has one, is the
+/// only one.
+pub fn is_replaced(key: &str, trace: &[(String, String)]) -> bool {
+    !trace.is_empty() && is_trace_header(key)
 }
 
 struct EventHeaders<'a>(&'a Event);
@@ -118,5 +125,9 @@ mod tests {
         assert!(is_trace_header("Traceparent"));
         assert!(is_trace_header("TRACESTATE"));
         assert!(!is_trace_header("trace"));
+        let ours = vec![(TRACEPARENT.to_owned(), PARENT.to_owned())];
+        assert!(is_replaced("TraceParent", &ours));
+        assert!(!is_replaced("TraceParent", &[]));
+        assert!(!is_replaced("Customer-Id", &ours));
     }
 }
