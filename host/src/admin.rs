@@ -14,6 +14,9 @@ use tokio::task::JoinHandle;
 use crate::config::AdminConfig;
 use crate::runtime::HostHandle;
 
+/// What the host logs, with `addr=<address>`, once the endpoint is bound.
+pub const LISTENING: &str = "admin endpoint listening";
+
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 struct Admin {
@@ -37,7 +40,7 @@ pub(crate) async fn spawn(
     if !local.ip().is_loopback() && token.is_none() {
         tracing::warn!(addr = %local, "the admin endpoint is reachable beyond this machine without a token");
     }
-    tracing::info!(addr = %local, "admin endpoint listening");
+    tracing::info!(addr = %local, "{LISTENING}");
     let shutdown = host.shutdown_token();
     let router = Router::new()
         .route("/healthz", get(healthz))
@@ -118,6 +121,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The admin address in a host's human-format log, from its latest start:
+/// how the demo and the tests find an endpoint bound to port 0.
+pub fn addr_in_log(log: &str) -> Option<&str> {
+    log.lines()
+        .rev()
+        .find(|l| l.contains(LISTENING))?
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("addr="))
+}
+
 /// A plain HTTP/1.1 GET of an admin endpoint: `(status, body)`, or the
 /// connection error. For the demo and the tests; anything else should use
 /// a real HTTP client.
@@ -145,6 +158,14 @@ pub fn http_get(addr: &str, path: &str, token: Option<&str>) -> std::io::Result<
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn address_from_the_latest_start() {
+        let log = "INFO weir::admin: admin endpoint listening addr=127.0.0.1:1\n\
+                   INFO weir::admin: admin endpoint listening addr=127.0.0.1:2\n";
+        assert_eq!(super::addr_in_log(log), Some("127.0.0.1:2"));
+        assert_eq!(super::addr_in_log("weir is running"), None);
+    }
+
     #[test]
     fn token_comparison() {
         assert!(super::constant_time_eq(b"secret", b"secret"));

@@ -305,15 +305,8 @@ impl WeirProcess {
     /// The address the host's admin endpoint bound (the harness asks for a
     /// free port), from its latest start-up log line.
     pub fn admin_addr(&mut self) -> String {
-        self.wait_for_log("admin endpoint listening", 1);
-        let log = self.log_text();
-        let line = log
-            .lines()
-            .rev()
-            .find(|l| l.contains("admin endpoint listening"))
-            .unwrap();
-        line.split_whitespace()
-            .find_map(|field| field.strip_prefix("addr="))
+        self.wait_for_log(weir::admin::LISTENING, 1);
+        weir::admin::addr_in_log(&self.log_text())
             .unwrap()
             .to_owned()
     }

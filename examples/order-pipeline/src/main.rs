@@ -206,9 +206,7 @@ fn plugin_counters(admin: &str) -> anyhow::Result<std::collections::HashMap<Stri
 /// The admin endpoint's address, from the host's start-up log line.
 fn admin_addr(log_path: &Path) -> anyhow::Result<String> {
     let log = std::fs::read_to_string(log_path)?;
-    log.lines()
-        .filter(|l| l.contains("admin endpoint listening"))
-        .find_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix("addr=")))
+    weir::admin::addr_in_log(&log)
         .map(str::to_owned)
         .context("the host log names no admin endpoint")
 }
