@@ -496,6 +496,7 @@ mod tests {
                 "only one of token",
             ),
             ("[telemetry]\notlp-protocol = \"grpc\"\n", "otlp-protocol"),
+            ("[telemetry]\nlag-poll-ms = 10\n", "lag-poll-ms"),
             (
                 "[telemetry]\notlp-endpoint = \"collector:4318\"\n",
                 "http://",
@@ -504,6 +505,26 @@ mod tests {
             let err = HostConfig::parse(text, Path::new(".")).unwrap_err();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn admin_token_file_must_exist_and_hold_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |file: &str| AdminConfig {
+            token_file: Some(dir.path().join(file)),
+            ..AdminConfig::default()
+        };
+        let missing = config("missing").bearer_token().unwrap_err().to_string();
+        assert!(missing.contains("admin.token-file"), "{missing}");
+        std::fs::write(dir.path().join("empty"), "\n").unwrap();
+        let empty = config("empty").bearer_token().unwrap_err().to_string();
+        assert!(empty.contains("is empty"), "{empty}");
+        std::fs::write(dir.path().join("token"), "s3cret\n").unwrap();
+        assert_eq!(
+            config("token").bearer_token().unwrap().as_deref(),
+            Some("s3cret")
+        );
+        assert_eq!(AdminConfig::default().bearer_token().unwrap(), None);
     }
 
     #[test]
