@@ -1,8 +1,9 @@
-//! Cost of one `handle` call through the sandbox: a fresh instance per
-//! event (what the pipeline does) against an instance reused across
-//! events, for the Rust fraud plugin and for one plugin per guest language
-//! handling the same order. Run `cargo xtask build` first, then
-//! `cargo bench -p weir --bench handle`.
+//! Cost of one `handle` call through the sandbox, the way the pipeline makes
+//! it (`Plugin::invoke`): with the default `isolation = "instance"`, where
+//! instances are pooled and reused, and with `isolation = "event"`, a fresh
+//! instance per event; for the Rust fraud plugin and for one plugin per
+//! guest language handling the same order. Run `cargo xtask build` first,
+//! then `cargo bench -p weir --bench handle`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
 
@@ -10,14 +11,29 @@ use std::path::Path;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use weir::manifest::{Isolation, Manifest};
 use weir::state::{MemoryState, StateStore};
-use weir::{Event, Outcome, Sandbox, SandboxConfig};
+use weir::{Event, Outcome, Plugin, Sandbox, SandboxConfig};
+
+/// `path` loaded twice: pooled instances (the default) and fresh ones.
+fn both_isolations(sandbox: &Sandbox, path: &str) -> [(&'static str, Plugin); 2] {
+    let load = |isolation| {
+        let wasm = Path::new(path);
+        let mut manifest = Manifest::load(&Manifest::path_for(wasm)).expect("manifest");
+        manifest.instances.isolation = isolation;
+        sandbox
+            .load_with_manifest(wasm, manifest)
+            .unwrap_or_else(|e| panic!("load {path} (run `cargo xtask build` first): {e:#}"))
+    };
+    [
+        ("pooled_instance", load(Isolation::Instance)),
+        ("fresh_instance", load(Isolation::Event)),
+    ]
+}
 
 fn handle(c: &mut Criterion) {
     let sandbox = Sandbox::new(SandboxConfig::with_default_cache()).expect("sandbox");
-    let plugin = sandbox
-        .load(Path::new("../dist/plugins/fraud.wasm"))
-        .expect("load dist/plugins/fraud.wasm (run `cargo xtask build` first)");
+    let plugins = both_isolations(&sandbox, "../dist/plugins/fraud.wasm");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
@@ -36,15 +52,13 @@ fn handle(c: &mut Criterion) {
     let mut group = c.benchmark_group("fraud_handle");
     for (label, payload) in orders {
         let event = Event::new("bench-1", "orders.placed", payload);
-        let check = runtime.block_on(plugin.invoke(&event, state.clone()));
-        assert_eq!(check.outcome, Outcome::Ok);
-        group.bench_function(format!("fresh_instance/{label}"), |b| {
-            b.iter(|| runtime.block_on(plugin.invoke(&event, state.clone())))
-        });
-        let mut warm = plugin.warm(state.clone());
-        group.bench_function(format!("warm_instance/{label}"), |b| {
-            b.iter(|| runtime.block_on(warm.invoke(&event)))
-        });
+        for (isolation, plugin) in &plugins {
+            let check = runtime.block_on(plugin.invoke(&event, state.clone()));
+            assert_eq!(check.outcome, Outcome::Ok);
+            group.bench_function(format!("{isolation}/{label}"), |b| {
+                b.iter(|| runtime.block_on(plugin.invoke(&event, state.clone())))
+            });
+        }
     }
     group.finish();
 }
@@ -66,19 +80,14 @@ fn languages(c: &mut Criterion) {
         ("c", "analytics"),
     ] {
         let path = format!("../dist/plugins/{name}.wasm");
-        let plugin = sandbox
-            .load(Path::new(&path))
-            .unwrap_or_else(|e| panic!("load {path} (run `cargo xtask build` first): {e:#}"));
         let state: Arc<dyn StateStore> = Arc::new(MemoryState::new());
-        let check = runtime.block_on(plugin.invoke(&event, state.clone()));
-        assert_eq!(check.outcome, Outcome::Ok, "{name}");
-        group.bench_function(format!("fresh_instance/{language}"), |b| {
-            b.iter(|| runtime.block_on(plugin.invoke(&event, state.clone())))
-        });
-        let mut warm = plugin.warm(state.clone());
-        group.bench_function(format!("warm_instance/{language}"), |b| {
-            b.iter(|| runtime.block_on(warm.invoke(&event)))
-        });
+        for (isolation, plugin) in both_isolations(&sandbox, &path) {
+            let check = runtime.block_on(plugin.invoke(&event, state.clone()));
+            assert_eq!(check.outcome, Outcome::Ok, "{name}");
+            group.bench_function(format!("{isolation}/{language}"), |b| {
+                b.iter(|| runtime.block_on(plugin.invoke(&event, state.clone())))
+            });
+        }
     }
     group.finish();
 }

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::names::{validate_stream_name, validate_subject_filter};
+
 /// Everything a manifest says about a plugin.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -43,6 +45,8 @@ pub struct Manifest {
     pub retry: RetryPolicy,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub instances: InstancePolicy,
     /// The plugin's own settings, handed to it through the `config` import.
     #[serde(default)]
     pub config: BTreeMap<String, toml::Value>,
@@ -151,7 +155,7 @@ pub struct Limits {
     pub timeout_ms: u64,
     /// Events one call may emit.
     pub max_emits: u32,
-    /// Largest payload of one emitted event, in bytes.
+    /// Largest emitted event, payload and headers, in bytes.
     pub max_emit_bytes: u64,
     /// State keys one call may write or delete.
     pub max_state_writes: u32,
@@ -159,27 +163,101 @@ pub struct Limits {
     pub max_state_value_bytes: u64,
 }
 
+/// Bytes of each message the host keeps for what it adds (message ids,
+/// `Weir-*` and trace headers, commit guards): an emitted event or a state
+/// value may use the server's `max_payload` minus this.
+pub const HOST_MESSAGE_OVERHEAD: u64 = 4096;
+
+/// The server's default `max_payload` (1 MiB).
+const DEFAULT_MAX_PAYLOAD: u64 = 1 << 20;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             memory_mb: 64,
             timeout_ms: 5_000,
             max_emits: 1_000,
-            // NATS's default max_payload is 1 MiB; a larger event could not be published.
-            max_emit_bytes: 1 << 20,
+            // What fits one message under NATS's default max_payload.
+            max_emit_bytes: DEFAULT_MAX_PAYLOAD - HOST_MESSAGE_OVERHEAD,
             max_state_writes: 1_000,
-            max_state_value_bytes: 1 << 20,
+            max_state_value_bytes: DEFAULT_MAX_PAYLOAD - HOST_MESSAGE_OVERHEAD,
         }
     }
 }
 
 impl Limits {
+    /// Whether an emitted event and a state value at their limits can be
+    /// stored by a server that accepts `max_payload` bytes per message; a
+    /// plugin whose limits cannot is refused at load instead of failing on
+    /// its first large event.
+    pub fn check_fits(&self, max_payload: usize) -> Result<(), String> {
+        let room = (max_payload as u64).saturating_sub(HOST_MESSAGE_OVERHEAD);
+        for (key, value) in [
+            ("max-emit-bytes", self.max_emit_bytes),
+            ("max-state-value-bytes", self.max_state_value_bytes),
+        ] {
+            if value > room {
+                return Err(format!(
+                    "`limits.{key}` ({value}) does not fit the server's max_payload ({max_payload} bytes, of which the host needs {HOST_MESSAGE_OVERHEAD}); use at most {room}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn memory_bytes(&self) -> u64 {
         u64::from(self.memory_mb) << 20
     }
 
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// How a plugin's instances are used across events.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct InstancePolicy {
+    pub isolation: Isolation,
+    /// An instance is replaced after serving this many events.
+    pub recycle_after_events: u64,
+    /// An instance is replaced once its linear memory has grown past this
+    /// many MiB (default: three quarters of `limits.memory-mb`), so a guest
+    /// that leaks is renewed before it runs into its cap.
+    pub recycle_above_memory_mb: Option<u32>,
+}
+
+impl Default for InstancePolicy {
+    fn default() -> Self {
+        InstancePolicy {
+            isolation: Isolation::Instance,
+            recycle_after_events: 10_000,
+            recycle_above_memory_mb: None,
+        }
+    }
+}
+
+/// What one event may see of the events before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Isolation {
+    /// An instance serves one event at a time and is reused for the next:
+    /// guest globals and heap may survive from one event to another, but
+    /// nothing guarantees it (an instance is replaced after a trap, a limit
+    /// hit, and by the recycle rules). Durable state goes through `state`.
+    #[default]
+    Instance,
+    /// Every event gets a fresh instance: nothing survives an event.
+    Event,
+}
+
+impl Manifest {
+    /// Bytes of linear memory past which an instance is recycled.
+    pub fn recycle_memory_bytes(&self) -> u64 {
+        match self.instances.recycle_above_memory_mb {
+            Some(mb) => u64::from(mb) << 20,
+            None => self.limits.memory_bytes() / 4 * 3,
+        }
     }
 }
 
@@ -192,10 +270,11 @@ mod defaults {
 /// A manifest that could not be read or is invalid.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("cannot read plugin manifest {}: {source}", path.display())]
+    #[error("cannot read plugin manifest {}: {error}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        /// Shown in the message, not chained as a source, so `{:#}` prints it once.
+        error: std::io::Error,
     },
     #[error("invalid plugin manifest {}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
@@ -209,9 +288,9 @@ impl Manifest {
 
     /// Read and validate the manifest at `path`.
     pub fn load(path: &Path) -> Result<Self, ManifestError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ManifestError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::parse(&text).map_err(|message| ManifestError::Invalid {
             path: path.to_owned(),
@@ -249,8 +328,14 @@ impl Manifest {
             }
             _ => {}
         }
-        if let StartPosition::Time(t) = &self.start {
-            start_time(t).map_err(|why| format!("`start.time`: {why}"))?;
+        match &self.start {
+            StartPosition::Time(t) => {
+                start_time(t).map_err(|why| format!("`start.time`: {why}"))?;
+            }
+            StartPosition::Sequence(0) => {
+                return Err("`start.sequence` counts from 1".into());
+            }
+            _ => {}
         }
         let r = &self.retry;
         if r.max_deliveries == 0 {
@@ -283,6 +368,13 @@ impl Manifest {
         }
         if l.timeout_ms == 0 {
             return Err("`limits.timeout-ms` must be at least 1".into());
+        }
+        let i = &self.instances;
+        if i.recycle_after_events == 0 {
+            return Err("`instances.recycle-after-events` must be at least 1".into());
+        }
+        if i.recycle_above_memory_mb == Some(0) {
+            return Err("`instances.recycle-above-memory-mb` must be at least 1".into());
         }
         Ok(())
     }
@@ -323,52 +415,6 @@ fn config_value_string(v: &toml::Value) -> String {
     }
 }
 
-/// Checks a subject filter: dot-separated non-empty tokens without
-/// whitespace; `*` and a final `>` are wildcards.
-pub fn validate_subject_filter(subject: &str) -> Result<(), &'static str> {
-    if subject.is_empty() {
-        return Err("is empty");
-    }
-    let tokens: Vec<&str> = subject.split('.').collect();
-    for (i, token) in tokens.iter().enumerate() {
-        if token.is_empty() {
-            return Err("has an empty token (two dots, or a dot at an end)");
-        }
-        if token.chars().any(char::is_whitespace) {
-            return Err("contains whitespace");
-        }
-        if token.contains('>') && (*token != ">" || i + 1 != tokens.len()) {
-            return Err("uses `>` other than as the whole last token");
-        }
-        if token.contains('*') && *token != "*" {
-            return Err("uses `*` inside a token");
-        }
-    }
-    Ok(())
-}
-
-/// Checks a subject a plugin publishes to: like a filter, but no wildcards.
-pub fn validate_publish_subject(subject: &str) -> Result<(), &'static str> {
-    validate_subject_filter(subject)?;
-    if subject.split('.').any(|t| t == "*" || t == ">") {
-        return Err("contains a wildcard");
-    }
-    Ok(())
-}
-
-fn validate_stream_name(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() {
-        return Err("is empty");
-    }
-    if name
-        .chars()
-        .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
-    {
-        return Err("may not contain whitespace, `.`, `*`, `>`, `/` or `\\`");
-    }
-    Ok(())
-}
-
 impl fmt::Display for StartPosition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -393,6 +439,14 @@ mod tests {
         assert_eq!(m.concurrency, 1);
         assert_eq!(m.retry, RetryPolicy::default());
         assert_eq!(m.limits, Limits::default());
+        assert_eq!(m.instances.isolation, Isolation::Instance);
+        assert_eq!(m.recycle_memory_bytes(), 48 << 20);
+        let m = Manifest::parse(&format!(
+            "{MINIMAL}[instances]\nisolation = \"event\"\nrecycle-above-memory-mb = 10\n"
+        ))
+        .unwrap();
+        assert_eq!(m.instances.isolation, Isolation::Event);
+        assert_eq!(m.recycle_memory_bytes(), 10 << 20);
     }
 
     #[test]
@@ -525,8 +579,14 @@ mod tests {
                 "backoff-initial-ms",
             ),
             ("[limits]\nmemory-mb = 0\n", "memory-mb"),
+            (
+                "[instances]\nrecycle-after-events = 0\n",
+                "recycle-after-events",
+            ),
+            ("[instances]\nisolation = \"none\"\n", "isolation"),
             ("start = { time = 2026-01-31 }\n", "start.time"),
             ("start = \"sometime\"\n", "sometime"),
+            ("start = { sequence = 0 }\n", "start.sequence"),
         ] {
             let err = Manifest::parse(&format!("{MINIMAL}{extra}")).unwrap_err();
             assert!(err.contains(needle), "{extra:?}: {err}");
@@ -537,6 +597,21 @@ mod tests {
         assert!(err.contains("stream"), "{err}");
         let err = Manifest::parse("subjects = []\nstream = \"S\"\n").unwrap_err();
         assert!(err.contains("at least one"), "{err}");
+    }
+
+    #[test]
+    fn limits_must_fit_the_servers_max_payload() {
+        let defaults = Limits::default();
+        assert!(defaults.check_fits(1 << 20).is_ok());
+        let err = defaults.check_fits(512 << 10).unwrap_err();
+        assert!(err.contains("limits.max-emit-bytes"), "{err}");
+        let big = Limits {
+            max_state_value_bytes: 2 << 20,
+            ..Limits::default()
+        };
+        let err = big.check_fits(1 << 20).unwrap_err();
+        assert!(err.contains("limits.max-state-value-bytes"), "{err}");
+        assert!(big.check_fits(8 << 20).is_ok());
     }
 
     #[test]

@@ -10,7 +10,8 @@ use crate::bindings::PluginPre;
 use crate::compile_cache::CacheStatus;
 use crate::event::Event;
 use crate::manifest::Manifest;
-use crate::sandbox::{CallState, Invocation, PluginContext, WarmInstance};
+use crate::sandbox::instances::InstancePool;
+use crate::sandbox::{CallState, InstanceStats, Invocation, PluginContext};
 use crate::state::StateStore;
 
 /// A plugin version: the first 12 hex digits of the component's SHA-256.
@@ -42,6 +43,7 @@ struct Inner {
     cache_status: CacheStatus,
     pre: PluginPre<CallState>,
     ctx: Arc<PluginContext>,
+    instances: InstancePool,
 }
 
 /// A plugin ready to run. Cheap to clone: clones share the compiled code.
@@ -69,6 +71,7 @@ impl Plugin {
         ctx: Arc<PluginContext>,
     ) -> Self {
         Plugin(Arc::new(Inner {
+            instances: InstancePool::new(&manifest),
             name,
             version,
             manifest,
@@ -108,14 +111,19 @@ impl Plugin {
         &self.0.ctx
     }
 
-    /// Handle `event` in a fresh instance, reading committed state from
-    /// `state`. Never fails: whatever went wrong is in the outcome.
-    pub async fn invoke(&self, event: &Event, state: Arc<dyn StateStore>) -> Invocation {
-        crate::sandbox::invoke_fresh(self, event, state).await
+    pub(crate) fn instances(&self) -> &InstancePool {
+        &self.0.instances
     }
 
-    /// An instance reused across calls; see [`WarmInstance`].
-    pub fn warm(&self, state: Arc<dyn StateStore>) -> WarmInstance {
-        WarmInstance::new(self.clone(), state)
+    /// How this version's instances have been used.
+    pub fn instance_stats(&self) -> InstanceStats {
+        self.0.instances.stats()
+    }
+
+    /// Handle `event`, reading committed state from `state`, in an instance
+    /// as the manifest's `[instances]` policy says. Never fails: whatever
+    /// went wrong is in the outcome.
+    pub async fn invoke(&self, event: &Event, state: Arc<dyn StateStore>) -> Invocation {
+        crate::sandbox::invoke(self, event, state).await
     }
 }

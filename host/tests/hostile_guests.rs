@@ -127,7 +127,7 @@ fn huge_emit_is_refused_by_the_outbox_limit() {
     match report.outcome {
         Outcome::Reject { reason } => {
             assert!(
-                reason.contains("larger than the plugin's limit of 1048576 bytes"),
+                reason.contains("larger than the plugin's limit of 1044480 bytes"),
                 "{reason}"
             )
         }

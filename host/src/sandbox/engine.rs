@@ -17,8 +17,13 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// - The wasm stack is capped at 1 MiB so runaway recursion traps as
 ///   "call stack exhausted" long before it threatens the host; async fibres
 ///   get 2 MiB so host frames below the guest always fit.
-/// - The on-demand allocator with copy-on-write memory images: per-plugin
-///   memory caps vary, and the pooling allocator would force one size on all.
+/// - The on-demand allocator with copy-on-write memory images. Instances
+///   are reused across events (see `sandbox::instances`), so creating one
+///   is off the per-event path; measured, the pooling allocator saves
+///   12-22 µs on a fresh Rust or C instance and makes a fresh Python one
+///   slower (its cost is faulting in the snapshotted heap, which pooling
+///   does not avoid), while forcing one slot size on every plugin and a
+///   failure mode when the pool runs out (BENCHMARKS.md).
 pub fn build() -> anyhow::Result<Engine> {
     let mut config = Config::new();
     config

@@ -9,14 +9,15 @@ use std::time::Instant;
 
 use serde::Serialize;
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::weir::plugin::{config, emit, log, state, types};
 use crate::bindings::{LimitError, WitHeader};
 use crate::event::{Emitted, Header};
-use crate::manifest::{Limits, validate_publish_subject};
+use crate::manifest::Limits;
+use crate::names::validate_publish_subject;
 use crate::sandbox::limits::Limiter;
+use crate::sandbox::stdio::Capture;
 use crate::state::{PendingState, StateStore};
 
 /// What every call of one plugin version shares.
@@ -46,19 +47,17 @@ pub enum LogLevel {
     Error,
 }
 
-/// How much of a guest's stdout/stderr is kept per call: enough for a panic
-/// message and backtrace hint, bounded so a chatty guest cannot eat memory.
-const STDIO_CAPTURE_BYTES: usize = 64 << 10;
-
 /// Headers the host sets on emitted events; a plugin may not forge them.
 const RESERVED_HEADER_PREFIXES: [&str; 2] = ["nats-", "weir-"];
 
-/// The store data of one plugin instance.
+/// The store data of one plugin instance. An instance may serve many
+/// calls, one at a time; [`CallState::begin`] starts each.
 pub struct CallState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub(crate) limiter: Limiter,
     pub(crate) ctx: Arc<PluginContext>,
+    /// Committed state, as the current call's pipeline sees it.
     pub(crate) store: Arc<dyn StateStore>,
     pub(crate) event_id: String,
     pub(crate) deadline: Instant,
@@ -67,14 +66,14 @@ pub struct CallState {
     /// Revision of each key when this call first read it from the store.
     pub(crate) reads: BTreeMap<String, u64>,
     pub(crate) logs: Vec<LogLine>,
-    pub(crate) stderr: MemoryOutputPipe,
-    pub(crate) stdout: MemoryOutputPipe,
+    pub(crate) stderr: Capture,
+    pub(crate) stdout: Capture,
 }
 
 impl CallState {
     pub fn new(ctx: Arc<PluginContext>, store: Arc<dyn StateStore>) -> Self {
-        let stderr = MemoryOutputPipe::new(STDIO_CAPTURE_BYTES);
-        let stdout = MemoryOutputPipe::new(STDIO_CAPTURE_BYTES);
+        let stderr = Capture::default();
+        let stdout = Capture::default();
         // No preopened directories, no environment, no arguments, no
         // sockets: a plugin reaches the world only through its imports.
         let wasi = WasiCtx::builder()
@@ -102,15 +101,19 @@ impl CallState {
         }
     }
 
-    /// Start a new call on this instance: forget what the previous one buffered.
-    pub fn begin(&mut self, event_id: &str, deadline: Instant) {
+    /// Start a new call on this instance: forget what the previous one
+    /// buffered, including output it printed after its result was taken.
+    pub fn begin(&mut self, event_id: &str, deadline: Instant, store: Arc<dyn StateStore>) {
         self.event_id.clear();
         self.event_id.push_str(event_id);
         self.deadline = deadline;
+        self.store = store;
         self.outbox.clear();
         self.pending = PendingState::default();
         self.reads.clear();
         self.logs.clear();
+        self.stdout.take();
+        self.stderr.take();
     }
 }
 
@@ -209,7 +212,11 @@ impl emit::Host for CallState {
         if let Some(why) = headers.iter().find_map(|h| validate_header(h).err()) {
             return Ok(Err(LimitError::Invalid(why)));
         }
-        if payload.len() as u64 > limits.max_emit_bytes {
+        let header_bytes: usize = headers
+            .iter()
+            .map(|h| h.key.len() + h.value.len() + 4)
+            .sum();
+        if (payload.len() + header_bytes) as u64 > limits.max_emit_bytes {
             return Ok(Err(LimitError::TooLarge(limits.max_emit_bytes)));
         }
         if self.outbox.len() >= limits.max_emits as usize {

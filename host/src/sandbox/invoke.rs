@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{Store, UpdateDeadline};
 
-use crate::bindings::{GuestError, Plugin as PluginWorld};
+use crate::bindings::GuestError;
 use crate::event::{Emitted, Event};
 use crate::outcome::Outcome;
 use crate::plugin::Plugin;
 use crate::sandbox::host::{CallState, LogLevel, LogLine, StateUnavailable};
+use crate::sandbox::instances::Instance;
 use crate::sandbox::limits::{DeadlineExceeded, MemoryLimitExceeded};
 use crate::state::{StateChange, StateStore};
 
@@ -55,102 +56,76 @@ fn new_store(plugin: &Plugin, state: Arc<dyn StateStore>) -> Store<CallState> {
     store
 }
 
-fn start_call(store: &mut Store<CallState>, event: &Event, timeout: Duration) {
-    store.data_mut().begin(&event.id, Instant::now() + timeout);
+fn start_call(
+    store: &mut Store<CallState>,
+    event: &Event,
+    deadline: Instant,
+    state: Arc<dyn StateStore>,
+) {
+    store.data_mut().begin(&event.id, deadline, state);
     store.set_epoch_deadline(1);
 }
 
-/// Run `event` in a fresh instance of `plugin`.
-pub(crate) async fn invoke_fresh(
+/// Run `event` in an instance of `plugin`: an idle one from its pool, or a
+/// new one. The deadline covers instantiation too.
+pub(crate) async fn invoke(
     plugin: &Plugin,
     event: &Event,
     state: Arc<dyn StateStore>,
 ) -> Invocation {
     let started = Instant::now();
     let timeout = plugin.manifest().limits.timeout();
-    let mut store = new_store(plugin, state);
-    start_call(&mut store, event, timeout);
-    let wit_event = event.to_wit();
-    let call = async {
-        let world = plugin.pre().instantiate_async(&mut store).await?;
-        world
-            .weir_plugin_handler()
-            .call_handle(&mut store, &wit_event)
-            .await
-    };
-    let result = tokio::time::timeout(timeout + HOST_GRACE, call).await;
-    finish(store, result, timeout, started)
-}
-
-/// An instance kept across calls. Faster than a fresh instance per event
-/// (no instantiation), but globals and memory carry over between events, so
-/// the pipeline does not use it; benchmarks and embedders that trust their
-/// guests may. After any outcome but `Ok`, the instance is discarded and
-/// the next call instantiates a new one.
-pub struct WarmInstance {
-    plugin: Plugin,
-    state: Arc<dyn StateStore>,
-    live: Option<(Store<CallState>, PluginWorld)>,
-}
-
-impl WarmInstance {
-    pub(crate) fn new(plugin: Plugin, state: Arc<dyn StateStore>) -> Self {
-        WarmInstance {
-            plugin,
-            state,
-            live: None,
-        }
-    }
-
-    pub async fn invoke(&mut self, event: &Event) -> Invocation {
-        let started = Instant::now();
-        let timeout = self.plugin.manifest().limits.timeout();
-        let (mut store, world) = match self.live.take() {
-            Some(live) => live,
-            None => {
-                let mut store = new_store(&self.plugin, self.state.clone());
-                start_call(&mut store, event, timeout);
-                match self.plugin.pre().instantiate_async(&mut store).await {
-                    Ok(world) => (store, world),
-                    Err(e) => return finish(store, Ok(Err(e)), timeout, started),
-                }
+    let deadline = started + timeout;
+    let hard_stop = tokio::time::Instant::from_std(deadline + HOST_GRACE);
+    let pool = plugin.instances();
+    let mut instance = match pool.take() {
+        Some(instance) => instance,
+        None => {
+            let mut store = new_store(plugin, state.clone());
+            start_call(&mut store, event, deadline, state.clone());
+            pool.created();
+            match tokio::time::timeout_at(hard_stop, plugin.pre().instantiate_async(&mut store))
+                .await
+            {
+                Ok(Ok(world)) => Instance {
+                    store,
+                    world,
+                    served: 0,
+                },
+                Ok(Err(e)) => return finish(&mut store, Ok(Err(e)), timeout, started),
+                Err(elapsed) => return finish(&mut store, Err(elapsed), timeout, started),
             }
-        };
-        start_call(&mut store, event, timeout);
-        let wit_event = event.to_wit();
-        let result = tokio::time::timeout(
-            timeout + HOST_GRACE,
-            world
-                .weir_plugin_handler()
-                .call_handle(&mut store, &wit_event),
-        )
-        .await;
-        let ok = matches!(result, Ok(Ok(Ok(()))));
-        let (invocation, store) = finish_keep(store, result, timeout, started);
-        if ok {
-            self.live = Some((store, world));
         }
-        invocation
+    };
+    start_call(&mut instance.store, event, deadline, state);
+    let wit_event = event.to_wit();
+    let result = tokio::time::timeout_at(
+        hard_stop,
+        instance
+            .world
+            .weir_plugin_handler()
+            .call_handle(&mut instance.store, &wit_event),
+    )
+    .await;
+    // Only a call that returned leaves the instance in a state fit for
+    // another event; a trap or an interrupted call may have left it
+    // anywhere.
+    let returned = matches!(result, Ok(Ok(_)));
+    let invocation = finish(&mut instance.store, result, timeout, started);
+    if returned {
+        pool.give_back(instance);
     }
+    invocation
 }
 
 type CallResult = Result<wasmtime::Result<Result<(), GuestError>>, tokio::time::error::Elapsed>;
 
 fn finish(
-    store: Store<CallState>,
+    store: &mut Store<CallState>,
     result: CallResult,
     timeout: Duration,
     started: Instant,
 ) -> Invocation {
-    finish_keep(store, result, timeout, started).0
-}
-
-fn finish_keep(
-    mut store: Store<CallState>,
-    result: CallResult,
-    timeout: Duration,
-    started: Instant,
-) -> (Invocation, Store<CallState>) {
     let outcome = match result {
         Err(_elapsed) => Outcome::Deadline { limit: timeout },
         Ok(Ok(Ok(()))) => Outcome::Ok,
@@ -164,7 +139,7 @@ fn finish_keep(
     let data = store.data_mut();
     let mut logs = std::mem::take(&mut data.logs);
     // What a guest prints (a debugging println!, say) shows up with its logs.
-    let stdout = data.stdout.contents();
+    let (stdout, dropped) = data.stdout.take();
     logs.extend(
         String::from_utf8_lossy(&stdout)
             .lines()
@@ -173,6 +148,13 @@ fn finish_keep(
                 message: format!("stdout: {line}"),
             }),
     );
+    if dropped > 0 {
+        logs.push(LogLine {
+            level: LogLevel::Warn,
+            message: format!("stdout: {dropped} more bytes dropped"),
+        });
+    }
+    data.stderr.take();
     let (emitted, state_changes, state_reads) = if outcome.is_ok() {
         (
             std::mem::take(&mut data.outbox),
@@ -182,15 +164,14 @@ fn finish_keep(
     } else {
         (Vec::new(), Vec::new(), BTreeMap::new())
     };
-    let invocation = Invocation {
+    Invocation {
         outcome,
         emitted,
         state_reads,
         state_changes,
         logs,
         duration: started.elapsed(),
-    };
-    (invocation, store)
+    }
 }
 
 fn classify_trap(error: &wasmtime::Error, data: &CallState, timeout: Duration) -> Outcome {
@@ -211,7 +192,7 @@ fn classify_trap(error: &wasmtime::Error, data: &CallState, timeout: Duration) -
         Some(trap) => format!("{trap}"),
         None => format!("{error:#}"),
     };
-    let stderr = data.stderr.contents();
+    let stderr = data.stderr.peek();
     let stderr = String::from_utf8_lossy(&stderr);
     let stderr = stderr.trim();
     if !stderr.is_empty() {

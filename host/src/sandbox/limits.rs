@@ -37,9 +37,12 @@ impl fmt::Display for DeadlineExceeded {
 
 impl std::error::Error for DeadlineExceeded {}
 
-/// Caps each linear memory and table of a plugin instance.
+/// Caps each linear memory and table of a plugin instance, and keeps
+/// count of how much linear memory the instance holds (the recycle rule
+/// reads it).
 pub struct Limiter {
     memory_bytes: u64,
+    held_bytes: u64,
 }
 
 /// Tables hold function references; this is far above what real guests use
@@ -51,14 +54,22 @@ const MAX_INSTANCES: usize = 64;
 
 impl Limiter {
     pub fn new(memory_bytes: u64) -> Self {
-        Limiter { memory_bytes }
+        Limiter {
+            memory_bytes,
+            held_bytes: 0,
+        }
+    }
+
+    /// Linear memory of every memory of the instance, in bytes.
+    pub fn held_bytes(&self) -> u64 {
+        self.held_bytes
     }
 }
 
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -69,7 +80,11 @@ impl ResourceLimiter for Limiter {
                 desired_bytes,
             }));
         }
-        Ok(maximum.is_none_or(|max| desired <= max))
+        let grows = maximum.is_none_or(|max| desired <= max);
+        if grows {
+            self.held_bytes += (desired - current) as u64;
+        }
+        Ok(grows)
     }
 
     fn table_growing(

@@ -1,15 +1,18 @@
 //! The sandbox: one engine, one linker, and the per-call store.
 //!
-//! Every event runs in a fresh store instantiated from a pre-linked
-//! [`InstancePre`](wasmtime::component::InstancePre): nothing one event does
-//! can leak into the next, and a trap, a deadline or a memory cap ends that
-//! event alone.
+//! Instances are created from a pre-linked
+//! [`InstancePre`](wasmtime::component::InstancePre) and serve one event at
+//! a time; an instance that returned cleanly is reused for a later event
+//! (see [`instances`]), and a trap, a deadline or a memory cap ends that
+//! event alone and discards its instance.
 
 mod engine;
 pub(crate) mod host;
+pub(crate) mod instances;
 mod invoke;
-pub(crate) use invoke::invoke_fresh;
+pub(crate) use invoke::invoke;
 pub(crate) mod limits;
+mod stdio;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,7 +32,8 @@ pub use engine::EPOCH_TICK;
 /// A test checks it against Cargo.lock.
 pub const WASMTIME_VERSION: &str = "48.0.8";
 pub use host::{CallState, LogLevel, LogLine, PluginContext, StateUnavailable};
-pub use invoke::{Invocation, WarmInstance};
+pub use instances::InstanceStats;
+pub use invoke::Invocation;
 pub use limits::{DeadlineExceeded, MemoryLimitExceeded};
 
 /// Settings for the sandbox as a whole.
@@ -58,17 +62,18 @@ impl SandboxConfig {
 pub enum LoadError {
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("cannot read plugin {}: {source}", path.display())]
+    #[error("cannot read plugin {}: {error}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        /// Shown in the message, not chained as a source, so `{:#}` prints it once.
+        error: std::io::Error,
     },
     #[error("{} is not a valid WebAssembly component: {message}", path.display())]
     Compile { path: PathBuf, message: String },
     #[error("{} does not fit the weir:plugin world: {message}", path.display())]
     World { path: PathBuf, message: String },
-    #[error("plugin file name {} has no usable name (expected NAME.wasm)", path.display())]
-    Name { path: PathBuf },
+    #[error("{}: {message} (expected NAME.wasm)", path.display())]
+    Name { path: PathBuf, message: String },
 }
 
 /// Compiles, links and runs plugins.
@@ -111,9 +116,9 @@ impl Sandbox {
     /// Load `wasm` with a manifest given by the caller.
     pub fn load_with_manifest(&self, wasm: &Path, manifest: Manifest) -> Result<Plugin, LoadError> {
         let name = plugin_name(wasm)?;
-        let bytes = std::fs::read(wasm).map_err(|source| LoadError::Read {
+        let bytes = std::fs::read(wasm).map_err(|error| LoadError::Read {
             path: wasm.to_owned(),
-            source,
+            error,
         })?;
         self.load_bytes(name, wasm, &bytes, manifest)
     }
@@ -163,15 +168,18 @@ impl Sandbox {
     }
 }
 
-/// `fraud` for `plugins/fraud.wasm`.
-fn plugin_name(wasm: &Path) -> Result<String, LoadError> {
-    wasm.file_stem()
+/// `fraud` for `plugins/fraud.wasm`, if that is a valid plugin name.
+pub fn plugin_name(wasm: &Path) -> Result<String, LoadError> {
+    let error = |message: String| LoadError::Name {
+        path: wasm.to_owned(),
+        message,
+    };
+    let stem = wasm
+        .file_stem()
         .and_then(|s| s.to_str())
-        .filter(|s| !s.is_empty() && !s.contains(char::is_whitespace) && !s.contains('.'))
-        .map(str::to_owned)
-        .ok_or_else(|| LoadError::Name {
-            path: wasm.to_owned(),
-        })
+        .ok_or_else(|| error("the file name is not UTF-8".into()))?;
+    crate::names::validate_plugin_name(stem).map_err(error)?;
+    Ok(stem.to_owned())
 }
 
 #[cfg(test)]

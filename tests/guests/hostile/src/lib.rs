@@ -3,9 +3,18 @@
 //! The payload names the misbehaviour, so one loaded plugin can show that a
 //! bad event fails alone and the next event is served.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use weir_guest::{Event, Plugin, Result, emit, reject, retry, retry_after, state};
 
 pub struct Hostile;
+
+/// Events this instance has handled: what a plugin keeping a global
+/// counter sees (the host may or may not reuse an instance).
+static HANDLED: AtomicU64 = AtomicU64::new(0);
+
+/// Zero unless an event scribbled on this instance's globals.
+static POISON: AtomicU64 = AtomicU64::new(0);
 
 /// Recursion with scalar frames only: each level costs wasm call stack, not
 /// linear memory, so it exhausts the engine's stack limit. The rotate-xor
@@ -31,6 +40,7 @@ fn deep_frames(n: u64) -> u64 {
 
 impl Plugin for Hostile {
     fn handle(event: Event) -> Result {
+        let handled = HANDLED.fetch_add(1, Ordering::Relaxed) + 1;
         match event.text()? {
             "ok" => Ok(()),
             "loop" => loop {
@@ -101,6 +111,27 @@ impl Plugin for Hostile {
                 std::time::Duration::from_millis(50),
             )),
             "reject" => Err(reject("asked to reject")),
+            "instance-count" => {
+                // How many events this instance has seen, itself included.
+                emit::publish("hostile.out", handled.to_string().as_bytes())?;
+                Ok(())
+            }
+            "corrupt-then-trap" => {
+                POISON.store(0xdead_beef, Ordering::Relaxed);
+                #[allow(clippy::panic)]
+                {
+                    panic!("scribbled on my globals, now trapping")
+                }
+            }
+            "check-globals" => match POISON.load(Ordering::Relaxed) {
+                0 => {
+                    emit::publish("hostile.out", b"pristine")?;
+                    Ok(())
+                }
+                poison => Err(reject(format!(
+                    "globals corrupted by an earlier event: {poison:#x}"
+                ))),
+            },
             "retry-once" if event.attempt == 1 => Err(retry("first attempt always fails")),
             "retry-once" => {
                 emit::publish("hostile.out", event.id.as_bytes())?;
@@ -114,11 +145,17 @@ impl Plugin for Hostile {
             }
             tally if tally.starts_with("tally ") => {
                 // Count events per key in state and emit one output per
-                // event: the exactly-once crash tests check both.
+                // event: the exactly-once crash tests check both. The
+                // output also carries this instance's own global count,
+                // which differs between runs of the same event: only the
+                // committed run's output may ever be published.
                 let key = format!("tally.{}", &tally["tally ".len()..]);
                 let n = state::get_json::<u64>(&key)?.unwrap_or(0) + 1;
                 state::set_json(&key, &n)?;
-                emit::publish("hostile.out", event.id.as_bytes())?;
+                emit::Message::new("hostile.out")
+                    .header("Instance-Count", handled.to_string())
+                    .payload(event.id.as_bytes())
+                    .send()?;
                 Ok(())
             }
             ordered if ordered.starts_with("ordered ") || ordered.starts_with("ordered-flaky ") => {
