@@ -99,8 +99,17 @@ fn authorized(admin: &Admin, headers: &HeaderMap) -> bool {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_credentials)
         .is_some_and(|given| constant_time_eq(given.as_bytes(), expected.as_bytes()))
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme is
+/// case-insensitive (RFC 9110), and clients differ in how they spell it.
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(char::is_whitespace)?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
 }
 
 fn unauthorized() -> Response {
@@ -164,6 +173,15 @@ mod tests {
                    INFO weir::admin: admin endpoint listening addr=127.0.0.1:2\n";
         assert_eq!(super::addr_in_log(log), Some("127.0.0.1:2"));
         assert_eq!(super::addr_in_log("weir is running"), None);
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for value in ["Bearer t0k", "bearer t0k", "BEARER  t0k"] {
+            assert_eq!(super::bearer_credentials(value), Some("t0k"), "{value}");
+        }
+        assert_eq!(super::bearer_credentials("Basic dTpw"), None);
+        assert_eq!(super::bearer_credentials("Bearer"), None);
     }
 
     #[test]

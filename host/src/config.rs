@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::names;
+
 /// The whole host configuration.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -77,6 +79,10 @@ pub struct PluginsConfig {
     /// files change.
     #[serde(default = "defaults::watch")]
     pub watch: bool,
+    /// Largest `.wasm` file the host reads, in MiB; bigger ones are refused
+    /// without being read.
+    #[serde(default = "defaults::max_wasm_mb")]
+    pub max_wasm_mb: u64,
 }
 
 impl Default for PluginsConfig {
@@ -84,6 +90,7 @@ impl Default for PluginsConfig {
         PluginsConfig {
             dir: PathBuf::from("plugins"),
             watch: true,
+            max_wasm_mb: defaults::max_wasm_mb(),
         }
     }
 }
@@ -275,15 +282,20 @@ mod defaults {
     pub fn watch() -> bool {
         true
     }
+
+    pub fn max_wasm_mb() -> u64 {
+        128
+    }
 }
 
 /// A config file that could not be read or is invalid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {}: {source}", path.display())]
+    #[error("cannot read config {}: {error}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        /// Shown in the message, not chained as a source, so `{:#}` prints it once.
+        error: std::io::Error,
     },
     #[error("invalid config {}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
@@ -293,9 +305,9 @@ impl HostConfig {
     /// Read, validate and resolve `path`; relative paths inside are taken
     /// from the file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, base).map_err(|message| ConfigError::Invalid {
@@ -356,20 +368,18 @@ impl HostConfig {
         if n.tls.cert_file.is_some() != n.tls.key_file.is_some() {
             return Err("`nats.tls.cert-file` and `nats.tls.key-file` go together".into());
         }
-        for s in &self.streams {
-            if s.subjects.is_empty() {
-                return Err(format!(
-                    "`streams`: stream {} needs at least one subject",
-                    s.name
-                ));
-            }
-            for subject in &s.subjects {
-                crate::manifest::validate_subject_filter(subject)
-                    .map_err(|why| format!("`streams`: subject {subject:?} of {} {why}", s.name))?;
-            }
+        if let Some(url) = &n.url {
+            names::validate_nats_url(url).map_err(|why| format!("`nats.url` {why}"))?;
         }
-        crate::manifest::validate_publish_subject(&self.dead_letter.subject_prefix)
-            .map_err(|why| format!("`dead-letter.subject-prefix` {why}"))?;
+        self.validate_streams()?;
+        names::validate_bucket_prefix(&self.state.bucket_prefix)
+            .map_err(|why| format!("`state.bucket-prefix` {:?} {why}", self.state.bucket_prefix))?;
+        if self.state.done_ttl_s == 0 {
+            return Err("`state.done-ttl-s` must be at least 1".into());
+        }
+        if self.plugins.max_wasm_mb == 0 {
+            return Err("`plugins.max-wasm-mb` must be at least 1".into());
+        }
         if self.runtime.ack_wait_ms < 1_000 {
             return Err("`runtime.ack-wait-ms` must be at least 1000".into());
         }
@@ -389,6 +399,50 @@ impl HostConfig {
             return Err(format!(
                 "`telemetry.otlp-endpoint` {endpoint:?} must be an http:// or https:// URL"
             ));
+        }
+        Ok(())
+    }
+
+    /// Streams to create and the dead-letter stream: valid names and
+    /// subjects, and no subject captured by two of them (NATS would refuse
+    /// to create the second one).
+    fn validate_streams(&self) -> Result<(), String> {
+        let dlq = &self.dead_letter;
+        names::validate_stream_name(&dlq.stream)
+            .map_err(|why| format!("`dead-letter.stream` {:?} {why}", dlq.stream))?;
+        names::validate_publish_subject(&dlq.subject_prefix)
+            .map_err(|why| format!("`dead-letter.subject-prefix` {why}"))?;
+        let mut claimed: Vec<(String, &str)> =
+            vec![(format!("{}.>", dlq.subject_prefix), dlq.stream.as_str())];
+        for s in &self.streams {
+            names::validate_stream_name(&s.name)
+                .map_err(|why| format!("`streams`: stream name {:?} {why}", s.name))?;
+            if s.subjects.is_empty() {
+                return Err(format!(
+                    "`streams`: stream {} needs at least one subject",
+                    s.name
+                ));
+            }
+            if s.name == dlq.stream {
+                return Err(format!(
+                    "`streams`: {} is the dead-letter stream, which the host creates itself",
+                    s.name
+                ));
+            }
+            for subject in &s.subjects {
+                names::validate_subject_filter(subject)
+                    .map_err(|why| format!("`streams`: subject {subject:?} of {} {why}", s.name))?;
+                if let Some((other, owner)) = claimed
+                    .iter()
+                    .find(|(other, _)| names::subjects_overlap(other, subject))
+                {
+                    return Err(format!(
+                        "`streams`: subject {subject:?} of {} overlaps {other:?} of {owner}",
+                        s.name
+                    ));
+                }
+            }
+            claimed.extend(s.subjects.iter().map(|sub| (sub.clone(), s.name.as_str())));
         }
         Ok(())
     }
@@ -501,6 +555,29 @@ mod tests {
                 "[telemetry]\notlp-endpoint = \"collector:4318\"\n",
                 "http://",
             ),
+            ("[nats]\nurl = \"\"\n", "nats.url"),
+            ("[nats]\nurl = \"http://x:4222\"\n", "nats.url"),
+            ("[state]\nbucket-prefix = \"a.b\"\n", "state.bucket-prefix"),
+            ("[state]\ndone-ttl-s = 0\n", "done-ttl-s"),
+            ("[plugins]\ndir = \"p\"\nmax-wasm-mb = 0\n", "max-wasm-mb"),
+            (
+                "[[streams]]\nname = \"bad name\"\nsubjects = [\"a\"]\n",
+                "stream name \"bad name\" may not contain whitespace",
+            ),
+            (
+                "[[streams]]\nname = \"A\"\nsubjects = [\"orders.>\"]\n\
+                 [[streams]]\nname = \"B\"\nsubjects = [\"orders.placed\"]\n",
+                "\"orders.placed\" of B overlaps \"orders.>\" of A",
+            ),
+            (
+                "[[streams]]\nname = \"A\"\nsubjects = [\"weir.dlq.x\"]\n",
+                "overlaps \"weir.dlq.>\" of WEIR_DLQ",
+            ),
+            (
+                "[[streams]]\nname = \"WEIR_DLQ\"\nsubjects = [\"x\"]\n",
+                "dead-letter stream",
+            ),
+            ("[dead-letter]\nstream = \"a.b\"\n", "dead-letter.stream"),
         ] {
             let err = HostConfig::parse(text, Path::new(".")).unwrap_err();
             assert!(err.contains(needle), "{text:?}: {err}");

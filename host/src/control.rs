@@ -61,14 +61,14 @@ pub(crate) async fn spawn_responder(host: HostHandle) -> anyhow::Result<JoinHand
                     error: None,
                 },
                 Ok(Request::Remove { name }) => match host.remove(&name).await {
-                    Ok(stream) => {
-                        if stream.is_some() {
+                    Ok(removed) => {
+                        if removed.is_some() {
                             tracing::info!(plugin = %name, "plugin removed by request; its consumer is kept");
                         }
                         Response {
                             host: id.clone(),
                             plugins: host.plugins().await,
-                            removed_from_stream: stream,
+                            removed_from_stream: removed.and_then(|r| r.stream),
                             error: None,
                         }
                     }
@@ -113,7 +113,15 @@ pub async fn ask(
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + wait;
     while let Ok(Some(message)) = tokio::time::timeout_at(deadline, answers.next()).await {
-        out.push(serde_json::from_slice(&message.payload)?);
+        // Not every reply comes from a host: a stream capturing the control
+        // subject acknowledges the request too. Only host answers count.
+        match serde_json::from_slice::<Response>(&message.payload) {
+            Ok(response) if !response.host.is_empty() => out.push(response),
+            _ => tracing::debug!(
+                "ignoring a reply that is not a host's answer: {}",
+                String::from_utf8_lossy(&message.payload)
+            ),
+        }
     }
     out.sort_by(|a: &Response, b: &Response| a.host.cmp(&b.host));
     Ok(out)

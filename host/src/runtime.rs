@@ -8,13 +8,11 @@
 //! every [`RESCAN_INTERVAL`] in case a change notification was missed.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_nats::jetstream;
-use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +23,7 @@ use crate::pipeline::stats::{PluginStats, StatsSnapshot};
 use crate::pipeline::{self, PipelineContext};
 use crate::plugin::Plugin;
 use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::scan::{Entry, Fingerprint, Found, Scanner};
 use crate::store::PluginStore;
 use crate::telemetry::Metrics;
 
@@ -34,22 +33,11 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// A full rescan of the plugin directory this often, whatever the watcher says.
 pub const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
 
-/// The bytes that make a plugin version: a change to either file is a new
-/// version to load.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Fingerprint {
-    wasm: [u8; 32],
-    manifest: [u8; 32],
-}
-
-/// A plugin found in the directory, read once so that what is fingerprinted
-/// is exactly what is loaded (the files may change again meanwhile).
-struct Found {
-    wasm_path: PathBuf,
-    wasm: Vec<u8>,
-    manifest_text: String,
-    fingerprint: Fingerprint,
-}
+/// First and longest wait before starting a plugin again whose start
+/// failed for a reason outside its files (its stream does not exist yet,
+/// NATS is unreachable).
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// A plugin the host serves.
 struct Running {
@@ -64,10 +52,24 @@ struct Running {
 /// A plugin file the host could not serve, and why.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LoadFailure {
-    pub path: PathBuf,
+    pub path: std::path::PathBuf,
     pub error: String,
+    /// The files that failed; the same files are not loaded again...
     #[serde(skip)]
     fingerprint: Option<Fingerprint>,
+    /// ...unless the failure was outside them, when they are tried again
+    /// at this time, with a growing backoff.
+    #[serde(skip)]
+    retry: Option<(Instant, Duration)>,
+}
+
+impl LoadFailure {
+    /// Whether `found` should be loaded despite this failure: its files
+    /// changed, or a retry is due.
+    fn allows(&self, found: &Found, now: Instant) -> bool {
+        self.fingerprint.as_ref() != Some(&found.fingerprint)
+            || self.retry.is_some_and(|(at, _)| at <= now)
+    }
 }
 
 /// What `weir plugins list` and the admin `/plugins` show about a plugin.
@@ -78,7 +80,9 @@ pub struct PluginInfo {
     pub version: String,
     pub subjects: Vec<String>,
     pub stream: String,
-    /// `running`, or `failed` when no version of it could be loaded.
+    /// `running`; `stalled` when its stream or consumer is gone (it
+    /// resumes when they are back); `failed` when no version of it could
+    /// be loaded.
     pub status: String,
     #[serde(flatten)]
     pub counters: StatsSnapshot,
@@ -100,6 +104,11 @@ struct Inner {
     js: jetstream::Context,
     sandbox: Arc<Sandbox>,
     shutdown: CancellationToken,
+    /// Held for a whole reconcile, so two never race to start the same
+    /// plugin. The registry lock is only taken briefly inside, never
+    /// across a compile or a NATS request, so `/readyz`, `/plugins` and
+    /// control requests answer while a plugin compiles.
+    scanner: Mutex<Scanner>,
     registry: Mutex<Registry>,
     metrics: Arc<Metrics>,
 }
@@ -108,58 +117,6 @@ struct Inner {
 pub struct Host {
     inner: Arc<Inner>,
     background: Vec<JoinHandle<()>>,
-}
-
-/// The `*.wasm` files of `dir`, sorted by name, skipping hidden files and
-/// editor or download leftovers.
-pub fn plugin_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir)
-        .with_context(|| format!("reading plugin directory {}", dir.display()))?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            !name.starts_with('.') && name.ends_with(".wasm") && p.is_file()
-        })
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
-fn scan(dir: &Path) -> anyhow::Result<BTreeMap<String, Found>> {
-    let mut found = BTreeMap::new();
-    for wasm_path in plugin_files(dir)? {
-        let Some(name) = wasm_path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .map(str::to_owned)
-        else {
-            continue;
-        };
-        let manifest_path = Manifest::path_for(&wasm_path);
-        // A missing manifest or a file vanishing under us is a plugin being
-        // deployed or removed right now; the next change event completes it.
-        let (Ok(wasm), Ok(manifest_text)) = (
-            std::fs::read(&wasm_path),
-            std::fs::read_to_string(&manifest_path),
-        ) else {
-            continue;
-        };
-        let fingerprint = Fingerprint {
-            wasm: Sha256::digest(&wasm).into(),
-            manifest: Sha256::digest(manifest_text.as_bytes()).into(),
-        };
-        found.insert(
-            name,
-            Found {
-                wasm_path,
-                wasm,
-                manifest_text,
-                fingerprint,
-            },
-        );
-    }
-    Ok(found)
 }
 
 /// Whether two manifests ask for the same consumer and pipeline shape, so a
@@ -194,12 +151,14 @@ impl Host {
             None => SandboxConfig::with_default_cache(),
         };
         let sandbox = Arc::new(Sandbox::new(sandbox_config)?);
+        let scanner = Scanner::new(config.plugins.dir.clone(), config.plugins.max_wasm_mb << 20);
         let inner = Arc::new(Inner {
             config,
             client,
             js,
             sandbox,
             shutdown: CancellationToken::new(),
+            scanner: Mutex::new(scanner),
             registry: Mutex::new(Registry::default()),
             metrics: Arc::new(Metrics::new()),
         });
@@ -281,6 +240,13 @@ impl Host {
     }
 }
 
+/// A plugin removed by [`HostHandle::remove`].
+#[derive(Debug, Clone)]
+pub struct Removed {
+    /// The stream it consumed, when it was running (its consumer lives there).
+    pub stream: Option<String>,
+}
+
 /// What the watcher and the control responder may do with the host.
 #[derive(Clone)]
 pub(crate) struct HostHandle(Arc<Inner>);
@@ -314,22 +280,55 @@ impl HostHandle {
         if state != async_nats::connection::State::Connected {
             reasons.push(format!("NATS is not connected ({state})"));
         }
-        for (name, failure) in &self.0.registry.lock().await.failures {
+        let registry = self.0.registry.lock().await;
+        for (name, failure) in &registry.failures {
             reasons.push(format!("plugin {name} failed to load: {}", failure.error));
+        }
+        for (name, running) in &registry.running {
+            if let Some(why) = running.stats.stalled() {
+                reasons.push(format!("plugin {name} cannot pull events: {why}"));
+            }
         }
         reasons
     }
 
-    /// Remove a plugin from the directory and stop it; its consumer is kept
-    /// unless the caller deletes it. Returns its stream, or `None` if no
-    /// such plugin is served here.
-    pub async fn remove(&self, name: &str) -> anyhow::Result<Option<String>> {
+    /// The next moment a reconcile has work to do without any file
+    /// changing: a failed start to retry, a lone file to report.
+    pub async fn next_wakeup(&self) -> Option<Instant> {
+        let retries = self
+            .0
+            .registry
+            .lock()
+            .await
+            .failures
+            .values()
+            .filter_map(|f| f.retry.map(|(at, _)| at))
+            .min();
+        let unpaired = self.0.scanner.lock().await.next_deadline();
+        retries.into_iter().chain(unpaired).min()
+    }
+
+    /// Remove a plugin's files and stop it, whether it runs or failed to
+    /// load; its consumer is kept unless the caller deletes it. Returns
+    /// what was removed, or `None` if this host has no such plugin.
+    pub async fn remove(&self, name: &str) -> anyhow::Result<Option<Removed>> {
+        crate::names::validate_plugin_name(name).map_err(anyhow::Error::msg)?;
         let inner = &self.0;
-        let mut registry = inner.registry.lock().await;
-        let Some(running) = registry.running.remove(name) else {
-            return Ok(None);
+        // No reconcile may restart it between the files going and the stop.
+        let _scanning = inner.scanner.lock().await;
+        let (running, failed) = {
+            let mut registry = inner.registry.lock().await;
+            let running = registry.running.remove(name);
+            let failed = registry.failures.remove(name);
+            inner.metrics.set_plugins_running(registry.running.len());
+            (running, failed)
         };
-        let stream = running.plugin.borrow().manifest().stream.clone();
+        if running.is_none() && failed.is_none() {
+            return Ok(None);
+        }
+        let stream = running
+            .as_ref()
+            .map(|r| r.plugin.borrow().manifest().stream.clone());
         let wasm = inner.config.plugins.dir.join(format!("{name}.wasm"));
         for path in [Manifest::path_for(&wasm), wasm] {
             match std::fs::remove_file(&path) {
@@ -338,9 +337,10 @@ impl HostHandle {
                 Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
             }
         }
-        inner.metrics.set_plugins_running(registry.running.len());
-        stop(name, running).await;
-        Ok(Some(stream))
+        if let Some(running) = running {
+            stop(name, running).await;
+        }
+        Ok(Some(Removed { stream }))
     }
 }
 
@@ -354,14 +354,20 @@ impl Inner {
         let error = |name: &str| registry.failures.get(name).map(|f| f.error.clone());
         let running = registry.running.iter().map(|(name, r)| {
             let plugin = r.plugin.borrow();
+            let stalled = r.stats.stalled();
             PluginInfo {
                 name: name.clone(),
                 version: plugin.version().to_string(),
                 subjects: plugin.manifest().subjects.clone(),
                 stream: plugin.manifest().stream.clone(),
-                status: "running".into(),
+                status: if stalled.is_some() {
+                    "stalled"
+                } else {
+                    "running"
+                }
+                .into(),
                 counters: r.stats.snapshot(),
-                error: error(name),
+                error: stalled.or_else(|| error(name)),
             }
         });
         let failed = registry
@@ -383,73 +389,125 @@ impl Inner {
     }
 
     async fn reconcile(&self) -> anyhow::Result<()> {
-        let found = scan(&self.config.plugins.dir)?;
-        // One reconcile at a time: the lock is held across loads so two
-        // change events never race to start the same plugin.
-        let mut registry = self.registry.lock().await;
-        let gone: Vec<String> = registry
-            .running
-            .keys()
-            .filter(|n| !found.contains_key(*n))
-            .cloned()
-            .collect();
-        for name in gone {
-            if let Some(running) = registry.running.remove(&name) {
-                stop(&name, running).await;
-                tracing::info!(plugin = %name, "plugin removed; its consumer is kept, re-adding it resumes where it stopped");
-            }
-        }
-        registry.failures.retain(|name, _| found.contains_key(name));
-        for (name, found) in found {
-            let unchanged = registry
+        let mut scanner = self.scanner.lock().await;
+        // Reads changed files only: small, except for a new component.
+        let entries = scanner.scan()?;
+        let now = Instant::now();
+        // Decide under the registry lock; act outside it.
+        let (gone, todo) = {
+            let mut registry = self.registry.lock().await;
+            let found = |name: &str| matches!(entries.get(name), Some(Entry::Found(_)));
+            let refused = |name: &str| matches!(entries.get(name), Some(Entry::Refused { .. }));
+            let gone: Vec<String> = registry
                 .running
-                .get(&name)
-                .is_some_and(|r| r.fingerprint == found.fingerprint)
-                || registry
-                    .failures
-                    .get(&name)
-                    .is_some_and(|f| f.fingerprint.as_ref() == Some(&found.fingerprint));
-            if unchanged {
-                continue;
-            }
-            let landed = Instant::now();
-            let was_running = registry.running.contains_key(&name);
-            let result = match self.load(&name, &found).await {
-                Ok(plugin) => {
-                    self.apply(
-                        &mut registry,
-                        &name,
-                        plugin,
-                        found.fingerprint.clone(),
-                        landed,
-                    )
-                    .await
-                }
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(()) => {
-                    registry.failures.remove(&name);
-                }
-                Err(e) => {
-                    self.metrics.load_failure(&name);
-                    if was_running && registry.running.contains_key(&name) {
-                        tracing::error!(plugin = %name, "new version rejected, the running version keeps serving: {e:#}");
-                    } else {
-                        tracing::error!(path = %found.wasm_path.display(), "plugin not started: {e:#}");
+                .keys()
+                .filter(|n| !found(n) && !refused(n))
+                .cloned()
+                .collect();
+            let gone: Vec<(String, Running)> = gone
+                .into_iter()
+                .filter_map(|n| registry.running.remove(&n).map(|r| (n, r)))
+                .collect();
+            registry
+                .failures
+                .retain(|name, _| entries.contains_key(name));
+            let mut todo = Vec::new();
+            for (name, entry) in entries {
+                match entry {
+                    Entry::Found(found) => {
+                        let serving = registry
+                            .running
+                            .get(&name)
+                            .is_some_and(|r| r.fingerprint == found.fingerprint);
+                        if serving {
+                            // Back to the version that runs: an earlier
+                            // rejection of other files no longer applies.
+                            registry.failures.remove(&name);
+                        } else if registry
+                            .failures
+                            .get(&name)
+                            .is_none_or(|f| f.allows(&found, now))
+                        {
+                            todo.push((name, found));
+                        }
                     }
-                    // Not retried until the files change again.
-                    let failure = LoadFailure {
+                    Entry::Refused { path, reason } => {
+                        if registry.failures.get(&name).map(|f| &f.error) != Some(&reason) {
+                            tracing::error!(path = %path.display(), "plugin not loaded: {reason}");
+                            self.metrics.load_failure(&name);
+                        }
+                        registry.failures.insert(
+                            name,
+                            LoadFailure {
+                                path,
+                                error: reason,
+                                fingerprint: None,
+                                retry: None,
+                            },
+                        );
+                    }
+                }
+            }
+            self.metrics.set_plugins_running(registry.running.len());
+            (gone, todo)
+        };
+        for (name, running) in gone {
+            stop(&name, running).await;
+            tracing::info!(plugin = %name, "plugin removed; its consumer is kept, re-adding it resumes where it stopped");
+        }
+        for (name, found) in todo {
+            self.bring_up(&name, found).await;
+        }
+        let registry = self.registry.lock().await;
+        self.metrics.set_plugins_running(registry.running.len());
+        Ok(())
+    }
+
+    /// Load `found` and start it, or swap it in for the running version.
+    async fn bring_up(&self, name: &str, found: Found) {
+        let landed = Instant::now();
+        let loaded = self.load(name, &found).await;
+        let result = match loaded {
+            // A bad component or manifest stays bad until its files change.
+            Err(e) => Err((e, false)),
+            // Starting can fail on NATS (stream missing, server away): retried.
+            Ok(plugin) => self
+                .apply(name, plugin, found.fingerprint.clone(), landed)
+                .await
+                .map_err(|e| (e, true)),
+        };
+        let mut registry = self.registry.lock().await;
+        match result {
+            Ok(()) => {
+                registry.failures.remove(name);
+            }
+            Err((e, retryable)) => {
+                self.metrics.load_failure(name);
+                let retry = retryable.then(|| {
+                    let backoff = match registry.failures.get(name).and_then(|f| f.retry) {
+                        Some((_, last)) => (last * 2).min(RETRY_MAX),
+                        None => RETRY_FIRST,
+                    };
+                    (Instant::now() + backoff, backoff)
+                });
+                if registry.running.contains_key(name) {
+                    tracing::error!(plugin = %name, "new version rejected, the running version keeps serving: {e:#}");
+                } else if let Some((_, backoff)) = retry {
+                    tracing::error!(path = %found.wasm_path.display(), "plugin not started, retrying in {backoff:?}: {e:#}");
+                } else {
+                    tracing::error!(path = %found.wasm_path.display(), "plugin not started: {e:#}");
+                }
+                registry.failures.insert(
+                    name.to_owned(),
+                    LoadFailure {
                         path: found.wasm_path,
                         error: format!("{e:#}"),
                         fingerprint: Some(found.fingerprint),
-                    };
-                    registry.failures.insert(name, failure);
-                }
+                        retry,
+                    },
+                );
             }
         }
-        self.metrics.set_plugins_running(registry.running.len());
-        Ok(())
     }
 
     /// Validate and compile off the async workers (seconds on a cache miss).
@@ -460,8 +518,16 @@ impl Inner {
                 message,
             }
         })?;
+        let max_payload = self.client.server_info().max_payload;
+        manifest.limits.check_fits(max_payload).map_err(|message| {
+            crate::manifest::ManifestError::Invalid {
+                path: Manifest::path_for(&found.wasm_path),
+                message,
+            }
+        })?;
         let sandbox = self.sandbox.clone();
-        let (name, path, wasm) = (name.to_owned(), found.wasm_path.clone(), found.wasm.clone());
+        let wasm = found.bytes()?;
+        let (name, path) = (name.to_owned(), found.wasm_path.clone());
         Ok(
             tokio::task::spawn_blocking(move || sandbox.load_bytes(name, &path, &wasm, manifest))
                 .await??,
@@ -471,51 +537,63 @@ impl Inner {
     /// Start `plugin`, or swap it in for the running version of `name`.
     async fn apply(
         &self,
-        registry: &mut Registry,
         name: &str,
         plugin: Plugin,
         fingerprint: Fingerprint,
         landed: Instant,
     ) -> anyhow::Result<()> {
-        if let Some(running) = registry.running.get_mut(name) {
-            let old = running.plugin.borrow().clone();
-            if same_pipeline(old.manifest(), plugin.manifest()) {
-                tracing::info!(
-                    plugin = %name,
-                    from = %old.version(),
-                    to = %plugin.version(),
-                    compile_cache = %plugin.cache_status(),
-                    swap_ms = landed.elapsed().as_millis() as u64,
-                    "plugin updated; events in flight finish on the old version"
-                );
-                // Later events take the new version; in-flight ones keep theirs.
-                self.metrics.start_version(name, plugin.version().as_str());
-                running.plugin.send_replace(plugin);
-                running.fingerprint = fingerprint;
-                return Ok(());
+        let replaced = {
+            let mut registry = self.registry.lock().await;
+            match registry.running.get_mut(name) {
+                Some(running) => {
+                    let old = running.plugin.borrow().clone();
+                    if same_pipeline(old.manifest(), plugin.manifest()) {
+                        tracing::info!(
+                            plugin = %name,
+                            from = %old.version(),
+                            to = %plugin.version(),
+                            compile_cache = %plugin.cache_status(),
+                            swap_ms = landed.elapsed().as_millis() as u64,
+                            "plugin updated; events in flight finish on the old version"
+                        );
+                        // Later events take the new version; in-flight ones keep theirs.
+                        self.metrics.start_version(name, plugin.version().as_str());
+                        running.plugin.send_replace(plugin);
+                        running.fingerprint = fingerprint;
+                        return Ok(());
+                    }
+                    // Subjects, stream or concurrency changed: the consumer
+                    // and the pipeline are rebuilt (the consumer keeps its
+                    // position).
+                    tracing::info!(plugin = %name, from = %old.version(), to = %plugin.version(), "plugin updated with a new consumer shape; restarting its pipeline");
+                    registry.running.remove(name)
+                }
+                None => None,
             }
-            // Subjects, stream or concurrency changed: the consumer and the
-            // pipeline are rebuilt (the consumer keeps its position).
-            tracing::info!(plugin = %name, from = %old.version(), to = %plugin.version(), "plugin updated with a new consumer shape; restarting its pipeline");
-            if let Some(running) = registry.running.remove(name) {
-                stop(name, running).await;
-            }
+        };
+        if let Some(running) = replaced {
+            stop(name, running).await;
         }
         let running = self.serve(plugin, fingerprint).await?;
-        registry.running.insert(name.to_owned(), running);
+        self.registry
+            .lock()
+            .await
+            .running
+            .insert(name.to_owned(), running);
         Ok(())
     }
 
     async fn serve(&self, plugin: Plugin, fingerprint: Fingerprint) -> anyhow::Result<Running> {
         let config = &self.config;
         let name = plugin.name().to_owned();
-        let consumer =
+        let (consumer, incarnation) =
             crate::source::ensure_consumer(&self.js, &name, plugin.manifest(), config.ack_wait())
                 .await?;
         let store = Arc::new(PluginStore::open(&self.js, &config.state, &name).await?);
         let stats = Arc::new(PluginStats::default());
         let ctx = Arc::new(PipelineContext {
             js: self.js.clone(),
+            incarnation: std::sync::RwLock::new(Arc::new(incarnation)),
             store,
             idempotency: config.state.idempotency,
             dlq_prefix: config.dead_letter.subject_prefix.clone(),

@@ -41,8 +41,18 @@ pub(crate) fn spawn(dir: PathBuf, host: HostHandle) -> anyhow::Result<JoinHandle
         let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
         rescan.tick().await;
         loop {
+            // A failed start to retry, or a lone file to report, comes due
+            // without any file event.
+            let due = host.next_wakeup().await;
+            let due = async move {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = due => {}
                 event = rx.recv() => {
                     if event.is_none() {
                         break;

@@ -94,6 +94,9 @@ fn execute(args: &TestArgs) -> anyhow::Result<usize> {
     let mut failed = 0;
     let stdout = std::io::stdout();
     for (i, event) in events.into_iter().enumerate() {
+        // Report the id and sequence the plugin saw, not the blank ones
+        // of the file.
+        let event = plugin.number(event);
         let invocation = plugin.handle(event.clone());
         let result = fixtures::result_json(&event, &invocation);
         writeln!(stdout.lock(), "{result}")?;

@@ -102,7 +102,10 @@ impl TestPlugin {
         invocation
     }
 
-    fn number(&mut self, mut event: Event) -> Event {
+    /// Give `event` the id and sequence [`Self::handle`] would: events
+    /// without a sequence get the next one, events without an id
+    /// `<stream>:<sequence>`.
+    pub fn number(&mut self, mut event: Event) -> Event {
         if event.sequence == 0 {
             event.sequence = self.next_sequence;
         }
