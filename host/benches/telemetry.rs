@@ -20,7 +20,7 @@ fn one_delivery(event: &Event) -> Vec<(String, String)> {
     let span = spans::consumer("fraud", "0123456789ab", event, "ORDERS");
     let _entered = span.enter();
     {
-        let call = spans::invoke("fraud");
+        let call = spans::invoke(&span, "fraud");
         let _in_call = call.enter();
         call.record("outcome", "ok");
     }

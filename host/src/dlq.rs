@@ -10,6 +10,9 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
 use crate::event::Event;
 use crate::outcome::Outcome;
 use crate::telemetry::propagation;
@@ -29,7 +32,22 @@ pub mod headers {
     pub const SEQUENCE: &str = "Weir-Dlq-Sequence";
     /// When the host dead-lettered it (RFC 3339, UTC).
     pub const TIME: &str = "Weir-Dlq-Time";
+    /// Set when the dead letter does not carry the whole event (it would
+    /// not fit the server's max_payload): the original payload size in
+    /// bytes. The event itself is still in its stream, at
+    /// [`STREAM`]/[`SEQUENCE`].
+    pub const TRUNCATED: &str = "Weir-Dlq-Truncated";
+    /// Set when the event's own headers were left out to make the dead
+    /// letter fit: how many there were.
+    pub const HEADERS_DROPPED: &str = "Weir-Dlq-Headers-Dropped";
+    /// For an event whose header block could not be parsed: the block as
+    /// received, base64-encoded.
+    pub const RAW_HEADERS: &str = "Weir-Dlq-Raw-Headers";
 }
+
+/// Room left in a dead letter for what NATS adds around headers and
+/// payload, so a letter sized to the limit is never refused by a few bytes.
+const SIZE_SLACK: usize = 1024;
 
 /// Longest error text kept in a header: NATS headers share the 1 MiB
 /// message limit with the payload, and a novel-length trap message would
@@ -45,11 +63,20 @@ pub struct DeadLetter<'a> {
     pub outcome: &'a Outcome,
     /// Trace-context headers continuing the event's trace.
     pub trace: Vec<(String, String)>,
+    /// The event's header block as received, when it could not be parsed.
+    pub raw_headers: Option<&'a [u8]>,
 }
 
 /// `<prefix>.<plugin>.<original subject>`.
 pub fn subject(prefix: &str, plugin: &str, original: &str) -> String {
     format!("{prefix}.{plugin}.{original}")
+}
+
+/// Whether `subject` is a dead letter's (under `<prefix>.`).
+pub fn is_dead_letter(prefix: &str, subject: &str) -> bool {
+    subject
+        .strip_prefix(prefix)
+        .is_some_and(|rest| rest.starts_with('.'))
 }
 
 /// Header values may not contain line breaks; keep them short too.
@@ -69,7 +96,61 @@ fn header_safe(text: &str) -> String {
     clean
 }
 
-/// Publish the dead letter and wait for JetStream to store it.
+/// Bytes a header block takes on the wire.
+fn header_bytes<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> usize {
+    // "NATS/1.0\r\n", "Key: value\r\n" each, and the closing "\r\n".
+    10 + pairs.map(|(k, v)| k.len() + v.len() + 4).sum::<usize>() + 2
+}
+
+/// The dead letter's headers and payload, cut to fit `max_payload`: the
+/// event's own headers go first, then the payload is truncated. What was
+/// left out is said in headers, and the whole event is still in its stream.
+type Headers = Vec<(String, String)>;
+
+fn fit(
+    event_headers: Headers,
+    weir_headers: Headers,
+    payload: &[u8],
+    max_payload: usize,
+) -> (Headers, Vec<u8>) {
+    let budget = max_payload.saturating_sub(SIZE_SLACK);
+    let weir = |extra: &[(String, String)]| {
+        header_bytes(
+            weir_headers
+                .iter()
+                .chain(extra)
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+    };
+    let note = |key: &str, value: usize| (key.to_owned(), value.to_string());
+    let mut extra = Vec::new();
+    let mut own = event_headers;
+    let own_bytes = |own: &[(String, String)]| {
+        own.iter()
+            .map(|(k, v)| k.len() + v.len() + 4)
+            .sum::<usize>()
+    };
+    if weir(&extra) + own_bytes(&own) > budget / 2 {
+        extra.push(note(headers::HEADERS_DROPPED, own.len()));
+        own.clear();
+    }
+    let truncated = note(headers::TRUNCATED, payload.len());
+    let head =
+        weir(&[extra.as_slice(), std::slice::from_ref(&truncated)].concat()) + own_bytes(&own);
+    let mut body = payload.to_vec();
+    if head + body.len() > budget {
+        body.truncate(budget.saturating_sub(head));
+        extra.push(truncated);
+    }
+    let mut all = own;
+    all.extend(weir_headers);
+    all.extend(extra);
+    (all, body)
+}
+
+/// Publish the dead letter and wait for JetStream to store it. A letter
+/// that would not fit the server's `max_payload` is cut to fit (see
+/// [`headers::TRUNCATED`]), so a dead letter can always be stored.
 pub async fn publish(
     js: &jetstream::Context,
     prefix: &str,
@@ -77,25 +158,22 @@ pub async fn publish(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let event = letter.event;
-    let mut headers = HeaderMap::new();
+    let mut own = Vec::new();
     for h in &event.headers {
         // The original id would collide with the dead letter's own dedup
         // id; the trace context is replaced by the failing span's.
-        let own = h
+        let replaced = h
             .key
             .eq_ignore_ascii_case(async_nats::header::NATS_MESSAGE_ID.as_ref())
             || propagation::is_replaced(&h.key, &letter.trace);
-        if !own {
-            headers.append(h.key.as_str(), h.value.as_str());
+        if !replaced {
+            own.push((h.key.clone(), h.value.clone()));
         }
-    }
-    for (key, value) in &letter.trace {
-        headers.insert(key.as_str(), value.as_str());
     }
     let now = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    for (key, value) in [
+    let mut weir: Headers = [
         (headers::PLUGIN, letter.plugin.to_owned()),
         (headers::PLUGIN_VERSION, letter.version.to_owned()),
         (headers::REASON, letter.outcome.kind().to_owned()),
@@ -106,12 +184,23 @@ pub async fn publish(
         (headers::STREAM, letter.stream.to_owned()),
         (headers::SEQUENCE, event.sequence.to_string()),
         (headers::TIME, now),
-    ] {
-        headers.insert(key, value.as_str());
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    if let Some(raw) = letter.raw_headers {
+        weir.push((headers::RAW_HEADERS.to_owned(), BASE64.encode(raw)));
+    }
+    weir.extend(letter.trace.iter().cloned());
+    let max_payload = js.client().server_info().max_payload;
+    let (all, payload) = fit(own, weir, &event.payload, max_payload);
+    let mut headers = HeaderMap::new();
+    for (key, value) in &all {
+        headers.append(key.as_str(), value.as_str());
     }
     let publish = PublishMessage::build()
         .headers(headers)
-        .payload(event.payload.clone().into())
+        .payload(payload.into())
         .message_id(format!("weir-dlq:{}:{}", letter.plugin, event.id));
     let subject = subject(prefix, letter.plugin, &event.subject);
     let ack = js.send_publish(subject.clone(), publish).await?;
@@ -123,6 +212,32 @@ pub async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_letter_too_large_for_the_server_is_cut_to_fit() {
+        let own = vec![("Customer-Id".to_owned(), "c-1".to_owned())];
+        let weir = vec![(headers::PLUGIN.to_owned(), "p".to_owned())];
+        let (all, body) = fit(own.clone(), weir.clone(), b"small", 4096);
+        assert_eq!(body, b"small");
+        assert!(!all.iter().any(|(k, _)| k == headers::TRUNCATED));
+        let payload = vec![b'x'; 10_000];
+        let (all, body) = fit(own, weir.clone(), &payload, 4096);
+        let size = header_bytes(all.iter().map(|(k, v)| (k.as_str(), v.as_str()))) + body.len();
+        assert!(size <= 4096 - SIZE_SLACK, "{size}");
+        assert!(
+            all.iter()
+                .any(|(k, v)| k == headers::TRUNCATED && v == "10000")
+        );
+        assert!(all.iter().any(|(k, _)| k == "Customer-Id"));
+        // Headers alone too big: they go, and say so.
+        let huge = vec![("Big".to_owned(), "y".repeat(5000))];
+        let (all, _) = fit(huge, weir, b"p", 4096);
+        assert!(!all.iter().any(|(k, _)| k == "Big"));
+        assert!(
+            all.iter()
+                .any(|(k, v)| k == headers::HEADERS_DROPPED && v == "1")
+        );
+    }
 
     #[test]
     fn header_values_are_single_line_and_bounded() {

@@ -38,54 +38,64 @@ pub struct PublishError {
     pub message: String,
 }
 
-/// Publish every emitted event and wait until JetStream stored each one.
-/// The publishes are pipelined: all are sent before the first ack is awaited.
+/// What one event emitted, to publish under its trace context.
+pub struct Outgoing<'a> {
+    pub event: &'a Event,
+    pub emitted: &'a [Emitted],
+    /// Trace-context headers continuing the event's trace.
+    pub trace: &'a [(String, String)],
+}
+
+/// Publish everything `outgoing` holds and wait until JetStream stored each
+/// one. The publishes are pipelined: all are sent before the first ack is
+/// awaited.
 pub async fn publish(
     js: &jetstream::Context,
     plugin: &str,
     version: &str,
-    event: &Event,
-    emitted: &[Emitted],
-    trace: &[(String, String)],
+    outgoing: &[Outgoing<'_>],
     timeout: Duration,
 ) -> Result<(), PublishError> {
-    let mut pending = Vec::with_capacity(emitted.len());
-    for (index, out) in emitted.iter().enumerate() {
-        let mut headers = HeaderMap::new();
-        for h in &out.headers {
-            if !propagation::is_replaced(&h.key, trace) {
-                headers.append(h.key.as_str(), h.value.as_str());
+    let mut pending = Vec::new();
+    for out in outgoing {
+        let (event, trace) = (out.event, out.trace);
+        for (index, emitted) in out.emitted.iter().enumerate() {
+            let mut headers = HeaderMap::new();
+            for h in &emitted.headers {
+                if !propagation::is_replaced(&h.key, trace) {
+                    headers.append(h.key.as_str(), h.value.as_str());
+                }
             }
+            for (k, v) in trace {
+                headers.insert(k.as_str(), v.as_str());
+            }
+            headers.insert(headers::PLUGIN, plugin);
+            headers.insert(headers::PLUGIN_VERSION, version);
+            headers.insert(headers::CAUSE_ID, event.id.as_str());
+            let publish = PublishMessage::build()
+                .headers(headers)
+                .payload(emitted.payload.clone().into())
+                .message_id(message_id(plugin, &event.id, index));
+            let error = |message: String| PublishError {
+                index,
+                subject: emitted.subject.clone(),
+                message,
+            };
+            let ack = js
+                .send_publish(emitted.subject.clone(), publish)
+                .await
+                .map_err(|e| error(e.to_string()))?;
+            pending.push((index, &emitted.subject, ack));
         }
-        for (k, v) in trace {
-            headers.insert(k.as_str(), v.as_str());
-        }
-        headers.insert(headers::PLUGIN, plugin);
-        headers.insert(headers::PLUGIN_VERSION, version);
-        headers.insert(headers::CAUSE_ID, event.id.as_str());
-        let publish = PublishMessage::build()
-            .headers(headers)
-            .payload(out.payload.clone().into())
-            .message_id(message_id(plugin, &event.id, index));
-        let error = |message: String| PublishError {
-            index,
-            subject: out.subject.clone(),
-            message,
-        };
-        let ack = js
-            .send_publish(out.subject.clone(), publish)
-            .await
-            .map_err(|e| error(e.to_string()))?;
-        pending.push((index, ack));
     }
-    for (index, ack) in pending {
-        let subject = &emitted[index].subject;
-        let error = |message: String| PublishError {
-            index,
-            subject: subject.clone(),
-            message,
-        };
-        await_stored(ack, timeout).await.map_err(error)?;
+    for (index, subject, ack) in pending {
+        await_stored(ack, timeout)
+            .await
+            .map_err(|message| PublishError {
+                index,
+                subject: subject.clone(),
+                message,
+            })?;
     }
     Ok(())
 }

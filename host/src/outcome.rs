@@ -33,6 +33,17 @@ pub enum Outcome {
     /// The host could not serve the call (the state store was unreachable,
     /// say). The plugin did nothing wrong; the event is retried.
     HostError { message: String },
+    /// The call succeeded, but its effects can never be made durable: the
+    /// committed outbox would be larger than the server accepts in one
+    /// message. Dead-lettered at once, since every run would end the same.
+    TooLarge {
+        what: String,
+        bytes: u64,
+        limit: u64,
+    },
+    /// The message could not be read (its header block is malformed), so
+    /// the plugin never saw it. Dead-lettered at once with the raw headers.
+    Malformed { message: String },
 }
 
 impl Outcome {
@@ -41,13 +52,15 @@ impl Outcome {
     }
 
     /// The kinds of every outcome but `ok`.
-    pub const FAILURE_KINDS: [&'static str; 6] = [
+    pub const FAILURE_KINDS: [&'static str; 8] = [
         "retry",
         "reject",
         "trap",
         "deadline",
         "out_of_memory",
         "host_error",
+        "too_large",
+        "malformed",
     ];
 
     /// A short stable name, for metrics labels and dead-letter headers.
@@ -60,6 +73,8 @@ impl Outcome {
             Outcome::Deadline { .. } => "deadline",
             Outcome::OutOfMemory { .. } => "out_of_memory",
             Outcome::HostError { .. } => "host_error",
+            Outcome::TooLarge { .. } => "too_large",
+            Outcome::Malformed { .. } => "malformed",
         }
     }
 }
@@ -94,6 +109,11 @@ impl fmt::Display for Outcome {
                 )
             }
             Outcome::HostError { message } => write!(f, "host error: {message}"),
+            Outcome::TooLarge { what, bytes, limit } => write!(
+                f,
+                "too large: {what} is {bytes} bytes, above the {limit} bytes the server accepts in one message"
+            ),
+            Outcome::Malformed { message } => write!(f, "malformed message: {message}"),
         }
     }
 }
@@ -136,6 +156,12 @@ mod tests {
             },
             Outcome::OutOfMemory { limit_bytes: 0 },
             Outcome::HostError { message: text("h") },
+            Outcome::TooLarge {
+                what: text("w"),
+                bytes: 2,
+                limit: 1,
+            },
+            Outcome::Malformed { message: text("m") },
         ]
         .map(|o| o.kind());
         assert_eq!(kinds, Outcome::FAILURE_KINDS);

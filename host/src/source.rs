@@ -23,6 +23,9 @@ pub fn durable_name(plugin: &str) -> String {
     format!("weir-{plugin}")
 }
 
+/// Most events of one key handled, and committed, as one run.
+pub const MAX_RUN: usize = 64;
+
 /// How many messages one pull request may ask for, and how many may be
 /// delivered but not yet acknowledged.
 ///
@@ -93,24 +96,72 @@ pub fn consumer_config(
     Ok(config)
 }
 
+/// One life of a stream: its name and when it was created. A stream that
+/// is deleted and created again under the same name starts its sequences
+/// over, so a sequence only names an event together with the incarnation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incarnation {
+    pub stream: String,
+    /// Creation time, nanoseconds since the Unix epoch.
+    pub created_ns: i128,
+}
+
+impl Incarnation {
+    /// The id of an event that carries no `Nats-Msg-Id`:
+    /// `<stream>:<creation time in ns>:<sequence>`.
+    pub fn event_id(&self, sequence: u64) -> String {
+        format!("{}:{}:{sequence}", self.stream, self.created_ns)
+    }
+}
+
 /// Create the plugin's durable consumer, or bind to it if it exists. An
 /// existing consumer keeps its position; settings that may change (filters,
-/// flow limits, ack wait) are updated.
+/// flow limits, ack wait) are updated. Fails when the stream does not
+/// exist or none of its subjects overlaps the plugin's.
 pub async fn ensure_consumer(
     js: &jetstream::Context,
     plugin: &str,
     manifest: &Manifest,
     ack_wait: Duration,
-) -> anyhow::Result<consumer::PullConsumer> {
-    let stream = js.get_stream(&manifest.stream).await.with_context(|| {
+) -> anyhow::Result<(consumer::PullConsumer, Incarnation)> {
+    let mut stream = js.get_stream(&manifest.stream).await.with_context(|| {
         format!(
             "plugin {plugin}: stream {} is not available",
             manifest.stream
         )
     })?;
+    let info = stream
+        .info()
+        .await
+        .with_context(|| format!("plugin {plugin}: reading stream {}", manifest.stream))?;
+    let captured = &info.config.subjects;
+    let outside: Vec<&String> = manifest
+        .subjects
+        .iter()
+        .filter(|subject| {
+            !captured
+                .iter()
+                .any(|c| crate::names::subjects_overlap(c, subject))
+        })
+        .collect();
+    if outside.len() == manifest.subjects.len() {
+        anyhow::bail!(
+            "plugin {plugin}: none of its subjects ({}) is captured by stream {} (its subjects: {}), so it would never receive an event",
+            manifest.subjects.join(", "),
+            manifest.stream,
+            captured.join(", ")
+        );
+    }
+    for subject in outside {
+        tracing::warn!(%plugin, stream = %manifest.stream, "subject {subject:?} is not captured by the stream; the plugin receives nothing on it until the stream captures it");
+    }
+    let incarnation = Incarnation {
+        stream: manifest.stream.clone(),
+        created_ns: info.created.unix_timestamp_nanos(),
+    };
     let config = consumer_config(plugin, manifest, ack_wait)?;
     let name = durable_name(plugin);
-    match stream.get_consumer::<consumer::pull::Config>(&name).await {
+    let consumer = match stream.get_consumer::<consumer::pull::Config>(&name).await {
         Ok(existing) => {
             // The start position only applies at creation; keep the one it has.
             let mut update = config;
@@ -118,12 +169,33 @@ pub async fn ensure_consumer(
             stream
                 .update_consumer(update)
                 .await
-                .with_context(|| format!("plugin {plugin}: updating consumer {name}"))
+                .with_context(|| format!("plugin {plugin}: updating consumer {name}"))?
         }
         Err(_) => stream
             .create_consumer(config)
             .await
-            .with_context(|| format!("plugin {plugin}: creating consumer {name}")),
+            .with_context(|| format!("plugin {plugin}: creating consumer {name}"))?,
+    };
+    Ok((consumer, incarnation))
+}
+
+/// Whether the plugin's consumer (or its whole stream) no longer exists on
+/// the server, as opposed to being out of reach for a moment.
+pub async fn consumer_gone(js: &jetstream::Context, stream: &str, plugin: &str) -> bool {
+    use jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
+    match js.get_stream(stream).await {
+        Err(e) => matches!(
+            e.kind(),
+            GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+        ),
+        Ok(stream) => matches!(
+            stream
+                .consumer_info(durable_name(plugin))
+                .await
+                .map_err(|e| e.kind()),
+            Err(ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound)
+        ),
     }
 }
 
@@ -148,8 +220,23 @@ pub fn lane_of(message: &jetstream::Message, manifest: &Manifest) -> String {
     }
 }
 
-/// The event a JetStream message carries.
-pub fn to_event(message: &jetstream::Message) -> anyhow::Result<Event> {
+/// The `Nats-Msg-Id` the producer gave a message, if any.
+pub fn producer_id(message: &jetstream::Message) -> Option<String> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+        .map(|v| v.as_str().to_owned())
+        .filter(|id| !id.is_empty())
+}
+
+/// The raw header block of a message whose headers could not be parsed.
+pub fn malformed_headers(message: &jetstream::Message) -> Option<&[u8]> {
+    message.headers.as_ref().and_then(|h| h.malformed())
+}
+
+/// The event a JetStream message carries, delivered from `incarnation`.
+pub fn to_event(message: &jetstream::Message, incarnation: &Incarnation) -> anyhow::Result<Event> {
     let info = message
         .info()
         .map_err(|e| anyhow::anyhow!("not a JetStream delivery: {e}"))?;
@@ -163,13 +250,7 @@ pub fn to_event(message: &jetstream::Message) -> anyhow::Result<Event> {
                 .map(move |v| Header::new(k.to_string(), v.as_str()))
         })
         .collect();
-    let id = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-        .map(|v| v.as_str().to_owned())
-        .filter(|id| !id.is_empty())
-        .unwrap_or_else(|| format!("{}:{}", info.stream, info.stream_sequence));
+    let id = producer_id(message).unwrap_or_else(|| incarnation.event_id(info.stream_sequence));
     Ok(Event {
         id,
         subject: message.subject.to_string(),

@@ -538,6 +538,17 @@ pub async fn consumer_backlog(js: &jetstream::Context, stream: &str, plugin: &st
     (info.num_pending, info.num_ack_pending)
 }
 
+/// The current life of `stream`, which event ids without a `Nats-Msg-Id`
+/// name.
+pub async fn incarnation(js: &jetstream::Context, stream: &str) -> weir::source::Incarnation {
+    let mut handle = js.get_stream(stream).await.unwrap();
+    let created = handle.info().await.unwrap().created;
+    weir::source::Incarnation {
+        stream: stream.to_owned(),
+        created_ns: created.unix_timestamp_nanos(),
+    }
+}
+
 /// Header value of a message.
 pub fn header<'a>(message: &'a jetstream::Message, key: &str) -> Option<&'a str> {
     message.headers.as_ref()?.get(key).map(|v| v.as_str())

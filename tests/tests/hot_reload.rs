@@ -58,7 +58,8 @@ async fn versions_by_sequence(js: &jetstream::Context) -> BTreeMap<u64, String> 
     let mut out = BTreeMap::new();
     for message in read_stream(js, "HOSTILE", "hostile.out").await {
         let id = String::from_utf8(message.payload.to_vec()).unwrap();
-        let seq: u64 = id.strip_prefix("HOSTILE:").unwrap().parse().unwrap();
+        // "<stream>:<stream creation>:<sequence>"
+        let seq: u64 = id.rsplit(':').next().unwrap().parse().unwrap();
         let version = header(&message, "Weir-Plugin-Version").unwrap().to_owned();
         assert!(
             out.insert(seq, version).is_none(),

@@ -8,7 +8,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use weir_integration_tests::{
-    TestEnv, consumer_backlog, count, header, publish_all, read_stream, wait_drained, wait_until,
+    TestEnv, consumer_backlog, count, header, incarnation, publish_all, read_stream, wait_drained,
+    wait_until,
 };
 
 const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
@@ -47,11 +48,12 @@ async fn happy_path_processes_everything_and_leaves_nothing_pending() {
     wait_drained(&env.jetstream().await, "hostile", 1000, WAIT).await;
     let outputs = distinct_outputs(&env).await;
     assert_eq!(outputs.len(), 1000);
-    // Each output names its input by id: "<stream>:<sequence>".
+    // Each output names its input by id: "<stream>:<stream creation>:<sequence>".
+    let incarnation = incarnation(&js, "HOSTILE").await;
     for input in read_stream(&js, "HOSTILE", "hostile.in").await {
         let seq = input.info().unwrap().stream_sequence;
         assert!(
-            outputs.contains(&format!("HOSTILE:{seq}")),
+            outputs.contains(&incarnation.event_id(seq)),
             "missing output for sequence {seq}"
         );
     }

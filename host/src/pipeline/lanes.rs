@@ -1,11 +1,12 @@
 //! Lanes: virtual partitions of one plugin's events.
 //!
-//! Every event goes into the lane of its key. A lane runs one event at a
-//! time, in the order the consumer delivered them (stream order); up to
-//! `concurrency` lanes run at once, taking turns event by event so a busy
-//! key cannot starve the others. Events of a plugin without an ordering key
-//! each get a lane of their own, which makes this plain bounded
-//! concurrency.
+//! Every event goes into the lane of its key. A lane runs its events in the
+//! order the consumer delivered them (stream order), one *run* at a time: a
+//! run is every event the lane holds when it gets its turn (up to a bound),
+//! handled in order and committed together. Up to `concurrency` lanes run at
+//! once, taking turns so a busy key cannot starve the others. Events of a
+//! plugin without an ordering key each get a lane of their own, which makes
+//! this plain bounded concurrency.
 //!
 //! Lanes hold only what the server delivered, and the server delivers no
 //! more than the consumer's `max_ack_pending`: memory stays bounded however
@@ -35,10 +36,11 @@ impl<T> Default for State<T> {
     }
 }
 
-/// Runs each event with `work`, one at a time per key.
+/// Runs the events of each key with `work`, one run at a time per key.
 pub(crate) struct Lanes<T, W> {
     state: Mutex<State<T>>,
     concurrency: usize,
+    max_run: usize,
     tasks: TaskTracker,
     work: W,
 }
@@ -46,13 +48,14 @@ pub(crate) struct Lanes<T, W> {
 impl<T, W, F> Lanes<T, W>
 where
     T: Clone + Send + 'static,
-    W: Fn(T) -> F + Send + Sync + 'static,
+    W: Fn(Vec<T>) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
-    pub fn new(concurrency: usize, work: W) -> Arc<Self> {
+    pub fn new(concurrency: usize, max_run: usize, work: W) -> Arc<Self> {
         Arc::new(Lanes {
             state: Mutex::new(State::default()),
             concurrency: concurrency.max(1),
+            max_run: max_run.max(1),
             tasks: TaskTracker::new(),
             work,
         })
@@ -78,19 +81,23 @@ where
         self.fill();
     }
 
-    /// Start events until `concurrency` run or no lane is ready.
+    /// Start runs until `concurrency` run or no lane is ready.
     fn fill(self: &Arc<Self>) {
         let mut state = self.lock();
         while state.busy.len() < self.concurrency {
             let Some(key) = state.ready.pop_front() else {
                 break;
             };
-            let Some(message) = state.queues.get_mut(&key).and_then(VecDeque::pop_front) else {
+            let Some(queue) = state.queues.get_mut(&key) else {
                 continue;
             };
+            let run: Vec<T> = queue.drain(..queue.len().min(self.max_run)).collect();
+            if run.is_empty() {
+                continue;
+            }
             state.busy.insert(key.clone());
             let lanes = self.clone();
-            let work = (self.work)(message);
+            let work = (self.work)(run);
             self.tasks.spawn(async move {
                 work.await;
                 lanes.finish(key);
@@ -166,13 +173,16 @@ mod tests {
         let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let lanes = {
             let (log, running, peak) = (log.clone(), running.clone(), peak.clone());
-            Lanes::new(4, move |(key, i, delay): (String, u32, u64)| {
+            Lanes::new(4, 3, move |run: Vec<(String, u32, u64)>| {
                 let (log, running, peak) = (log.clone(), running.clone(), peak.clone());
                 async move {
+                    assert!(run.len() <= 3, "runs are bounded");
                     let now = running.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                     peak.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(delay)).await;
-                    log.lock().unwrap().push((key, i));
+                    for (key, i, delay) in run {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                        log.lock().unwrap().push((key, i));
+                    }
                     running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 }
             })
@@ -208,12 +218,18 @@ mod tests {
 
     #[tokio::test]
     async fn queued_events_can_be_taken_back() {
-        let lanes = Lanes::new(1, |_: u32| tokio::time::sleep(Duration::from_millis(50)));
+        let lanes = Lanes::new(1, 8, |_: Vec<u32>| {
+            tokio::time::sleep(Duration::from_millis(50))
+        });
         for i in 0..5 {
             lanes.push("same".into(), i);
         }
         assert_eq!(lanes.running(), 1);
-        assert_eq!(lanes.queued().len(), 4);
+        assert_eq!(
+            lanes.queued().len(),
+            4,
+            "the first run took one, the rest queued behind it"
+        );
         assert_eq!(lanes.take_queued(), vec![1, 2, 3, 4]);
         lanes.wait_running().await;
         assert_eq!(lanes.held(), 0);

@@ -18,15 +18,21 @@ use tokio_util::sync::CancellationToken;
 
 use lanes::Lanes;
 pub use process::Disposition;
+
 use stats::PluginStats;
 
 use crate::plugin::Plugin;
+use crate::source::Incarnation;
 use crate::store::PluginStore;
 use crate::telemetry::{Counted, Metrics};
 
 /// What every event of one plugin shares.
 pub struct PipelineContext {
     pub js: jetstream::Context,
+    /// The life of the stream the consumer reads; replaced when the stream
+    /// is deleted and created again.
+    pub incarnation: std::sync::RwLock<Arc<Incarnation>>,
+    /// Publishes to these subjects are dead letters (`<prefix>.>`).
     pub store: Arc<PluginStore>,
     /// Whether done records are written (see `StateConfig::idempotency`).
     pub idempotency: bool,
@@ -38,6 +44,21 @@ pub struct PipelineContext {
 }
 
 impl PipelineContext {
+    /// The stream incarnation events are delivered from now.
+    pub fn incarnation(&self) -> Arc<Incarnation> {
+        self.incarnation
+            .read()
+            .map(|i| i.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn set_incarnation(&self, incarnation: Incarnation) {
+        match self.incarnation.write() {
+            Ok(mut current) => *current = Arc::new(incarnation),
+            Err(p) => *p.into_inner() = Arc::new(incarnation),
+        }
+    }
+
     /// Count an event's fate in the plugin's totals and in the metrics:
     /// every count goes through here or [`Self::count_dead_letter`], so the
     /// two views cannot drift.
@@ -63,6 +84,13 @@ impl PipelineContext {
         if reason == "reject" {
             self.count(plugin, Counted::Rejected);
         }
+    }
+
+    /// Count an event ended on purpose without processing or a dead letter.
+    fn count_terminated(&self, plugin: &Plugin, reason: &str) {
+        PluginStats::bump(&self.stats.terminated);
+        self.metrics
+            .terminated(plugin.name(), plugin.version().as_str(), reason);
     }
 
     /// Record a plugin call on its span and in the metrics: its outcome,
@@ -92,6 +120,9 @@ impl PipelineContext {
 /// How long to wait before re-opening the message stream after it failed.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
 
+/// Longest wait between attempts to recreate a consumer whose stream is gone.
+const RECREATE_MAX_DELAY: Duration = Duration::from_secs(10);
+
 /// Pull and process events until `shutdown` fires, then finish in-flight
 /// events within `grace` and hand the rest back to the stream.
 ///
@@ -101,7 +132,7 @@ const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
 pub async fn run(
     ctx: Arc<PipelineContext>,
     plugin: watch::Receiver<Plugin>,
-    consumer: PullConsumer,
+    mut consumer: PullConsumer,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
@@ -115,17 +146,19 @@ pub async fn run(
         let (ctx, plugin, release) = (ctx.clone(), plugin.clone(), release.clone());
         Lanes::new(
             manifest.concurrency as usize,
-            move |message: jetstream::Message| {
+            crate::source::MAX_RUN,
+            move |run: Vec<jetstream::Message>| {
                 let (ctx, release) = (ctx.clone(), release.clone());
                 let in_flight = in_flight.clone();
                 let current = plugin.borrow().clone();
                 async move {
+                    let n = run.len() as u64;
                     let stats = ctx.stats.clone();
-                    stats.in_flight.fetch_add(1, Ordering::Relaxed);
-                    in_flight.inc();
-                    process::process(ctx, current, message, release, ordered).await;
-                    in_flight.dec();
-                    stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    stats.in_flight.fetch_add(n, Ordering::Relaxed);
+                    in_flight.inc_by(n as i64);
+                    process::process_run(ctx, current, run, release, ordered).await;
+                    in_flight.dec_by(n as i64);
+                    stats.in_flight.fetch_sub(n, Ordering::Relaxed);
                 }
             },
         )
@@ -159,10 +192,10 @@ pub async fn run(
             Ok(messages) => messages,
             Err(e) => {
                 tracing::warn!(plugin = %name, "cannot pull from the consumer, retrying: {e}");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break 'subscribe,
-                    _ = tokio::time::sleep(RESUBSCRIBE_DELAY) => continue 'subscribe,
+                if !recover(&ctx, &name, &manifest, &mut consumer, &shutdown).await {
+                    break 'subscribe;
                 }
+                continue 'subscribe;
             }
         };
         loop {
@@ -187,14 +220,21 @@ pub async fn run(
                 }
                 Some(Err(e)) => {
                     // Missed heartbeats and failed pulls happen while NATS is
-                    // away; the stream recovers once it is back.
+                    // away; the stream recovers once it is back. A deleted
+                    // consumer (its stream deleted, say) does not come back
+                    // by itself.
                     tracing::warn!(plugin = %name, "pulling: {e}");
+                    use jetstream::consumer::pull::MessagesErrorKind as Kind;
                     if matches!(
                         e.kind(),
-                        jetstream::consumer::pull::MessagesErrorKind::ConsumerDeleted
-                            | jetstream::consumer::pull::MessagesErrorKind::RequestLimitExceeded
+                        Kind::ConsumerDeleted
+                            | Kind::RequestLimitExceeded
+                            | Kind::NoResponders
+                            | Kind::MissingHeartbeat
                     ) {
-                        tokio::time::sleep(RESUBSCRIBE_DELAY).await;
+                        if !recover(&ctx, &name, &manifest, &mut consumer, &shutdown).await {
+                            break 'subscribe;
+                        }
                         continue 'subscribe;
                     }
                 }
@@ -221,6 +261,52 @@ pub async fn run(
         lanes.wait_running().await;
     }
     tracing::info!(plugin = %name, "pipeline stopped");
+}
+
+/// After pulling failed: if the consumer (or its stream) no longer exists,
+/// report the plugin stalled and create the consumer again as soon as the
+/// stream is back; otherwise wait a moment before pulling again. Returns
+/// false when shutdown came first.
+async fn recover(
+    ctx: &PipelineContext,
+    name: &str,
+    manifest: &crate::manifest::Manifest,
+    consumer: &mut PullConsumer,
+    shutdown: &CancellationToken,
+) -> bool {
+    let pause = |delay| async move {
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    };
+    if !crate::source::consumer_gone(&ctx.js, &manifest.stream, name).await {
+        return pause(RESUBSCRIBE_DELAY).await;
+    }
+    let mut delay = RESUBSCRIBE_DELAY;
+    loop {
+        match crate::source::ensure_consumer(&ctx.js, name, manifest, ctx.ack_wait).await {
+            Ok((recreated, incarnation)) => {
+                let new_life = *ctx.incarnation() != incarnation;
+                tracing::warn!(plugin = %name, stream = %manifest.stream, new_stream = new_life, "consumer was gone; created it again");
+                ctx.set_incarnation(incarnation);
+                *consumer = recreated;
+                ctx.stats.set_stalled(None);
+                return true;
+            }
+            Err(e) => {
+                let why = format!("its consumer is gone and cannot be created again: {e:#}");
+                if ctx.stats.stalled().as_deref() != Some(why.as_str()) {
+                    tracing::error!(plugin = %name, "{why}");
+                }
+                ctx.stats.set_stalled(Some(why));
+            }
+        }
+        if !pause(delay).await {
+            return false;
+        }
+        delay = (delay * 2).min(RECREATE_MAX_DELAY);
+    }
 }
 
 /// Nak what the client already pulled but the pipeline never started, so

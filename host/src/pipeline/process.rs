@@ -1,31 +1,35 @@
-//! One event's path: invoke, then act on the outcome. Nothing is acked
-//! before its effects are durable; on any host-side failure the event is
-//! sent back to the stream instead.
+//! One run's path: the events a lane handed over, in stream order. Each is
+//! run against committed state plus what the events before it in the run
+//! wrote; the ones that succeed are committed together, then their outputs
+//! are published and they are acked. Nothing is acked before its effects
+//! are durable; on any host-side failure the events go back to the stream.
+//!
+//! Every delivered message ends in bounded time as processed,
+//! dead-lettered or terminated on purpose, each counted: failures of the
+//! plugin and of the host both count toward `max-deliveries`.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
+use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::dlq::{self, DeadLetter};
 use crate::event::{Emitted, Event};
+use crate::outbox::Outgoing;
 use crate::outcome::Outcome;
 use crate::pipeline::PipelineContext;
 use crate::plugin::Plugin;
 use crate::source;
-use crate::state::StateStore;
-use crate::store::Commit;
+use crate::state::{StateChange, StateStore, Versioned};
+use crate::store::{Commit, CommitRequest, EventEffects, PluginStore, Scope};
 use crate::telemetry::{Counted, propagation, spans};
 
-/// Delay before redelivering an event whose failure was the host's
-/// (publish or commit failed, NATS unreachable): short, the cause is
-/// usually a blip, but not zero so a down server is not hammered.
-const HOST_RETRY_DELAY: Duration = Duration::from_secs(1);
-
-/// Runs of one delivery when its commit keeps losing to concurrent writers
-/// of the same state keys, before it goes back to the stream with backoff.
+/// Runs of one event when its commit keeps losing to concurrent writers of
+/// the same state keys, before it goes back to the stream with backoff.
 const MAX_CONFLICT_RERUNS: usize = 5;
 
 /// What the pipeline decided for one event.
@@ -35,8 +39,9 @@ pub enum Disposition {
     Retried,
     /// Moved to the dead-letter stream; the outcome's kind says why.
     DeadLettered(&'static str),
-    /// Handed back unprocessed (shutdown).
-    Released,
+    /// Ended on purpose without processing or a dead letter; one of
+    /// [`crate::telemetry::metrics::TERMINATION_REASONS`].
+    Terminated(&'static str),
     /// A host-side failure sent it back for another try.
     HostError,
     /// A redelivery of an event already committed: finished without
@@ -44,17 +49,90 @@ pub enum Disposition {
     Skipped,
 }
 
-/// Process one delivered message. With `ordered`, a retryable failure is
-/// retried here, holding the event's lane, so no later event of its key can
-/// overtake it; otherwise it is handed back to the stream with a delay.
-pub async fn process(
+/// One delivered message and the event it carries.
+struct Delivery {
+    message: jetstream::Message,
+    event: Event,
+    /// The consumer span everything done for this event runs in.
+    span: tracing::Span,
+    /// The producer's `Nats-Msg-Id`, when it gave one.
+    msg_id: Option<String>,
+    stream: String,
+    /// Conflicts lost so far.
+    reruns: usize,
+}
+
+/// An event that succeeded and waits for its commit.
+struct Succeeded {
+    delivery: Delivery,
+    outbox: Vec<Emitted>,
+}
+
+/// Process the messages of one run, in order. With `ordered`, a retryable
+/// failure is retried here, holding the lane, so no later event of the key
+/// can overtake it; otherwise it is handed back to the stream with a delay.
+pub async fn process_run(
     ctx: Arc<PipelineContext>,
     plugin: Plugin,
-    message: jetstream::Message,
+    messages: Vec<jetstream::Message>,
     release: CancellationToken,
     ordered: bool,
-) -> Disposition {
-    let event = match source::to_event(&message) {
+) {
+    let incarnation = ctx.incarnation();
+    let scope = Scope::new(&incarnation.stream, incarnation.created_ns);
+    let held: Vec<jetstream::Message> = messages.clone();
+    let mut queue = VecDeque::with_capacity(messages.len());
+    for message in messages {
+        match delivery(&plugin, message, &incarnation) {
+            Some(d) => queue.push_back(d),
+            None => ctx.count(&plugin, Counted::HostError),
+        }
+    }
+    let run = Run {
+        ctx: &ctx,
+        plugin: &plugin,
+        scope,
+        ordered,
+        settled: Mutex::new(Vec::new()),
+    };
+    let work = run.handle(queue);
+    tokio::pin!(work);
+    // Whatever the run waits on (a commit, a publish, a retry's backoff),
+    // tell the server every third of the ack wait that its events are still
+    // being worked on, so none is redelivered under it.
+    let period = ctx.ack_wait / 3;
+    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut work => break,
+            () = release.cancelled() => {
+                // Shutting down and out of grace: hand back what is not
+                // settled now rather than letting it wait out its ack wait.
+                for message in run.unsettled(&held) {
+                    if let Err(e) = message.ack_with(AckKind::Nak(None)).await {
+                        tracing::debug!(plugin = plugin.name(), "releasing: {e}");
+                    }
+                }
+                break;
+            }
+            _ = progress.tick() => {
+                for message in run.unsettled(&held) {
+                    if let Err(e) = message.ack_with(AckKind::Progress).await {
+                        tracing::debug!("progress ack failed: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn delivery(
+    plugin: &Plugin,
+    message: jetstream::Message,
+    incarnation: &source::Incarnation,
+) -> Option<Delivery> {
+    let event = match source::to_event(&message, incarnation) {
         Ok(event) => event,
         Err(e) => {
             // Without delivery info there is nothing to ack or retry.
@@ -62,210 +140,590 @@ pub async fn process(
                 plugin = plugin.name(),
                 "dropping a message that is not a JetStream delivery: {e:#}"
             );
-            return Disposition::HostError;
+            return None;
         }
     };
-    let stream = message.info().map(|i| i.stream).unwrap_or_default();
-    let span = spans::consumer(plugin.name(), plugin.version().as_str(), &event, stream);
-    let disposition = tokio::select! {
-        biased;
-        d = handle(&ctx, &plugin, &message, event.clone(), ordered).instrument(span.clone()) => d,
-        _ = release.cancelled() => {
-            // Shutting down and out of grace: hand the event back now rather
-            // than letting it sit until its ack wait expires.
-            ack(&message, AckKind::Nak(None), &plugin, &event).await;
-            Disposition::Released
-        }
-    };
-    match disposition {
-        Disposition::Acked => ctx.count(&plugin, Counted::Processed),
-        Disposition::Retried => ctx.count(&plugin, Counted::Retried),
-        Disposition::DeadLettered(reason) => {
-            ctx.count_dead_letter(&plugin, reason);
-            span.record("otel.status_code", "ERROR");
-        }
-        Disposition::HostError => ctx.count(&plugin, Counted::HostError),
-        Disposition::Skipped => ctx.count(&plugin, Counted::Duplicate),
-        Disposition::Released => {}
-    }
-    disposition
+    let stream = message
+        .info()
+        .map(|i| i.stream.to_owned())
+        .unwrap_or_default();
+    let span = spans::consumer(plugin.name(), plugin.version().as_str(), &event, &stream);
+    let msg_id = source::producer_id(&message);
+    Some(Delivery {
+        message,
+        event,
+        span,
+        msg_id,
+        stream,
+        reruns: 0,
+    })
 }
 
-async fn handle(
-    ctx: &PipelineContext,
-    plugin: &Plugin,
-    message: &jetstream::Message,
-    mut event: Event,
+/// What one run shares.
+struct Run<'a> {
+    ctx: &'a PipelineContext,
+    plugin: &'a Plugin,
+    scope: Scope,
     ordered: bool,
-) -> Disposition {
-    loop {
-        match attempt(ctx, plugin, message, &event).await {
-            Step::Done(disposition) => return disposition,
-            Step::RetryAfter(delay) if ordered => {
-                ctx.count(plugin, Counted::Retried);
-                with_progress(message, ctx.ack_wait, tokio::time::sleep(delay)).await;
-                event.attempt += 1;
+    /// Stream sequences of the run's events settled so far.
+    settled: Mutex<Vec<u64>>,
+}
+
+/// How a stretch of a run ended.
+enum Stop {
+    /// Every event it took ran and succeeded.
+    Clean,
+    /// This event did not succeed; the ones before it did.
+    Failed(Box<Delivery>, Outcome),
+}
+
+/// Events run together: those that succeeded, what they did to state, and
+/// how the stretch ended.
+struct Stretch {
+    succeeded: Vec<Succeeded>,
+    state: Arc<RunState>,
+    stop: Stop,
+}
+
+impl Run<'_> {
+    async fn handle(&self, mut queue: VecDeque<Delivery>) {
+        // Lowered to one when a run's outbox is too large to commit at once.
+        let mut stretch_len = usize::MAX;
+        while !queue.is_empty() {
+            let stretch = self.execute(&mut queue, stretch_len).await;
+            let (committed, again, too_large) =
+                self.commit(stretch.succeeded, &stretch.state).await;
+            if too_large {
+                stretch_len = 1;
             }
-            Step::RetryAfter(delay) => {
-                ack(message, AckKind::Nak(Some(delay)), plugin, &event).await;
-                return Disposition::Retried;
+            self.publish_and_ack(committed).await;
+            // Events to run again come before the one that failed, which
+            // then runs again after them rather than being acted on now.
+            let redo = !again.is_empty();
+            if let Stop::Failed(delivery, outcome) = stretch.stop {
+                if redo {
+                    queue.push_front(*delivery);
+                } else if let Some(retry) = self.failed(*delivery, &outcome).await {
+                    queue.push_front(retry);
+                }
+            }
+            for delivery in again.into_iter().rev() {
+                queue.push_front(delivery);
             }
         }
     }
-}
 
-/// What one attempt at an event came to.
-enum Step {
-    Done(Disposition),
-    /// A retryable failure, not the last allowed attempt.
-    RetryAfter(Duration),
-}
-
-async fn attempt(
-    ctx: &PipelineContext,
-    plugin: &Plugin,
-    message: &jetstream::Message,
-    event: &Event,
-) -> Step {
-    use Step::Done;
-    // A redelivery may find the event already committed (the host died, or
-    // an ack was lost, after the commit): finish it without running it again.
-    if event.attempt > 1 && ctx.idempotency {
-        match with_progress(message, ctx.ack_wait, ctx.store.done(&event.id)).await {
-            Ok(Some(outbox)) => {
-                return Done(publish_and_ack(ctx, plugin, message, event, &outbox, true).await);
+    /// Run up to `limit` events from the front of `queue` until one does not
+    /// succeed. Redelivered events already committed, and messages that
+    /// cannot be events, are finished on the way.
+    async fn execute(&self, queue: &mut VecDeque<Delivery>, limit: usize) -> Stretch {
+        let state = Arc::new(RunState::new(self.ctx.store.clone()));
+        let mut succeeded: Vec<Succeeded> = Vec::new();
+        while succeeded.len() < limit
+            && let Some(delivery) = queue.pop_front()
+        {
+            if let Some(raw) = source::malformed_headers(&delivery.message) {
+                let raw = raw.to_vec();
+                // The plugin cannot be given an event whose headers are
+                // unknown, and no later attempt would read them better.
+                let outcome = Outcome::Malformed {
+                    message: "the header block could not be parsed; it is kept base64-encoded in the dead letter".into(),
+                };
+                let disposition = self.dead_letter(&delivery, &outcome, Some(&raw)).await;
+                self.settle(&delivery, disposition);
+                continue;
             }
-            Ok(None) => {}
-            Err(e) => return Done(host_error(plugin, message, event, e).await),
+            if delivery.event.attempt > 1 && self.ctx.idempotency {
+                // A redelivery may find the event already committed (the
+                // host died, or an ack was lost, after the commit).
+                match self
+                    .ctx
+                    .store
+                    .done(&self.scope, delivery.event.sequence)
+                    .await
+                {
+                    Ok(Some(outbox)) => {
+                        self.finish_done(delivery, outbox).await;
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        let disposition = self.host_error(&delivery, e).await;
+                        self.settle(&delivery, disposition);
+                        continue;
+                    }
+                }
+            }
+            let call = spans::invoke(&delivery.span, self.plugin.name());
+            let view: Arc<dyn StateStore> = state.clone();
+            let invocation = self
+                .plugin
+                .invoke(&delivery.event, view)
+                .instrument(call.clone())
+                .instrument(delivery.span.clone())
+                .await;
+            self.ctx.observe_call(self.plugin, &invocation, &call);
+            if !invocation.outcome.is_ok() {
+                return Stretch {
+                    succeeded,
+                    state,
+                    stop: Stop::Failed(Box::new(delivery), invocation.outcome),
+                };
+            }
+            state.apply(invocation.state_changes);
+            succeeded.push(Succeeded {
+                delivery,
+                outbox: invocation.emitted,
+            });
+        }
+        Stretch {
+            succeeded,
+            state,
+            stop: Stop::Clean,
         }
     }
-    for _ in 0..MAX_CONFLICT_RERUNS {
-        let state: Arc<dyn StateStore> = ctx.store.clone();
-        let call = spans::invoke(plugin.name());
-        let invocation = with_progress(message, ctx.ack_wait, plugin.invoke(event, state))
-            .instrument(call.clone())
-            .await;
-        ctx.observe_call(plugin, &invocation, &call);
-        tracing::trace!(outcome = %invocation.outcome, took = ?invocation.duration, "invoked");
-        if !invocation.outcome.is_ok() {
-            return failed(ctx, plugin, message, event, &invocation.outcome).await;
+
+    /// Commit what succeeded. Returns the committed events, the events to
+    /// run again, and whether the stretch was too large to commit at once.
+    async fn commit(
+        &self,
+        succeeded: Vec<Succeeded>,
+        state: &RunState,
+    ) -> (Vec<Succeeded>, Vec<Delivery>, bool) {
+        if succeeded.is_empty() {
+            return (succeeded, Vec::new(), false);
         }
-        let commit = ctx.store.commit(
-            &event.id,
-            &invocation.state_changes,
-            &invocation.state_reads,
-            &invocation.emitted,
-        );
-        match with_progress(message, ctx.ack_wait, commit).await {
-            Ok(Commit::Committed) => {
-                return Done(
-                    publish_and_ack(ctx, plugin, message, event, &invocation.emitted, false).await,
-                );
-            }
-            Ok(Commit::AlreadyDone(outbox)) => {
-                return Done(publish_and_ack(ctx, plugin, message, event, &outbox, true).await);
+        let (writes, reads) = state.effects();
+        let request = CommitRequest {
+            scope: self.scope.clone(),
+            events: succeeded
+                .iter()
+                .map(|s| EventEffects {
+                    seq: s.delivery.event.sequence,
+                    msg_id: s.delivery.msg_id.clone(),
+                    outbox: s.outbox.clone(),
+                })
+                .collect(),
+            writes,
+            reads,
+        };
+        match self.ctx.store.commit(request).await {
+            Ok(Commit::Committed) => (succeeded, Vec::new(), false),
+            Ok(Commit::AlreadyDone(done)) => {
+                let mut again = Vec::new();
+                for s in succeeded {
+                    match done
+                        .iter()
+                        .find(|(seq, _)| *seq == s.delivery.event.sequence)
+                    {
+                        Some((_, outbox)) => self.finish_done(s.delivery, outbox.clone()).await,
+                        None => again.push(s.delivery),
+                    }
+                }
+                (Vec::new(), again, false)
             }
             Ok(Commit::Conflict) => {
-                tracing::debug!(plugin = plugin.name(), event_id = %event.id, "state changed under the call; running it again");
+                let mut again = Vec::new();
+                for mut s in succeeded {
+                    s.delivery.reruns += 1;
+                    if s.delivery.reruns <= MAX_CONFLICT_RERUNS {
+                        tracing::debug!(parent: &s.delivery.span, "state changed under the event; running it again");
+                        again.push(s.delivery);
+                        continue;
+                    }
+                    // Contention this persistent is better resolved by time
+                    // than by spinning.
+                    let delay = backoff(self.plugin, s.delivery.event.attempt);
+                    tracing::warn!(parent: &s.delivery.span, "state kept changing under the event; retrying in {delay:?}");
+                    let disposition = self.retry_later(&s.delivery, delay).await;
+                    self.settle(&s.delivery, disposition);
+                }
+                (Vec::new(), again, false)
             }
-            Err(e) => return Done(host_error(plugin, message, event, e).await),
+            Ok(Commit::TooLarge { .. }) if succeeded.len() > 1 => {
+                // Together too large for one message; each alone may fit.
+                let again = succeeded.into_iter().map(|s| s.delivery).collect();
+                (Vec::new(), again, true)
+            }
+            Ok(Commit::TooLarge { bytes, limit }) => {
+                for s in succeeded {
+                    let outcome = Outcome::TooLarge {
+                        what: format!("the outbox of {} events", s.outbox.len()),
+                        bytes,
+                        limit,
+                    };
+                    let disposition = self.dead_letter(&s.delivery, &outcome, None).await;
+                    self.settle(&s.delivery, disposition);
+                }
+                (Vec::new(), Vec::new(), false)
+            }
+            Err(e) => {
+                let message = format!("{e:#}");
+                for s in succeeded {
+                    let disposition = self
+                        .host_error(&s.delivery, anyhow::anyhow!("{message}"))
+                        .await;
+                    self.settle(&s.delivery, disposition);
+                }
+                (Vec::new(), Vec::new(), false)
+            }
         }
     }
-    // Contention this persistent is better resolved by time than by spinning.
-    let delay = backoff(plugin, event.attempt);
-    tracing::warn!(plugin = plugin.name(), event_id = %event.id, "state kept changing under the call; retrying in {delay:?}");
-    Step::RetryAfter(delay)
-}
 
-/// The effects are committed: publish the outbox and acknowledge.
-async fn publish_and_ack(
-    ctx: &PipelineContext,
-    plugin: &Plugin,
-    message: &jetstream::Message,
-    event: &Event,
-    outbox: &[Emitted],
-    duplicate: bool,
-) -> Disposition {
-    tracing::trace!("committed");
-    let version = plugin.version().as_str();
-    let trace = propagation::outgoing(&tracing::Span::current(), event);
-    let publish = crate::outbox::publish(
-        &ctx.js,
-        plugin.name(),
-        version,
-        event,
-        outbox,
-        &trace,
-        ctx.publish_timeout,
-    );
-    if let Err(e) = with_progress(message, ctx.ack_wait, publish).await {
-        return host_error(plugin, message, event, e.into()).await;
+    /// The effects are committed: publish the outboxes and acknowledge.
+    async fn publish_and_ack(&self, committed: Vec<Succeeded>) {
+        if committed.is_empty() {
+            return;
+        }
+        let traces: Vec<Vec<(String, String)>> = committed
+            .iter()
+            .map(|s| propagation::outgoing(&s.delivery.span, &s.delivery.event))
+            .collect();
+        let outgoing: Vec<Outgoing<'_>> = committed
+            .iter()
+            .zip(&traces)
+            .map(|(s, trace)| Outgoing {
+                event: &s.delivery.event,
+                emitted: &s.outbox,
+                trace,
+            })
+            .collect();
+        let published = crate::outbox::publish(
+            &self.ctx.js,
+            self.plugin.name(),
+            self.plugin.version().as_str(),
+            &outgoing,
+            self.ctx.publish_timeout,
+        )
+        .await;
+        if let Err(e) = published {
+            // Committed, so a redelivery re-publishes from the outbox.
+            let message = e.to_string();
+            for s in &committed {
+                let disposition = self
+                    .host_error(&s.delivery, anyhow::anyhow!("{message}"))
+                    .await;
+                self.settle(&s.delivery, disposition);
+            }
+            return;
+        }
+        let with_outputs: Vec<u64> = committed
+            .iter()
+            .filter(|s| !s.outbox.is_empty())
+            .map(|s| s.delivery.event.sequence)
+            .collect();
+        self.ctx.store.published(&self.scope, with_outputs);
+        self.ack_all(committed.iter().map(|s| &s.delivery), Disposition::Acked)
+            .await;
     }
-    tracing::trace!(outputs = outbox.len(), "published");
-    // With done records a lost ack is harmless (the redelivery is skipped),
-    // so a plain ack suffices; without them, make sure it landed.
-    let acked = if ctx.idempotency {
-        message.ack().await
-    } else {
-        message.double_ack().await
-    };
-    if let Err(e) = acked {
-        tracing::warn!(plugin = plugin.name(), event_id = %event.id, "ack not sent: {e}");
-        return Disposition::HostError;
-    }
-    if let Ok(info) = message.info() {
-        let latency = since(info.published);
-        ctx.stats.ack_latency.record(latency);
-        ctx.metrics.publish_to_ack(plugin.name(), version, latency);
-    }
-    if ctx.idempotency && !outbox.is_empty() {
-        ctx.store.forget_outbox(&event.id).await;
-    }
-    if duplicate {
-        Disposition::Skipped
-    } else {
-        Disposition::Acked
-    }
-}
 
-/// The plugin did not succeed: retry, or dead-letter.
-async fn failed(
-    ctx: &PipelineContext,
-    plugin: &Plugin,
-    message: &jetstream::Message,
-    event: &Event,
-    outcome: &Outcome,
-) -> Step {
-    match outcome {
-        Outcome::Reject { .. } => {
-            Step::Done(dead_letter(ctx, plugin, message, event, outcome).await)
+    /// Acknowledge processed events. With done marks a lost ack is
+    /// harmless (the redelivery is skipped), so plain acks do; without them
+    /// the acks are confirmed, all with one round trip.
+    async fn ack_all<'d>(
+        &self,
+        deliveries: impl Iterator<Item = &'d Delivery> + Clone,
+        disposition: Disposition,
+    ) {
+        let mut failed = false;
+        for delivery in deliveries.clone() {
+            if let Err(e) = delivery.message.ack().await {
+                tracing::warn!(parent: &delivery.span, "ack not sent: {e}");
+                failed = true;
+            }
         }
-        _ if event.attempt >= plugin.manifest().retry.max_deliveries => {
-            Step::Done(dead_letter(ctx, plugin, message, event, outcome).await)
+        if !self.ctx.idempotency
+            && !failed
+            && let Err(e) = self.ctx.js.client().flush().await
+        {
+            tracing::warn!(plugin = self.plugin.name(), "acks not confirmed: {e}");
+            failed = true;
         }
-        _ => {
-            let delay = match outcome {
-                Outcome::Retry {
-                    delay: Some(delay), ..
-                } => *delay,
-                _ => backoff(plugin, event.attempt),
+        let version = self.plugin.version().as_str();
+        for delivery in deliveries {
+            if failed {
+                self.settle(delivery, Disposition::HostError);
+                continue;
+            }
+            if let Ok(info) = delivery.message.info() {
+                let latency = since(info.published);
+                self.ctx.stats.ack_latency.record(latency);
+                self.ctx
+                    .metrics
+                    .publish_to_ack(self.plugin.name(), version, latency);
+            }
+            self.settle(delivery, disposition);
+        }
+    }
+
+    /// An event committed before: publish its committed outbox (JetStream
+    /// drops what already landed) and acknowledge it.
+    async fn finish_done(&self, delivery: Delivery, outbox: Vec<Emitted>) {
+        let trace = propagation::outgoing(&delivery.span, &delivery.event);
+        let outgoing = [Outgoing {
+            event: &delivery.event,
+            emitted: &outbox,
+            trace: &trace,
+        }];
+        let published = crate::outbox::publish(
+            &self.ctx.js,
+            self.plugin.name(),
+            self.plugin.version().as_str(),
+            &outgoing,
+            self.ctx.publish_timeout,
+        )
+        .await;
+        match published {
+            Ok(()) => {
+                if !outbox.is_empty() {
+                    self.ctx
+                        .store
+                        .published(&self.scope, vec![delivery.event.sequence]);
+                }
+                self.ack_all(std::iter::once(&delivery), Disposition::Skipped)
+                    .await;
+            }
+            Err(e) => {
+                let disposition = self.host_error(&delivery, e.into()).await;
+                self.settle(&delivery, disposition);
+            }
+        }
+    }
+
+    /// The plugin did not succeed: dead-letter, retry later, or (for an
+    /// ordered plugin) wait and return the event to run again in place.
+    async fn failed(&self, mut delivery: Delivery, outcome: &Outcome) -> Option<Delivery> {
+        let last = delivery.event.attempt >= self.plugin.manifest().retry.max_deliveries;
+        if matches!(outcome, Outcome::Reject { .. }) || last {
+            let disposition = self.dead_letter(&delivery, outcome, None).await;
+            self.settle(&delivery, disposition);
+            return None;
+        }
+        let delay = match outcome {
+            Outcome::Retry {
+                delay: Some(delay), ..
+            } => *delay,
+            _ => backoff(self.plugin, delivery.event.attempt),
+        };
+        tracing::info!(parent: &delivery.span, attempt = delivery.event.attempt, "{outcome}; retrying in {delay:?}");
+        if self.ordered {
+            // Hold the lane: no later event of the key may overtake this one.
+            self.ctx.count(self.plugin, Counted::Retried);
+            tokio::time::sleep(delay).await;
+            delivery.event.attempt += 1;
+            return Some(delivery);
+        }
+        let disposition = self.retry_later(&delivery, delay).await;
+        self.settle(&delivery, disposition);
+        None
+    }
+
+    async fn retry_later(&self, delivery: &Delivery, delay: Duration) -> Disposition {
+        ack(
+            &delivery.message,
+            AckKind::Nak(Some(delay)),
+            self.plugin,
+            &delivery.event,
+        )
+        .await;
+        Disposition::Retried
+    }
+
+    /// The host could not make the effects durable: send the event back with
+    /// backoff. Host failures count toward `max-deliveries` like any other,
+    /// so one that repeats on the same event (a subject no stream captures,
+    /// say) ends in a dead letter naming it instead of looping.
+    async fn host_error(&self, delivery: &Delivery, e: anyhow::Error) -> Disposition {
+        if delivery.event.attempt >= self.plugin.manifest().retry.max_deliveries {
+            let outcome = Outcome::HostError {
+                message: format!("{e:#}"),
             };
-            tracing::info!(plugin = plugin.name(), event_id = %event.id, attempt = event.attempt, "{outcome}; retrying in {delay:?}");
-            Step::RetryAfter(delay)
+            return self.dead_letter(delivery, &outcome, None).await;
         }
+        let delay = backoff(self.plugin, delivery.event.attempt);
+        tracing::warn!(parent: &delivery.span, attempt = delivery.event.attempt, "effects not durable, retrying in {delay:?}: {e:#}");
+        ack(
+            &delivery.message,
+            AckKind::Nak(Some(delay)),
+            self.plugin,
+            &delivery.event,
+        )
+        .await;
+        Disposition::HostError
+    }
+
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        outcome: &Outcome,
+        raw_headers: Option<&[u8]>,
+    ) -> Disposition {
+        let (event, message) = (&delivery.event, &delivery.message);
+        if dlq::is_dead_letter(&self.ctx.dlq_prefix, &event.subject) {
+            // A dead letter failed again in a plugin that consumes them. It
+            // is in the dead-letter stream already; another one would only
+            // start a loop of ever longer subjects.
+            tracing::error!(parent: &delivery.span, stream = %delivery.stream, sequence = event.sequence, "a dead letter failed and is not dead-lettered again: {outcome}");
+            return self.terminate(delivery, "dead_letter_loop").await;
+        }
+        let letter = DeadLetter {
+            plugin: self.plugin.name(),
+            version: self.plugin.version().as_str(),
+            stream: &delivery.stream,
+            event,
+            outcome,
+            trace: propagation::outgoing(&delivery.span, event),
+            raw_headers,
+        };
+        let published = dlq::publish(
+            &self.ctx.js,
+            &self.ctx.dlq_prefix,
+            &letter,
+            self.ctx.publish_timeout,
+        )
+        .await;
+        if let Err(e) = published {
+            if event.attempt >= self.plugin.manifest().retry.max_deliveries {
+                tracing::error!(parent: &delivery.span, stream = %delivery.stream, sequence = event.sequence, "dead letter could not be stored on any attempt; the event stays in its stream only: {e:#}");
+                return self.terminate(delivery, "dead_letter_unstorable").await;
+            }
+            let delay = backoff(self.plugin, event.attempt);
+            tracing::warn!(parent: &delivery.span, "dead letter not stored, retrying in {delay:?}: {e:#}");
+            ack(message, AckKind::Nak(Some(delay)), self.plugin, event).await;
+            return Disposition::HostError;
+        }
+        tracing::warn!(parent: &delivery.span, attempts = event.attempt, "dead-lettered: {outcome}");
+        match message.double_ack_with(AckKind::Term).await {
+            Ok(()) => Disposition::DeadLettered(outcome.kind()),
+            Err(e) => {
+                // Redelivered later; the dead letter's message id keeps it single.
+                tracing::warn!(parent: &delivery.span, "terminate not confirmed: {e}");
+                Disposition::HostError
+            }
+        }
+    }
+
+    /// End an event for good without processing it or storing a dead letter.
+    async fn terminate(&self, delivery: &Delivery, reason: &'static str) -> Disposition {
+        match delivery.message.double_ack_with(AckKind::Term).await {
+            Ok(()) => Disposition::Terminated(reason),
+            Err(e) => {
+                tracing::warn!(parent: &delivery.span, "terminate not confirmed: {e}");
+                Disposition::HostError
+            }
+        }
+    }
+
+    /// Count what became of an event; it is no longer this run's to hold.
+    fn settle(&self, delivery: &Delivery, disposition: Disposition) {
+        let ctx = self.ctx;
+        match disposition {
+            Disposition::Acked => ctx.count(self.plugin, Counted::Processed),
+            Disposition::Retried => ctx.count(self.plugin, Counted::Retried),
+            Disposition::DeadLettered(reason) => {
+                ctx.count_dead_letter(self.plugin, reason);
+                delivery.span.record("otel.status_code", "ERROR");
+            }
+            Disposition::Terminated(reason) => {
+                ctx.count_terminated(self.plugin, reason);
+                delivery.span.record("otel.status_code", "ERROR");
+            }
+            Disposition::HostError => ctx.count(self.plugin, Counted::HostError),
+            Disposition::Skipped => ctx.count(self.plugin, Counted::Duplicate),
+        }
+        lock(&self.settled).push(delivery.event.sequence);
+    }
+
+    /// The run's messages not settled yet.
+    fn unsettled<'m>(
+        &self,
+        held: &'m [jetstream::Message],
+    ) -> impl Iterator<Item = &'m jetstream::Message> + use<'m> {
+        let settled = lock(&self.settled).clone();
+        held.iter().filter(move |m| {
+            m.info()
+                .is_ok_and(|i| !settled.contains(&i.stream_sequence))
+        })
     }
 }
 
-/// The host could not make the effects durable: send the event back.
-async fn host_error(
-    plugin: &Plugin,
-    message: &jetstream::Message,
-    event: &Event,
-    e: anyhow::Error,
-) -> Disposition {
-    tracing::warn!(plugin = plugin.name(), event_id = %event.id, "effects not durable, retrying: {e:#}");
-    ack(message, AckKind::Nak(Some(HOST_RETRY_DELAY)), plugin, event).await;
-    Disposition::HostError
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Each critical section is a single push or clone.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Committed state as the events of one run see it: what the store holds,
+/// overlaid with what the run's earlier events wrote. The first revision
+/// read of each key from the store guards the run's commit.
+struct RunState {
+    store: Arc<PluginStore>,
+    inner: Mutex<RunInner>,
+}
+
+#[derive(Default)]
+struct RunInner {
+    /// Last write per key; `None` is a delete.
+    overlay: BTreeMap<String, Option<Vec<u8>>>,
+    reads: BTreeMap<String, u64>,
+}
+
+impl RunState {
+    fn new(store: Arc<PluginStore>) -> Self {
+        RunState {
+            store,
+            inner: Mutex::new(RunInner::default()),
+        }
+    }
+
+    /// Lay a succeeded event's changes over what later events see.
+    fn apply(&self, changes: Vec<StateChange>) {
+        let mut inner = lock(&self.inner);
+        for change in changes {
+            match change {
+                StateChange::Set { key, value } => inner.overlay.insert(key, Some(value)),
+                StateChange::Delete { key } => inner.overlay.insert(key, None),
+            };
+        }
+    }
+
+    /// The run's state changes, last write per key, and its reads.
+    fn effects(&self) -> (Vec<StateChange>, BTreeMap<String, u64>) {
+        let inner = lock(&self.inner);
+        let writes = inner
+            .overlay
+            .iter()
+            .map(|(key, value)| match value {
+                Some(value) => StateChange::Set {
+                    key: key.clone(),
+                    value: value.clone(),
+                },
+                None => StateChange::Delete { key: key.clone() },
+            })
+            .collect();
+        (writes, inner.reads.clone())
+    }
+}
+
+impl StateStore for RunState {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Versioned>> {
+        Box::pin(async move {
+            {
+                let inner = lock(&self.inner);
+                if let Some(value) = inner.overlay.get(key) {
+                    return Ok(Versioned {
+                        value: value.clone(),
+                        revision: inner.reads.get(key).copied().unwrap_or(0),
+                    });
+                }
+            }
+            let versioned = self.store.get(key).await?;
+            lock(&self.inner)
+                .reads
+                .entry(key.to_owned())
+                .or_insert(versioned.revision);
+            Ok(versioned)
+        })
+    }
 }
 
 /// Time since the stream stored a message (zero if clocks disagree).
@@ -280,72 +738,9 @@ fn backoff(plugin: &Plugin, attempt: u32) -> Duration {
         .backoff_with_jitter(attempt, rand::random::<f64>())
 }
 
-async fn dead_letter(
-    ctx: &PipelineContext,
-    plugin: &Plugin,
-    message: &jetstream::Message,
-    event: &Event,
-    outcome: &Outcome,
-) -> Disposition {
-    let stream = message
-        .info()
-        .map(|i| i.stream.to_owned())
-        .unwrap_or_default();
-    let letter = DeadLetter {
-        plugin: plugin.name(),
-        version: plugin.version().as_str(),
-        stream: &stream,
-        event,
-        outcome,
-        trace: propagation::outgoing(&tracing::Span::current(), event),
-    };
-    let published = with_progress(
-        message,
-        ctx.ack_wait,
-        dlq::publish(&ctx.js, &ctx.dlq_prefix, &letter, ctx.publish_timeout),
-    )
-    .await;
-    if let Err(e) = published {
-        tracing::warn!(plugin = plugin.name(), event_id = %event.id, "dead letter not stored, retrying: {e:#}");
-        ack(message, AckKind::Nak(Some(HOST_RETRY_DELAY)), plugin, event).await;
-        return Disposition::HostError;
-    }
-    tracing::warn!(plugin = plugin.name(), event_id = %event.id, attempts = event.attempt, "dead-lettered: {outcome}");
-    match message.double_ack_with(AckKind::Term).await {
-        Ok(()) => Disposition::DeadLettered(outcome.kind()),
-        Err(e) => {
-            // Redelivered later; the dead letter's message id keeps it single.
-            tracing::warn!(plugin = plugin.name(), event_id = %event.id, "terminate not confirmed: {e}");
-            Disposition::HostError
-        }
-    }
-}
-
 async fn ack(message: &jetstream::Message, kind: AckKind, plugin: &Plugin, event: &Event) {
     if let Err(e) = message.ack_with(kind).await {
         // The server redelivers after the ack wait anyway.
         tracing::warn!(plugin = plugin.name(), event_id = %event.id, "sending {kind:?} failed: {e}");
-    }
-}
-
-/// Run `work`, telling the server every third of the ack wait that the
-/// event is still being worked on, so it is not redelivered under us.
-async fn with_progress<F: std::future::Future>(
-    message: &jetstream::Message,
-    ack_wait: Duration,
-    work: F,
-) -> F::Output {
-    let period = ack_wait / 3;
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    tokio::pin!(work);
-    loop {
-        tokio::select! {
-            out = &mut work => return out,
-            _ = ticker.tick() => {
-                if let Err(e) = message.ack_with(AckKind::Progress).await {
-                    tracing::debug!("progress ack failed: {e}");
-                }
-            }
-        }
     }
 }

@@ -17,9 +17,15 @@ pub struct PluginStats {
     pub skipped_duplicates: AtomicU64,
     /// Host-side failures (publish, commit, ack) that sent an event back.
     pub host_errors: AtomicU64,
+    /// Ended on purpose without processing or a dead letter (see
+    /// [`crate::telemetry::metrics::TERMINATION_REASONS`]).
+    pub terminated: AtomicU64,
     pub in_flight: AtomicU64,
     /// The consumer's lag at the last poll.
     pub lag: std::sync::Mutex<ConsumerLag>,
+    /// Why the plugin cannot pull events right now (its stream or consumer
+    /// is gone), if it cannot.
+    pub stalled: std::sync::Mutex<Option<String>>,
     /// From the event's arrival in its stream to its confirmed ack.
     pub ack_latency: LatencyHistogram,
 }
@@ -34,6 +40,8 @@ pub struct StatsSnapshot {
     pub dead_lettered: u64,
     pub skipped_duplicates: u64,
     pub host_errors: u64,
+    #[serde(default)]
+    pub terminated: u64,
     pub in_flight: u64,
     #[serde(flatten)]
     pub lag: ConsumerLag,
@@ -42,6 +50,17 @@ pub struct StatsSnapshot {
 impl PluginStats {
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Why the plugin is stalled, if it is.
+    pub fn stalled(&self) -> Option<String> {
+        self.stalled.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn set_stalled(&self, why: Option<String>) {
+        if let Ok(mut stalled) = self.stalled.lock() {
+            *stalled = why;
+        }
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
@@ -53,6 +72,7 @@ impl PluginStats {
             dead_lettered: get(&self.dead_lettered),
             skipped_duplicates: get(&self.skipped_duplicates),
             host_errors: get(&self.host_errors),
+            terminated: get(&self.terminated),
             in_flight: get(&self.in_flight),
             lag: self.lag.lock().map(|l| *l).unwrap_or_default(),
         }

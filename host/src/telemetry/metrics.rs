@@ -49,6 +49,14 @@ pub enum Counted {
     HostError,
 }
 
+/// Why an event may end neither processed nor dead-lettered:
+/// - `dead_letter_loop`: a dead letter (an event on the dead-letter
+///   subjects) failed in a plugin consuming them; dead-lettering it again
+///   would loop, and it is in the dead-letter stream already.
+/// - `dead_letter_unstorable`: its dead letter could not be stored on any
+///   of its allowed attempts; the event is still in its own stream.
+pub const TERMINATION_REASONS: [&str; 2] = ["dead_letter_loop", "dead_letter_unstorable"];
+
 /// A plugin's consumer as the server reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConsumerLag {
@@ -77,6 +85,7 @@ pub struct Metrics {
     duplicates: Counters,
     host_errors: Counters,
     dead_lettered: Family<ReasonLabels, Counter>,
+    terminated: Family<ReasonLabels, Counter>,
     limit_hits: Family<ReasonLabels, Counter>,
     handler_duration: Latencies,
     publish_to_ack: Latencies,
@@ -139,6 +148,12 @@ impl Metrics {
             r,
             "events_dead_lettered",
             "Events moved to the dead-letter stream, by the outcome that sent them",
+            Family::default(),
+        );
+        let terminated = register(
+            r,
+            "events_terminated",
+            "Events ended without processing or a dead letter, on purpose (reason: dead_letter_loop, dead_letter_unstorable)",
             Family::default(),
         );
         let limit_hits = register(
@@ -215,6 +230,7 @@ impl Metrics {
             duplicates,
             host_errors,
             dead_lettered,
+            terminated,
             limit_hits,
             handler_duration,
             publish_to_ack,
@@ -249,6 +265,11 @@ impl Metrics {
                 .dead_lettered
                 .get_or_create(&reason_labels(plugin, version, reason));
         }
+        for reason in TERMINATION_REASONS {
+            let _ = self
+                .terminated
+                .get_or_create(&reason_labels(plugin, version, reason));
+        }
         for limit in ["deadline", "memory"] {
             let _ = self
                 .limit_hits
@@ -272,6 +293,13 @@ impl Metrics {
     /// `reason` is the outcome's kind (`reject`, `trap`, `deadline`, ...).
     pub fn dead_lettered(&self, plugin: &str, version: &str, reason: &str) {
         self.dead_lettered
+            .get_or_create(&reason_labels(plugin, version, reason))
+            .inc();
+    }
+
+    /// `reason` is one of [`TERMINATION_REASONS`].
+    pub fn terminated(&self, plugin: &str, version: &str, reason: &str) {
+        self.terminated
             .get_or_create(&reason_labels(plugin, version, reason))
             .inc();
     }

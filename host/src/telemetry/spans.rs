@@ -48,10 +48,11 @@ pub fn consumer(plugin: &str, version: &str, event: &Event, stream: &str) -> tra
     span
 }
 
-/// The span of one plugin call; record `outcome` (and
-/// `otel.status_code = "ERROR"` when it is not ok) on it.
-pub fn invoke(plugin: &str) -> tracing::Span {
+/// The span of one plugin call, inside the event's consumer span; record
+/// `outcome` (and `otel.status_code = "ERROR"` when it is not ok) on it.
+pub fn invoke(consumer: &tracing::Span, plugin: &str) -> tracing::Span {
     tracing::info_span!(
+        parent: consumer,
         "invoke",
         otel.name = %format_args!("invoke {plugin}"),
         otel.status_code = tracing::field::Empty,

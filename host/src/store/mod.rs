@@ -1,0 +1,233 @@
+//! A plugin's durable store: its state, the record of which events are
+//! done, and the outbox of every committed event not yet published, in one
+//! JetStream KV bucket (`<prefix>_<plugin>`).
+//!
+//! Keys of the bucket:
+//!
+//! - `s.<key>`: the plugin's state key `<key>`;
+//! - `d.<scope>.<block>`: a done block (see [`blocks`]): which events of
+//!   4,096 stream sequences are committed, with the outboxes of those whose
+//!   outputs are not yet published;
+//! - `i.<digest>`: a producer-given event id (`Nats-Msg-Id`) already done,
+//!   which recognises the same event published again after the input
+//!   stream's duplicate window.
+//!
+//! The effects of a run of events are committed together with their done
+//! marks through the plugin's group committer ([`committer`]): all of it is
+//! stored or none. Outputs are published after the commit, from the
+//! committed outbox, under deterministic message ids; a redelivered event
+//! whose mark is set re-publishes that outbox (JetStream drops the
+//! duplicates) and is acked without running the plugin again.
+
+pub mod blocks;
+mod cache;
+mod committer;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream::{self, kv};
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot};
+
+pub use blocks::Scope;
+use cache::StateCache;
+use committer::Command;
+
+use crate::config::StateConfig;
+use crate::event::Emitted;
+use crate::state::{StateChange, StateStore, Versioned};
+
+/// The bucket of `plugin`: `<prefix>_<plugin>`.
+pub fn bucket_name(config: &StateConfig, plugin: &str) -> String {
+    format!("{}_{plugin}", config.bucket_prefix)
+}
+
+/// One event's share of a commit.
+#[derive(Debug, Clone)]
+pub struct EventEffects {
+    /// Its stream sequence (in the request's scope).
+    pub seq: u64,
+    /// The producer's `Nats-Msg-Id`, when it gave one.
+    pub msg_id: Option<String>,
+    /// What it emitted.
+    pub outbox: Vec<Emitted>,
+}
+
+/// The effects of a run of events, to commit as one.
+#[derive(Debug, Clone)]
+pub struct CommitRequest {
+    pub scope: Scope,
+    /// The events, in the order they ran.
+    pub events: Vec<EventEffects>,
+    /// Their state changes, last write per key.
+    pub writes: Vec<StateChange>,
+    /// The revision of every key they read from committed state.
+    pub reads: BTreeMap<String, u64>,
+}
+
+/// Committed outboxes by stream sequence (empty when already published).
+pub type DoneOutboxes = Vec<(u64, Vec<Emitted>)>;
+
+/// What became of a commit.
+#[derive(Debug, PartialEq)]
+pub enum Commit {
+    /// Stored: the effects are durable.
+    Committed,
+    /// Nothing was stored: these events of the run were committed before
+    /// (by an earlier attempt, or another host); here are their committed
+    /// outboxes, empty when already published. The run's other events
+    /// must run again.
+    AlreadyDone(DoneOutboxes),
+    /// A state key the run read was written by someone else meanwhile: run
+    /// it again on fresh state.
+    Conflict,
+    /// The run's outbox would not fit one message the server accepts; no
+    /// run of these events can commit.
+    TooLarge { bytes: u64, limit: u64 },
+}
+
+/// One plugin's bucket.
+pub struct PluginStore {
+    kv: kv::Store,
+    cache: Arc<StateCache>,
+    idempotency: bool,
+    committer: mpsc::UnboundedSender<Command>,
+}
+
+impl PluginStore {
+    /// Open the plugin's bucket, creating it on first use, with atomic
+    /// batches and per-message TTLs enabled on its stream.
+    pub async fn open(
+        js: &jetstream::Context,
+        config: &StateConfig,
+        plugin: &str,
+    ) -> anyhow::Result<Self> {
+        let bucket = bucket_name(config, plugin);
+        let kv = match js.get_key_value(&bucket).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: bucket.clone(),
+                    description: format!("Weir state, done records and outbox of plugin {plugin}"),
+                    history: 1,
+                    num_replicas: config.replicas,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| format!("creating state bucket {bucket}"))?,
+        };
+        let mut stream = js
+            .get_stream(&kv.stream_name)
+            .await
+            .with_context(|| format!("opening {}", kv.stream_name))?;
+        let info = stream
+            .info()
+            .await
+            .with_context(|| format!("reading {}", kv.stream_name))?;
+        if !info.config.allow_atomic_publish || !info.config.allow_message_ttl {
+            let mut updated = info.config.clone();
+            updated.allow_atomic_publish = true;
+            updated.allow_message_ttl = true;
+            js.update_stream(updated).await.with_context(|| {
+                format!(
+                    "enabling atomic batches on {} (needs nats-server 2.12+)",
+                    kv.stream_name
+                )
+            })?;
+        }
+        let cache = Arc::new(StateCache::default());
+        let committer = committer::spawn(committer::Settings {
+            client: js.client(),
+            kv: kv.clone(),
+            prefix: kv.prefix.clone(),
+            done_ttl: Duration::from_secs(config.done_ttl_s),
+            cache: cache.clone(),
+        });
+        Ok(PluginStore {
+            kv,
+            cache,
+            idempotency: config.idempotency,
+            committer,
+        })
+    }
+
+    /// Whether done marks are kept (see `StateConfig::idempotency`).
+    pub fn idempotency(&self) -> bool {
+        self.idempotency
+    }
+
+    /// The committed outbox of event `seq` of `scope`, if it is done.
+    pub async fn done(&self, scope: &Scope, seq: u64) -> anyhow::Result<Option<Vec<Emitted>>> {
+        let key = scope.block_key(seq);
+        let entry = self.kv.entry(&key).await.context("reading done marks")?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => Ok(blocks::Block::decode(&e.value)
+                .context("decoding a done block")?
+                .outbox(seq)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Commit a run's effects and done marks atomically. Without
+    /// idempotency only state changes are committed.
+    pub async fn commit(&self, mut request: CommitRequest) -> anyhow::Result<Commit> {
+        if !self.idempotency {
+            request.events.clear();
+        }
+        if request.events.is_empty() && request.writes.is_empty() {
+            return Ok(Commit::Committed);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.committer
+            .send(Command::Commit(request, reply))
+            .map_err(|_| anyhow::anyhow!("the commit task of this plugin has stopped"))?;
+        answer
+            .await
+            .context("the commit task of this plugin has stopped")?
+    }
+
+    /// These events' outputs are published: their outboxes need not be
+    /// kept. Not awaited; if it is lost, the outboxes stay until their
+    /// block is written again or expires.
+    pub fn published(&self, scope: &Scope, seqs: Vec<u64>) {
+        if self.idempotency && !seqs.is_empty() {
+            let _ = self.committer.send(Command::Published(scope.clone(), seqs));
+        }
+    }
+}
+
+impl StateStore for PluginStore {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Versioned>> {
+        Box::pin(async move {
+            if let Some(cached) = self.cache.get(key) {
+                return Ok(cached);
+            }
+            let entry = self
+                .kv
+                .entry(format!("s.{key}"))
+                .await
+                .with_context(|| format!("state get {key}"))?;
+            let versioned = match entry {
+                None => Versioned {
+                    value: None,
+                    revision: 0,
+                },
+                Some(e) if e.operation == kv::Operation::Put => Versioned {
+                    value: Some(e.value.to_vec()),
+                    revision: e.revision,
+                },
+                // A delete marker: no value, but its revision guards the key.
+                Some(e) => Versioned {
+                    value: None,
+                    revision: e.revision,
+                },
+            };
+            self.cache.observed(key, versioned.clone());
+            Ok(versioned)
+        })
+    }
+}

@@ -1,0 +1,252 @@
+//! What each JetStream primitive the host uses costs, per message: rate,
+//! and CPU time of nats-server and of this client (from /proc), in one run
+//! against one server. The numbers behind the commit design in
+//! ARCHITECTURE.md ("Group commit").
+//!
+//! ```sh
+//! cargo run --release -p weir-integration-tests --bin jetstream-costs -- [MESSAGES]
+//! ```
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark fails by panicking
+
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, consumer};
+use bytes::Bytes;
+use futures::StreamExt;
+
+/// User plus system CPU time of process `pid`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+fn self_cpu() -> Duration {
+    cpu_time(std::process::id())
+}
+
+struct Probe {
+    pid: u32,
+    wall: Instant,
+    server: Duration,
+    me: Duration,
+}
+
+impl Probe {
+    fn start(pid: u32) -> Self {
+        Probe {
+            pid,
+            wall: Instant::now(),
+            server: cpu_time(pid),
+            me: self_cpu(),
+        }
+    }
+    fn report(self, label: &str, n: usize) {
+        let wall = self.wall.elapsed().as_secs_f64();
+        let server = (cpu_time(self.pid) - self.server).as_secs_f64();
+        let me = (self_cpu() - self.me).as_secs_f64();
+        println!(
+            "{label:<60} {:>9.0}/s  server {:>6.1} us/msg  client {:>6.1} us/msg",
+            n as f64 / wall,
+            server * 1e6 / n as f64,
+            me * 1e6 / n as f64
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse().unwrap())
+        .unwrap_or(20000);
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        weir::dev::NatsServer::start(&dir.path().join("nats"), weir::dev::free_port().unwrap())
+            .unwrap();
+    let pid = server.pid().unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    js.create_stream(jetstream::stream::Config {
+        name: "IN".into(),
+        subjects: vec!["in.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.create_stream(jetstream::stream::Config {
+        name: "KV".into(),
+        subjects: vec!["kv.>".into()],
+        max_messages_per_subject: 1,
+        allow_atomic_publish: true,
+        allow_message_ttl: true,
+        allow_batch_publish: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let payload = Bytes::from(vec![b'x'; 200]);
+    let mut acks = Vec::new();
+    for i in 0..n {
+        acks.push(
+            js.publish(format!("in.{}", i % 50), payload.clone())
+                .await
+                .unwrap(),
+        );
+        if acks.len() == 1000 {
+            for a in acks.drain(..) {
+                a.await.unwrap();
+            }
+        }
+    }
+    for a in acks.drain(..) {
+        a.await.unwrap();
+    }
+    let stream = js.get_stream("IN").await.unwrap();
+    for (label, double) in [("consume + ack", false), ("consume + double_ack", true)] {
+        let c = stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(format!("c{double}")),
+                ack_policy: consumer::AckPolicy::Explicit,
+                max_ack_pending: 10_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let probe = Probe::start(pid);
+        let mut messages = c.messages().await.unwrap();
+        if double {
+            let mut pending = futures::stream::FuturesUnordered::new();
+            for _ in 0..n {
+                let m = messages.next().await.unwrap().unwrap();
+                pending.push(async move { m.double_ack().await.unwrap() });
+                if pending.len() >= 64 {
+                    pending.next().await;
+                }
+            }
+            while pending.next().await.is_some() {}
+        } else {
+            for _ in 0..n {
+                let m = messages.next().await.unwrap().unwrap();
+                m.ack_with(AckKind::Ack).await.unwrap();
+            }
+        }
+        probe.report(label, n);
+    }
+
+    // KV-like writes, pipelined, 1000 outstanding.
+    for (label, guard, ttl) in [
+        ("publish, pipelined PubAcks", false, false),
+        ("publish + TTL", false, true),
+        ("publish + TTL + must-not-exist guard", true, true),
+    ] {
+        let probe = Probe::start(pid);
+        for i in 0..n {
+            let mut h = HeaderMap::new();
+            if guard {
+                h.insert("Nats-Expected-Last-Subject-Sequence", "0");
+            }
+            if ttl {
+                h.insert("Nats-TTL", "600");
+            }
+            acks.push(
+                js.publish_with_headers(
+                    format!("kv.{label:.3}{guard}{ttl}.{i}"),
+                    h,
+                    payload.clone(),
+                )
+                .await
+                .unwrap(),
+            );
+            if acks.len() == 1000 {
+                for a in acks.drain(..) {
+                    a.await.unwrap();
+                }
+            }
+        }
+        for a in acks.drain(..) {
+            a.await.unwrap();
+        }
+        probe.report(label, n);
+    }
+
+    // Core publish, no ack requested.
+    let probe = Probe::start(pid);
+    for i in 0..n {
+        client
+            .publish(format!("kv.core.{i}"), payload.clone())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    // Wait until stored.
+    loop {
+        let info = js
+            .get_stream("KV")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .clone();
+        if info.state.messages >= 4 * n as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    probe.report("core publish (no PubAck), flushed", n);
+
+    // Atomic batches of k.
+    for k in [2usize, 16, 100, 500] {
+        let probe = Probe::start(pid);
+        let batches = n / k;
+        let mut inflight = futures::stream::FuturesUnordered::new();
+        for b in 0..batches {
+            let id = format!("b{k}x{b}");
+            for j in 0..k {
+                let mut h = HeaderMap::new();
+                h.insert("Nats-Batch-Id", id.as_str());
+                h.insert("Nats-Batch-Sequence", (j + 1).to_string().as_str());
+                h.insert("Nats-TTL", "600");
+                h.insert("Nats-Expected-Last-Subject-Sequence", "0");
+                let subject = format!("kv.atomic{k}.{b}.{j}");
+                if j + 1 < k {
+                    client
+                        .publish_with_headers(subject, h, payload.clone())
+                        .await
+                        .unwrap();
+                } else {
+                    h.insert("Nats-Batch-Commit", "1");
+                    let c = client.clone();
+                    inflight.push(async move {
+                        let r = c
+                            .request_with_headers(subject, h, payload_of())
+                            .await
+                            .unwrap();
+                        assert!(
+                            !String::from_utf8_lossy(&r.payload).contains("error"),
+                            "{}",
+                            String::from_utf8_lossy(&r.payload)
+                        );
+                    });
+                }
+            }
+            if inflight.len() >= 8 {
+                inflight.next().await;
+            }
+        }
+        while inflight.next().await.is_some() {}
+        probe.report(
+            &format!("atomic batches of {k} (guard+TTL), 8 in flight"),
+            batches * k,
+        );
+    }
+}
+
+fn payload_of() -> Bytes {
+    Bytes::from(vec![b'x'; 200])
+}
