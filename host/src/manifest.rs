@@ -27,10 +27,23 @@ pub struct Manifest {
     /// Where a new plugin's consumer starts in the stream.
     #[serde(default)]
     pub start: StartPosition,
-    /// How many events of this plugin may run at once (with an ordering
-    /// key: how many keys).
+    /// How many events of this plugin may run in the sandbox at once. Events
+    /// waiting for their commit do not count. With 1 and no ordering key,
+    /// events run one after another in stream order.
     #[serde(default = "defaults::concurrency")]
     pub concurrency: u32,
+    /// Most events a host holds for this plugin, delivered and not yet
+    /// acknowledged (the consumer's `max_ack_pending`): the bound on the
+    /// host's memory for this plugin (times its largest event) and on how
+    /// much work one commit can group. A slow plugin's backlog beyond it
+    /// stays in JetStream.
+    #[serde(default = "defaults::max_in_flight")]
+    pub max_in_flight: u32,
+    /// Most bytes of events (payloads and headers) a host holds for this
+    /// plugin, in MiB: pulling pauses above it, so large events cannot
+    /// multiply `max-in-flight` into gigabytes.
+    #[serde(default = "defaults::max_in_flight_mb")]
+    pub max_in_flight_mb: u32,
     /// Events with the same key run one at a time, in stream order; events
     /// of different keys run concurrently. Without it, events run in any
     /// order, up to `concurrency` at once.
@@ -265,6 +278,14 @@ mod defaults {
     pub fn concurrency() -> u32 {
         1
     }
+
+    pub fn max_in_flight() -> u32 {
+        1024
+    }
+
+    pub fn max_in_flight_mb() -> u32 {
+        64
+    }
 }
 
 /// A manifest that could not be read or is invalid.
@@ -318,6 +339,12 @@ impl Manifest {
             .map_err(|why| format!("`stream`: {:?} {why}", self.stream))?;
         if self.concurrency == 0 {
             return Err("`concurrency` must be at least 1".into());
+        }
+        if self.max_in_flight == 0 {
+            return Err("`max-in-flight` must be at least 1".into());
+        }
+        if self.max_in_flight_mb == 0 {
+            return Err("`max-in-flight-mb` must be at least 1".into());
         }
         match &self.ordering_key {
             Some(OrderingKey::SubjectToken(0)) => {
@@ -572,6 +599,7 @@ mod tests {
     fn invalid_values_are_rejected() {
         for (extra, needle) in [
             ("concurrency = 0\n", "concurrency"),
+            ("max-in-flight = 0\n", "max-in-flight"),
             ("[retry]\nmax-deliveries = 0\n", "max-deliveries"),
             ("[retry]\njitter = 1.5\n", "jitter"),
             (

@@ -512,6 +512,7 @@ impl Inner {
 
     /// Validate and compile off the async workers (seconds on a cache miss).
     async fn load(&self, name: &str, found: &Found) -> anyhow::Result<Plugin> {
+        tracing::info!(plugin = %name, path = %found.wasm_path.display(), "loading plugin");
         let manifest = Manifest::parse(&found.manifest_text).map_err(|message| {
             crate::manifest::ManifestError::Invalid {
                 path: Manifest::path_for(&found.wasm_path),
@@ -590,18 +591,17 @@ impl Inner {
             crate::source::ensure_consumer(&self.js, &name, plugin.manifest(), config.ack_wait())
                 .await?;
         let store = Arc::new(PluginStore::open(&self.js, &config.state, &name).await?);
-        let stats = Arc::new(PluginStats::default());
-        let ctx = Arc::new(PipelineContext {
-            js: self.js.clone(),
-            incarnation: std::sync::RwLock::new(Arc::new(incarnation)),
+        let ctx = Arc::new(PipelineContext::new(
+            self.js.clone(),
+            incarnation,
+            config.dead_letter.subject_prefix.clone(),
             store,
-            idempotency: config.state.idempotency,
-            dlq_prefix: config.dead_letter.subject_prefix.clone(),
-            publish_timeout: PUBLISH_TIMEOUT,
-            ack_wait: config.ack_wait(),
-            stats: stats.clone(),
-            metrics: self.metrics.clone(),
-        });
+            PUBLISH_TIMEOUT,
+            config.ack_wait(),
+            plugin.manifest().concurrency,
+            self.metrics.clone(),
+        ));
+        let stats = ctx.stats.clone();
         tracing::info!(
             plugin = %name,
             version = %plugin.version(),

@@ -23,30 +23,21 @@ pub fn durable_name(plugin: &str) -> String {
     format!("weir-{plugin}")
 }
 
-/// Most events of one key handled, and committed, as one run.
-pub const MAX_RUN: usize = 64;
+/// Most events of one lane handled, and committed, as one run.
+pub const MAX_RUN: usize = 128;
 
 /// How many messages one pull request may ask for, and how many may be
 /// delivered but not yet acknowledged.
 ///
-/// `max_ack_pending` is what bounds the work a host holds for a plugin: the
-/// server delivers no more than that many unacknowledged events, so a slow
-/// plugin backs up into its own consumer, never into host memory. It is
-/// twice the concurrency, so the next events are already here when a slot
-/// frees. Pull requests ask for more than that (at least 32): a request the
-/// server can only partly fill simply waits, whereas tiny requests make the
-/// client re-request after every message.
+/// `max_ack_pending` (the manifest's `max-in-flight`) is what bounds the
+/// work a host holds for a plugin: the server delivers no more than that
+/// many unacknowledged events, so a slow plugin backs up into its own
+/// consumer, never into host memory. Pull requests ask for at least 32: a
+/// request the server can only partly fill simply waits, whereas tiny
+/// requests make the client re-request after every message.
 pub fn flow_limits(manifest: &Manifest) -> (usize, i64) {
-    let concurrency = manifest.concurrency as usize;
-    // With lanes, events of busy keys wait while other keys could run, so
-    // the window is wider; it stays a fixed bound either way.
-    let per_slot = if manifest.ordering_key.is_some() {
-        8
-    } else {
-        2
-    };
-    let max_ack_pending = (concurrency * per_slot).max(4);
-    let batch = (max_ack_pending * 2).clamp(32, 1024);
+    let max_ack_pending = manifest.max_in_flight as usize;
+    let batch = max_ack_pending.clamp(32, 256);
     (batch, max_ack_pending as i64)
 }
 
@@ -199,7 +190,8 @@ pub async fn consumer_gone(js: &jetstream::Context, stream: &str, plugin: &str) 
     }
 }
 
-/// The lane an event runs in: its ordering key, or a lane of its own.
+/// The lane an event runs in: its ordering key; without one, a lane of its
+/// own, or the plugin's single lane when it runs one event at a time.
 pub fn lane_of(message: &jetstream::Message, manifest: &Manifest) -> String {
     match &manifest.ordering_key {
         Some(key) => {
@@ -215,6 +207,8 @@ pub fn lane_of(message: &jetstream::Message, manifest: &Manifest) -> String {
             };
             format!("k:{}", key.key_of(message.subject.as_str(), lookup))
         }
+        // One event at a time means in stream order: one lane.
+        None if manifest.concurrency == 1 => "one".into(),
         // Unique per delivery: no ordering, only the concurrency bound.
         None => format!("m:{}", message.reply.as_deref().unwrap_or_default()),
     }

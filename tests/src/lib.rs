@@ -464,6 +464,43 @@ pub async fn publish_all(
     }
 }
 
+/// Publish a message with `header_block` sent exactly as given (the
+/// `NATS/1.0` line included), over a plain protocol connection: how a
+/// producer with a broken client would send malformed headers, which
+/// async-nats itself refuses to build. Returns once the server answered a
+/// PING after it, so the message has been received.
+pub fn publish_raw(url: &str, subject: &str, header_block: &[u8], payload: &[u8]) {
+    use std::io::{BufRead, BufReader, Write};
+    let addr = url.trim_start_matches("nats://");
+    let stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("INFO"), "{line}");
+    let mut out = format!(
+        "CONNECT {{\"verbose\":false,\"headers\":true,\"protocol\":1}}\r\nHPUB {subject} {} {}\r\n",
+        header_block.len(),
+        header_block.len() + payload.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(header_block);
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"\r\nPING\r\n");
+    writer.write_all(&out).unwrap();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(!line.starts_with("-ERR"), "server refused: {line}");
+        if line.starts_with("PONG") {
+            return;
+        }
+    }
+}
+
 /// Every message of `stream` whose subject matches `filter`, in order.
 pub async fn read_stream(
     js: &jetstream::Context,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::StreamExt;
 use weir_integration_tests::{
-    TestEnv, consumer_backlog, count, publish_all, read_stream, wait_drained, wait_until,
+    TestEnv, consumer_backlog, count, header, publish_all, read_stream, wait_drained, wait_until,
 };
 
 const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
@@ -80,6 +80,16 @@ async fn assert_exactly_once(env: &mut TestEnv) {
     let outputs = read_stream(&js, "HOSTILE", "hostile.out").await;
     let distinct: HashSet<&[u8]> = outputs.iter().map(|m| m.payload.as_ref()).collect();
     assert_eq!(distinct.len(), EVENTS, "distinct outputs");
+    // The guest also counts, in a global, the events its instance handled,
+    // and puts the count on its output. Instances were reused (counts above
+    // one) and killed with the host; a run that did not commit may have
+    // counted an event its replacement counted again. None of that shows
+    // in the effects: only committed state and outboxes count.
+    let reused = outputs
+        .iter()
+        .filter_map(|m| header(m, "Instance-Count")?.parse::<u64>().ok())
+        .any(|n| n > 1);
+    assert!(reused, "instances were reused across events");
     let tallies = tallies(&js, "hostile").await;
     assert_eq!(tallies.len(), KEYS);
     assert_eq!(
@@ -106,6 +116,41 @@ async fn host_killed_repeatedly_yields_each_effect_once() {
     publish_all(&js, "hostile.in", &tally_events(EVENTS), None).await;
     let kills = kill_repeatedly(&mut env, 0, &[1_500, 4_500, 7_500, 10_500, 13_500, 16_500]).await;
     assert!(kills >= 5, "only {kills} kills landed mid-stream");
+    assert_exactly_once(&mut env).await;
+}
+
+/// Keyed by subject token: every key's events run in order as runs, each
+/// run's state changes, done marks and outboxes committed together with
+/// other keys' runs in one atomic group commit, so a kill almost always
+/// lands while a group commit is in flight.
+fn keyed_tally_plugin(manifest: String) -> String {
+    tally_plugin(manifest)
+        .replace(
+            "subjects = [\"hostile.in\"]",
+            "subjects = [\"hostile.in.>\"]",
+        )
+        .replace(
+            "concurrency = 4",
+            "concurrency = 4\nordering-key = { subject-token = 3 }",
+        )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn host_killed_during_group_commits_yields_each_effect_once() {
+    let mut env = TestEnv::new(STREAMS);
+    env.install("test-guests/hostile", "hostile", keyed_tally_plugin);
+    env.start_host();
+    let js = env.jetstream().await;
+    for (i, command) in tally_events(EVENTS).into_iter().enumerate() {
+        // Pipelined in chunks, one subject per key.
+        let subject = format!("hostile.in.k{}", i % KEYS);
+        let ack = js.publish(subject, command.into()).await.unwrap();
+        if i % 1000 == 999 {
+            ack.await.unwrap();
+        }
+    }
+    let kills = kill_repeatedly(&mut env, 0, &[2_000, 6_000, 10_000, 14_000, 18_000]).await;
+    assert!(kills >= 4, "only {kills} kills landed mid-stream");
     assert_exactly_once(&mut env).await;
 }
 

@@ -121,13 +121,16 @@ fn peak_rss_kib(pid: i32) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_plugin_holds_bounded_work_and_does_not_slow_a_fast_one() {
     let mut env = TestEnv::new(STREAMS);
-    // Slow: 50 ms per event, four at a time.
+    // Slow: 50 ms per event, four at a time, at most eight held.
     env.install("test-guests/hostile", "slow", |m| {
         m.replace(
             "subjects = [\"hostile.in\"]",
             "subjects = [\"hostile.work\"]",
         )
-        .replace("start = \"all\"", "start = \"all\"\nconcurrency = 4")
+        .replace(
+            "start = \"all\"",
+            "start = \"all\"\nconcurrency = 4\nmax-in-flight = 8",
+        )
     });
     // Fast: another subject of the same stream, no work per event.
     env.install("test-guests/hostile", "fast", |m| {

@@ -1,12 +1,15 @@
 //! Lanes: virtual partitions of one plugin's events.
 //!
-//! Every event goes into the lane of its key. A lane runs its events in the
-//! order the consumer delivered them (stream order), one *run* at a time: a
-//! run is every event the lane holds when it gets its turn (up to a bound),
-//! handled in order and committed together. Up to `concurrency` lanes run at
-//! once, taking turns so a busy key cannot starve the others. Events of a
-//! plugin without an ordering key each get a lane of their own, which makes
-//! this plain bounded concurrency.
+//! With an ordering key, every event goes into the lane of its key. A lane
+//! runs its events in the order the consumer delivered them (stream order),
+//! one *run* at a time: a run is every event the lane holds when it gets its
+//! turn (up to a bound), handled in order and committed together. Lanes take
+//! turns so a busy key cannot starve the others.
+//!
+//! Without a key there is no order to keep: events wait in one shared queue
+//! and up to a fixed number of runs take them, each a fair share of what is
+//! waiting, so a backlog is handled in large runs and a trickle of live
+//! events one by one without delay.
 //!
 //! Lanes hold only what the server delivered, and the server delivers no
 //! more than the consumer's `max_ack_pending`: memory stays bounded however
@@ -18,12 +21,23 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio_util::task::TaskTracker;
 
+/// How events are grouped into runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shape {
+    /// One lane per key; one run per lane at a time.
+    Keyed,
+    /// One shared queue, taken by up to this many runs at once.
+    Shared(usize),
+}
+
 struct State<T> {
     queues: HashMap<String, VecDeque<T>>,
-    /// Keys with queued events and no event running, in turn order.
+    /// Keys with queued events and no run, in turn order.
     ready: VecDeque<String>,
-    /// Keys with an event running.
+    /// Keys with a run going.
     busy: HashSet<String>,
+    /// Runs going from the shared queue.
+    shared_runs: usize,
 }
 
 impl<T> Default for State<T> {
@@ -32,14 +46,18 @@ impl<T> Default for State<T> {
             queues: HashMap::new(),
             ready: VecDeque::new(),
             busy: HashSet::new(),
+            shared_runs: 0,
         }
     }
 }
 
-/// Runs the events of each key with `work`, one run at a time per key.
+/// The key of the shared queue.
+const SHARED: &str = "";
+
+/// Hands the events to `work` in runs.
 pub(crate) struct Lanes<T, W> {
     state: Mutex<State<T>>,
-    concurrency: usize,
+    shape: Shape,
     max_run: usize,
     tasks: TaskTracker,
     work: W,
@@ -51,10 +69,14 @@ where
     W: Fn(Vec<T>) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
-    pub fn new(concurrency: usize, max_run: usize, work: W) -> Arc<Self> {
+    pub fn new(shape: Shape, max_run: usize, work: W) -> Arc<Self> {
+        let shape = match shape {
+            Shape::Shared(runs) => Shape::Shared(runs.max(1)),
+            keyed => keyed,
+        };
         Arc::new(Lanes {
             state: Mutex::new(State::default()),
-            concurrency: concurrency.max(1),
+            shape,
             max_run: max_run.max(1),
             tasks: TaskTracker::new(),
             work,
@@ -67,45 +89,83 @@ where
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queue `message` in the lane of `key`.
+    /// Queue `message` in the lane of `key` (ignored for a shared queue).
+    #[cfg(test)]
     pub fn push(self: &Arc<Self>, key: String, message: T) {
+        self.push_all([(key, message)]);
+    }
+
+    /// Queue every `(key, message)`, then start runs: messages that arrive
+    /// together are shared out together.
+    pub fn push_all(self: &Arc<Self>, messages: impl IntoIterator<Item = (String, T)>) {
         {
             let mut state = self.lock();
-            let queue = state.queues.entry(key.clone()).or_default();
-            queue.push_back(message);
-            let newly_waiting = queue.len() == 1;
-            if newly_waiting && !state.busy.contains(&key) {
-                state.ready.push_back(key);
+            for (key, message) in messages {
+                let key = match self.shape {
+                    Shape::Keyed => key,
+                    Shape::Shared(_) => SHARED.to_owned(),
+                };
+                let queue = state.queues.entry(key.clone()).or_default();
+                queue.push_back(message);
+                let newly_waiting = queue.len() == 1;
+                if newly_waiting && !state.busy.contains(&key) {
+                    state.ready.push_back(key);
+                }
             }
         }
         self.fill();
     }
 
-    /// Start runs until `concurrency` run or no lane is ready.
+    /// Start runs while there is work and room for it.
     fn fill(self: &Arc<Self>) {
         let mut state = self.lock();
-        while state.busy.len() < self.concurrency {
-            let Some(key) = state.ready.pop_front() else {
-                break;
-            };
-            let Some(queue) = state.queues.get_mut(&key) else {
-                continue;
-            };
-            let run: Vec<T> = queue.drain(..queue.len().min(self.max_run)).collect();
-            if run.is_empty() {
-                continue;
+        match self.shape {
+            Shape::Keyed => {
+                while let Some(key) = state.ready.pop_front() {
+                    let Some(queue) = state.queues.get_mut(&key) else {
+                        continue;
+                    };
+                    let run: Vec<T> = queue.drain(..queue.len().min(self.max_run)).collect();
+                    if run.is_empty() {
+                        continue;
+                    }
+                    state.busy.insert(key.clone());
+                    self.start(key, run);
+                }
             }
-            state.busy.insert(key.clone());
-            let lanes = self.clone();
-            let work = (self.work)(run);
-            self.tasks.spawn(async move {
-                work.await;
-                lanes.finish(key);
-            });
+            Shape::Shared(runs) => {
+                while state.shared_runs < runs {
+                    let Some(queue) = state.queues.get_mut(SHARED) else {
+                        break;
+                    };
+                    // A fair share, so a backlog keeps every run busy.
+                    let take = queue.len().div_ceil(runs).min(self.max_run);
+                    if take == 0 {
+                        break;
+                    }
+                    let run: Vec<T> = queue.drain(..take).collect();
+                    state.shared_runs += 1;
+                    self.start(SHARED.to_owned(), run);
+                }
+            }
         }
     }
 
+    fn start(self: &Arc<Self>, key: String, run: Vec<T>) {
+        let lanes = self.clone();
+        let work = (self.work)(run);
+        self.tasks.spawn(async move {
+            work.await;
+            lanes.finish(key);
+        });
+    }
+
     fn finish(self: &Arc<Self>, key: String) {
+        if let Shape::Shared(_) = self.shape {
+            self.lock().shared_runs -= 1;
+            self.fill();
+            return;
+        }
         {
             let mut state = self.lock();
             state.busy.remove(&key);
@@ -129,11 +189,13 @@ where
             .collect()
     }
 
-    /// Events delivered and not finished: running plus queued.
+    /// Runs going plus events queued.
     #[cfg(test)]
     pub fn held(&self) -> usize {
         let state = self.lock();
-        state.busy.len() + state.queues.values().map(VecDeque::len).sum::<usize>()
+        state.busy.len()
+            + state.shared_runs
+            + state.queues.values().map(VecDeque::len).sum::<usize>()
     }
 
     /// Take every queued event out (shutdown: they go back to the stream).
@@ -153,8 +215,10 @@ where
         self.tasks.wait().await;
     }
 
+    /// Runs going.
     pub fn running(&self) -> usize {
-        self.lock().busy.len()
+        let state = self.lock();
+        state.busy.len() + state.shared_runs
     }
 }
 
@@ -173,7 +237,7 @@ mod tests {
         let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let lanes = {
             let (log, running, peak) = (log.clone(), running.clone(), peak.clone());
-            Lanes::new(4, 3, move |run: Vec<(String, u32, u64)>| {
+            Lanes::new(Shape::Keyed, 3, move |run: Vec<(String, u32, u64)>| {
                 let (log, running, peak) = (log.clone(), running.clone(), peak.clone());
                 async move {
                     assert!(run.len() <= 3, "runs are bounded");
@@ -211,14 +275,41 @@ mod tests {
         }
         let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
         assert!(
-            peak > 1 && peak <= 4,
-            "lanes run in parallel up to the concurrency: {peak}"
+            peak > 1 && peak <= 8,
+            "keys run in parallel, one run each: {peak}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_shared_queue_is_split_fairly_between_its_runs() {
+        let sizes = Arc::new(StdMutex::new(Vec::new()));
+        let lanes = {
+            let sizes = sizes.clone();
+            Lanes::new(Shape::Shared(4), 100, move |run: Vec<u32>| {
+                sizes.lock().unwrap().push(run.len());
+                tokio::time::sleep(Duration::from_millis(20))
+            })
+        };
+        // The first event starts a run at once; the 40 behind it are shared.
+        for i in 0..41 {
+            lanes.push(format!("ignored-{i}"), i);
+        }
+        assert_eq!(lanes.running(), 4);
+        while lanes.held() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        lanes.wait_running().await;
+        let sizes = sizes.lock().unwrap();
+        assert_eq!(sizes.iter().sum::<usize>(), 41);
+        assert!(
+            sizes.len() >= 4 && *sizes.iter().max().unwrap() <= 14,
+            "{sizes:?}"
         );
     }
 
     #[tokio::test]
     async fn queued_events_can_be_taken_back() {
-        let lanes = Lanes::new(1, 8, |_: Vec<u32>| {
+        let lanes = Lanes::new(Shape::Keyed, 8, |_: Vec<u32>| {
             tokio::time::sleep(Duration::from_millis(50))
         });
         for i in 0..5 {

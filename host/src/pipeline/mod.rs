@@ -2,6 +2,7 @@
 //! each event through the plugin with bounded concurrency, act on the
 //! outcome, and shut down without losing anything.
 
+mod contention;
 mod lanes;
 mod process;
 pub mod stats;
@@ -24,6 +25,7 @@ use stats::PluginStats;
 use crate::plugin::Plugin;
 use crate::source::Incarnation;
 use crate::store::PluginStore;
+use crate::telemetry::metrics::VersionSeries;
 use crate::telemetry::{Counted, Metrics};
 
 /// What every event of one plugin shares.
@@ -41,9 +43,47 @@ pub struct PipelineContext {
     pub ack_wait: Duration,
     pub stats: Arc<PluginStats>,
     pub metrics: Arc<Metrics>,
+    /// One permit per event the plugin may run in the sandbox at once.
+    executions: tokio::sync::Semaphore,
+    contention: contention::Contention,
+    /// The metric series of the version that ran last.
+    series: std::sync::Mutex<Option<(crate::plugin::PluginVersion, VersionSeries)>>,
+    /// Payload and header bytes of the events this host holds for the
+    /// plugin; pulling pauses above `max-in-flight-mb`.
+    held: HeldBytes,
 }
 
 impl PipelineContext {
+    /// Everything a plugin's pipeline shares, for `concurrency` sandbox
+    /// calls at once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        js: jetstream::Context,
+        incarnation: Incarnation,
+        dlq_prefix: String,
+        store: Arc<PluginStore>,
+        publish_timeout: Duration,
+        ack_wait: Duration,
+        concurrency: u32,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        PipelineContext {
+            incarnation: std::sync::RwLock::new(Arc::new(incarnation)),
+            dlq_prefix,
+            idempotency: store.idempotency(),
+            store,
+            publish_timeout,
+            ack_wait,
+            stats: Arc::new(PluginStats::default()),
+            metrics,
+            executions: tokio::sync::Semaphore::new(concurrency as usize),
+            contention: contention::Contention::default(),
+            series: std::sync::Mutex::new(None),
+            held: HeldBytes::default(),
+            js,
+        }
+    }
+
     /// The stream incarnation events are delivered from now.
     pub fn incarnation(&self) -> Arc<Incarnation> {
         self.incarnation
@@ -71,8 +111,27 @@ impl PipelineContext {
             Counted::HostError => &self.stats.host_errors,
         };
         PluginStats::bump(total);
-        self.metrics
-            .count(what, plugin.name(), plugin.version().as_str());
+        self.series(plugin).count(what);
+    }
+
+    /// The metric series of `plugin`'s version, resolved once per version.
+    fn series(&self, plugin: &Plugin) -> VersionSeries {
+        let version = plugin.version();
+        let mut cached = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        match cached.as_ref() {
+            Some((of, series)) if of == version => series.clone(),
+            _ => {
+                let series = self.metrics.series(plugin.name(), version.as_str());
+                *cached = Some((version.clone(), series.clone()));
+                series
+            }
+        }
+    }
+
+    /// Record how long an event took from its arrival in the stream to its ack.
+    fn publish_to_ack(&self, plugin: &Plugin, latency: Duration) {
+        self.stats.ack_latency.record(latency);
+        self.series(plugin).publish_to_ack(latency);
     }
 
     /// Count a dead letter, by the outcome kind that sent it; a rejection
@@ -105,9 +164,8 @@ impl PipelineContext {
         if !invocation.outcome.is_ok() {
             span.record("otel.status_code", "ERROR");
         }
+        self.series(plugin).handler_duration(invocation.duration);
         let (name, version) = (plugin.name(), plugin.version().as_str());
-        self.metrics
-            .handler_duration(name, version, invocation.duration);
         let limit = match invocation.outcome {
             crate::outcome::Outcome::Deadline { .. } => "deadline",
             crate::outcome::Outcome::OutOfMemory { .. } => "memory",
@@ -116,6 +174,56 @@ impl PipelineContext {
         self.metrics.limit_hit(name, version, limit);
     }
 }
+
+/// Bytes of the events a pipeline holds, and a wake-up when they drop.
+#[derive(Default)]
+struct HeldBytes {
+    bytes: std::sync::atomic::AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+impl HeldBytes {
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn release(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::Relaxed);
+        self.freed.notify_waiters();
+    }
+
+    fn over(&self, limit: usize) -> bool {
+        self.bytes.load(Ordering::Relaxed) > limit
+    }
+
+    /// Wait until at most `limit` bytes are held.
+    async fn below(&self, limit: usize) {
+        loop {
+            let freed = self.freed.notified();
+            if !self.over(limit) {
+                return;
+            }
+            freed.await;
+        }
+    }
+}
+
+/// Bytes one pull request may bring: a bound on what the client buffers
+/// beyond the events the pipeline holds.
+const PULL_MAX_BYTES: usize = 4 << 20;
+
+/// How long a pull request stays open on the server.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Pull requests of an exclusive plugin must come well inside the pin
+/// timeout, or the pin is lost.
+const PINNED_PULL_EXPIRES: Duration = Duration::from_secs(3);
+
+/// Events handed back at shutdown are redelivered after this. The server
+/// keeps a stopped pipeline's last pull request open until it expires and
+/// would deliver into it: an event released at once would be lost there
+/// until its ack wait runs out. After the delay it goes to a live puller
+/// (another host, or this one restarted).
+pub(crate) const RELEASE_DELAY: Duration = Duration::from_secs(PULL_EXPIRES.as_secs() + 1);
 
 /// How long to wait before re-opening the message stream after it failed.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
@@ -140,25 +248,39 @@ pub async fn run(
     let name = plugin.borrow().name().to_owned();
     let ordered = manifest.ordering_key.is_some();
     let (batch, _) = crate::source::flow_limits(&manifest);
+    let max_held = (manifest.max_in_flight_mb as usize) << 20;
     let release = CancellationToken::new();
     let in_flight = ctx.metrics.in_flight(&name);
+    // Keyed runs are bounded by what the server delivers (max-in-flight),
+    // sandbox calls by the execution permits: a run waiting for its commit
+    // holds no permit. Unordered events are taken by twice as many runs as
+    // may execute, so some run while others commit.
+    let shape = if ordered || manifest.concurrency == 1 {
+        lanes::Shape::Keyed
+    } else {
+        lanes::Shape::Shared(2 * manifest.concurrency as usize)
+    };
     let lanes = {
         let (ctx, plugin, release) = (ctx.clone(), plugin.clone(), release.clone());
+        let stopping = shutdown.clone();
         Lanes::new(
-            manifest.concurrency as usize,
+            shape,
             crate::source::MAX_RUN,
             move |run: Vec<jetstream::Message>| {
-                let (ctx, release) = (ctx.clone(), release.clone());
+                let (ctx, release, stopping) = (ctx.clone(), release.clone(), stopping.clone());
                 let in_flight = in_flight.clone();
                 let current = plugin.borrow().clone();
                 async move {
+                    let bytes: usize = run.iter().map(|m| m.length).sum();
                     let n = run.len() as u64;
                     let stats = ctx.stats.clone();
                     stats.in_flight.fetch_add(n, Ordering::Relaxed);
                     in_flight.inc_by(n as i64);
-                    process::process_run(ctx, current, run, release, ordered).await;
+                    let ends = process::Ends { stopping, release };
+                    process::process_run(ctx.clone(), current, run, ends, shape).await;
                     in_flight.dec_by(n as i64);
                     stats.in_flight.fetch_sub(n, Ordering::Relaxed);
+                    ctx.held.release(bytes);
                 }
             },
         )
@@ -175,16 +297,18 @@ pub async fn run(
                 .stream()
                 .group(crate::source::PRIORITY_GROUP)
                 .max_messages_per_batch(batch)
+                .max_bytes_per_batch(PULL_MAX_BYTES)
                 .heartbeat(Duration::from_secs(1))
-                .expires(Duration::from_secs(3))
+                .expires(PINNED_PULL_EXPIRES)
                 .messages()
                 .await
         } else {
             consumer
                 .stream()
                 .max_messages_per_batch(batch)
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
+                .max_bytes_per_batch(PULL_MAX_BYTES)
+                .heartbeat(Duration::from_secs(2))
+                .expires(PULL_EXPIRES)
                 .messages()
                 .await
         };
@@ -200,7 +324,23 @@ pub async fn run(
         };
         loop {
             // No slot is taken here: the consumer's max_ack_pending bounds
-            // what the server delivers, and the lanes bound what runs.
+            // how many events the server delivers, and the lanes bound what
+            // runs; this bounds their bytes.
+            if ctx.held.over(max_held) {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        release_buffered(&mut messages, &name).await;
+                        break 'subscribe;
+                    }
+                    _ = keepalive.tick() => {
+                        for message in lanes.queued() {
+                            let _ = message.ack_with(AckKind::Progress).await;
+                        }
+                    }
+                    () = ctx.held.below(max_held) => {}
+                }
+                continue;
+            }
             let next = tokio::select! {
                 _ = shutdown.cancelled() => {
                     release_buffered(&mut messages, &name).await;
@@ -216,7 +356,23 @@ pub async fn run(
             };
             match next {
                 Some(Ok(message)) => {
-                    lanes.push(crate::source::lane_of(&message, &manifest), message)
+                    // Take whatever else has arrived too, so it is shared
+                    // out in runs rather than one run per message.
+                    let mut arrived = vec![message];
+                    while arrived.len() < batch
+                        && let Some(Some(Ok(more))) = messages.next().now_or_never()
+                    {
+                        arrived.push(more);
+                    }
+                    let keyed = arrived.into_iter().map(|message| {
+                        ctx.held.add(message.length);
+                        let lane = match shape {
+                            lanes::Shape::Keyed => crate::source::lane_of(&message, &manifest),
+                            lanes::Shape::Shared(_) => String::new(),
+                        };
+                        (lane, message)
+                    });
+                    lanes.push_all(keyed);
                 }
                 Some(Err(e)) => {
                     // Missed heartbeats and failed pulls happen while NATS is
@@ -246,7 +402,7 @@ pub async fn run(
     // Events that never started go straight back, in order.
     let queued = lanes.take_queued();
     for message in &queued {
-        let _ = message.ack_with(AckKind::Nak(None)).await;
+        let _ = message.ack_with(AckKind::Nak(Some(RELEASE_DELAY))).await;
     }
     let running = lanes.running();
     if running > 0 || !queued.is_empty() {
@@ -314,7 +470,11 @@ async fn recover(
 async fn release_buffered(messages: &mut jetstream::consumer::pull::Stream, plugin: &str) {
     let mut released = 0;
     while let Some(Some(Ok(message))) = messages.next().now_or_never() {
-        if message.ack_with(AckKind::Nak(None)).await.is_ok() {
+        if message
+            .ack_with(AckKind::Nak(Some(RELEASE_DELAY)))
+            .await
+            .is_ok()
+        {
             released += 1;
         }
     }

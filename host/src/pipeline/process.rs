@@ -22,10 +22,11 @@ use crate::event::{Emitted, Event};
 use crate::outbox::Outgoing;
 use crate::outcome::Outcome;
 use crate::pipeline::PipelineContext;
+use crate::pipeline::lanes::Shape;
 use crate::plugin::Plugin;
 use crate::source;
 use crate::state::{StateChange, StateStore, Versioned};
-use crate::store::{Commit, CommitRequest, EventEffects, PluginStore, Scope};
+use crate::store::{Commit, CommitRequest, EventEffects, PluginStore, Read, Scope};
 use crate::telemetry::{Counted, propagation, spans};
 
 /// Runs of one event when its commit keeps losing to concurrent writers of
@@ -58,6 +59,8 @@ struct Delivery {
     /// The producer's `Nats-Msg-Id`, when it gave one.
     msg_id: Option<String>,
     stream: String,
+    /// When the stream stored it.
+    published: time::OffsetDateTime,
     /// Conflicts lost so far.
     reruns: usize,
 }
@@ -68,19 +71,35 @@ struct Succeeded {
     outbox: Vec<Emitted>,
 }
 
-/// Process the messages of one run, in order. With `ordered`, a retryable
-/// failure is retried here, holding the lane, so no later event of the key
-/// can overtake it; otherwise it is handed back to the stream with a delay.
+/// How a run is told to end early.
+pub struct Ends {
+    /// The pipeline is shutting down: finish the stretch in progress, hand
+    /// back the events not started.
+    pub stopping: CancellationToken,
+    /// Out of grace: hand back everything not settled, now.
+    pub release: CancellationToken,
+}
+
+/// Process the messages of one run, in order. A run from a keyed lane
+/// retries a retryable failure here, holding the lane, so no later event of
+/// its key can overtake it; otherwise the event is handed back to the
+/// stream with a delay.
 pub async fn process_run(
     ctx: Arc<PipelineContext>,
     plugin: Plugin,
     messages: Vec<jetstream::Message>,
-    release: CancellationToken,
-    ordered: bool,
+    ends: Ends,
+    shape: Shape,
 ) {
+    let release = ends.release;
     let incarnation = ctx.incarnation();
     let scope = Scope::new(&incarnation.stream, incarnation.created_ns);
-    let held: Vec<jetstream::Message> = messages.clone();
+    // Where to send progress and releases for each message of the run.
+    let held: Vec<(u64, async_nats::Subject)> = messages
+        .iter()
+        .filter_map(|m| Some((m.info().ok()?.stream_sequence, m.reply.clone()?)))
+        .collect();
+    let client = ctx.js.client();
     let mut queue = VecDeque::with_capacity(messages.len());
     for message in messages {
         match delivery(&plugin, message, &incarnation) {
@@ -92,7 +111,9 @@ pub async fn process_run(
         ctx: &ctx,
         plugin: &plugin,
         scope,
-        ordered,
+        ordered: plugin.manifest().ordering_key.is_some(),
+        shared: matches!(shape, Shape::Shared(_)),
+        stopping: ends.stopping,
         settled: Mutex::new(Vec::new()),
     };
     let work = run.handle(queue);
@@ -109,16 +130,17 @@ pub async fn process_run(
             () = release.cancelled() => {
                 // Shutting down and out of grace: hand back what is not
                 // settled now rather than letting it wait out its ack wait.
-                for message in run.unsettled(&held) {
-                    if let Err(e) = message.ack_with(AckKind::Nak(None)).await {
+                let release = bytes::Bytes::from(AckKind::Nak(Some(super::RELEASE_DELAY)));
+                for reply in run.unsettled(&held) {
+                    if let Err(e) = client.publish(reply, release.clone()).await {
                         tracing::debug!(plugin = plugin.name(), "releasing: {e}");
                     }
                 }
                 break;
             }
             _ = progress.tick() => {
-                for message in run.unsettled(&held) {
-                    if let Err(e) = message.ack_with(AckKind::Progress).await {
+                for reply in run.unsettled(&held) {
+                    if let Err(e) = client.publish(reply, AckKind::Progress.into()).await {
                         tracing::debug!("progress ack failed: {e}");
                     }
                 }
@@ -143,10 +165,10 @@ fn delivery(
             return None;
         }
     };
-    let stream = message
+    let (stream, published) = message
         .info()
-        .map(|i| i.stream.to_owned())
-        .unwrap_or_default();
+        .map(|i| (i.stream.to_owned(), i.published))
+        .unwrap_or((String::new(), time::OffsetDateTime::UNIX_EPOCH));
     let span = spans::consumer(plugin.name(), plugin.version().as_str(), &event, &stream);
     let msg_id = source::producer_id(&message);
     Some(Delivery {
@@ -155,6 +177,7 @@ fn delivery(
         span,
         msg_id,
         stream,
+        published,
         reruns: 0,
     })
 }
@@ -164,7 +187,11 @@ struct Run<'a> {
     ctx: &'a PipelineContext,
     plugin: &'a Plugin,
     scope: Scope,
+    /// Retries hold the run's place in its key's lane.
     ordered: bool,
+    /// Taken from the shared queue of an unordered plugin.
+    shared: bool,
+    stopping: CancellationToken,
     /// Stream sequences of the run's events settled so far.
     settled: Mutex<Vec<u64>>,
 }
@@ -190,9 +217,24 @@ impl Run<'_> {
         // Lowered to one when a run's outbox is too large to commit at once.
         let mut stretch_len = usize::MAX;
         while !queue.is_empty() {
+            if self.stopping.is_cancelled() {
+                // Shutting down: what has not started goes back, in order.
+                for delivery in queue.drain(..) {
+                    let release = AckKind::Nak(Some(super::RELEASE_DELAY));
+                    ack(&delivery.message, release, self.plugin, &delivery.event).await;
+                    lock(&self.settled).push(delivery.event.sequence);
+                }
+                break;
+            }
+            // Unordered runs that keep colliding execute one at a time,
+            // each submitting its writes before the next reads.
+            let turn = match self.shared {
+                true => self.ctx.contention.enter().await,
+                false => None,
+            };
             let stretch = self.execute(&mut queue, stretch_len).await;
             let (committed, again, too_large) =
-                self.commit(stretch.succeeded, &stretch.state).await;
+                self.commit(stretch.succeeded, &stretch.state, turn).await;
             if too_large {
                 stretch_len = 1;
             }
@@ -220,6 +262,7 @@ impl Run<'_> {
         let state = Arc::new(RunState::new(self.ctx.store.clone()));
         let mut succeeded: Vec<Succeeded> = Vec::new();
         while succeeded.len() < limit
+            && !self.stopping.is_cancelled()
             && let Some(delivery) = queue.pop_front()
         {
             if let Some(raw) = source::malformed_headers(&delivery.message) {
@@ -256,12 +299,16 @@ impl Run<'_> {
             }
             let call = spans::invoke(&delivery.span, self.plugin.name());
             let view: Arc<dyn StateStore> = state.clone();
-            let invocation = self
-                .plugin
-                .invoke(&delivery.event, view)
-                .instrument(call.clone())
-                .instrument(delivery.span.clone())
-                .await;
+            let invocation = {
+                // Closed only when the pipeline is dropped, which it is not
+                // while a run is in it.
+                let _permit = self.ctx.executions.acquire().await;
+                self.plugin
+                    .invoke(&delivery.event, view)
+                    .instrument(call.clone())
+                    .instrument(delivery.span.clone())
+                    .await
+            };
             self.ctx.observe_call(self.plugin, &invocation, &call);
             if !invocation.outcome.is_ok() {
                 return Stretch {
@@ -289,25 +336,33 @@ impl Run<'_> {
         &self,
         succeeded: Vec<Succeeded>,
         state: &RunState,
+        turn: Option<tokio::sync::MutexGuard<'_, ()>>,
     ) -> (Vec<Succeeded>, Vec<Delivery>, bool) {
         if succeeded.is_empty() {
             return (succeeded, Vec::new(), false);
         }
         let (writes, reads) = state.effects();
-        let request = CommitRequest {
-            scope: self.scope.clone(),
-            events: succeeded
-                .iter()
-                .map(|s| EventEffects {
-                    seq: s.delivery.event.sequence,
-                    msg_id: s.delivery.msg_id.clone(),
-                    outbox: s.outbox.clone(),
-                })
-                .collect(),
-            writes,
-            reads,
+        let events = succeeded
+            .iter()
+            .map(|s| EventEffects {
+                seq: s.delivery.event.sequence,
+                msg_id: s.delivery.msg_id.clone(),
+                outbox: s.outbox.clone(),
+            })
+            .collect();
+        let request = CommitRequest::new(self.scope.clone(), events, writes, reads);
+        let submitted = self.ctx.store.submit(request);
+        drop(turn);
+        let outcome = match submitted {
+            Ok(submitted) => submitted.outcome().await,
+            Err(e) => Err(e),
         };
-        match self.ctx.store.commit(request).await {
+        if self.shared {
+            self.ctx
+                .contention
+                .record(matches!(outcome, Ok(Commit::Conflict)));
+        }
+        match outcome {
             Ok(Commit::Committed) => (succeeded, Vec::new(), false),
             Ok(Commit::AlreadyDone(done)) => {
                 let mut again = Vec::new();
@@ -417,41 +472,23 @@ impl Run<'_> {
             .await;
     }
 
-    /// Acknowledge processed events. With done marks a lost ack is
-    /// harmless (the redelivery is skipped), so plain acks do; without them
-    /// the acks are confirmed, all with one round trip.
+    /// Acknowledge processed events. The acks are not confirmed: a lost
+    /// one means a redelivery, which done marks finish without running the
+    /// event again (without them it runs again, and no confirmation could
+    /// have prevented that, only reported it).
     async fn ack_all<'d>(
         &self,
-        deliveries: impl Iterator<Item = &'d Delivery> + Clone,
+        deliveries: impl Iterator<Item = &'d Delivery>,
         disposition: Disposition,
     ) {
-        let mut failed = false;
-        for delivery in deliveries.clone() {
+        for delivery in deliveries {
             if let Err(e) = delivery.message.ack().await {
                 tracing::warn!(parent: &delivery.span, "ack not sent: {e}");
-                failed = true;
-            }
-        }
-        if !self.ctx.idempotency
-            && !failed
-            && let Err(e) = self.ctx.js.client().flush().await
-        {
-            tracing::warn!(plugin = self.plugin.name(), "acks not confirmed: {e}");
-            failed = true;
-        }
-        let version = self.plugin.version().as_str();
-        for delivery in deliveries {
-            if failed {
                 self.settle(delivery, Disposition::HostError);
                 continue;
             }
-            if let Ok(info) = delivery.message.info() {
-                let latency = since(info.published);
-                self.ctx.stats.ack_latency.record(latency);
-                self.ctx
-                    .metrics
-                    .publish_to_ack(self.plugin.name(), version, latency);
-            }
+            self.ctx
+                .publish_to_ack(self.plugin, since(delivery.published));
             self.settle(delivery, disposition);
         }
     }
@@ -634,16 +671,13 @@ impl Run<'_> {
         lock(&self.settled).push(delivery.event.sequence);
     }
 
-    /// The run's messages not settled yet.
-    fn unsettled<'m>(
-        &self,
-        held: &'m [jetstream::Message],
-    ) -> impl Iterator<Item = &'m jetstream::Message> + use<'m> {
-        let settled = lock(&self.settled).clone();
-        held.iter().filter(move |m| {
-            m.info()
-                .is_ok_and(|i| !settled.contains(&i.stream_sequence))
-        })
+    /// Reply subjects of the run's messages not settled yet.
+    fn unsettled(&self, held: &[(u64, async_nats::Subject)]) -> Vec<async_nats::Subject> {
+        let settled = lock(&self.settled);
+        held.iter()
+            .filter(|(seq, _)| !settled.contains(seq))
+            .map(|(_, reply)| reply.clone())
+            .collect()
     }
 }
 
@@ -652,9 +686,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Committed state as the events of one run see it: what the store holds,
-/// overlaid with what the run's earlier events wrote. The first revision
-/// read of each key from the store guards the run's commit.
+/// State as the events of one run see it: what the run's earlier events
+/// wrote, else what other runs submitted, else what is committed. What was
+/// read of each key before the run wrote it guards the run's commit.
 struct RunState {
     store: Arc<PluginStore>,
     inner: Mutex<RunInner>,
@@ -664,7 +698,7 @@ struct RunState {
 struct RunInner {
     /// Last write per key; `None` is a delete.
     overlay: BTreeMap<String, Option<Vec<u8>>>,
-    reads: BTreeMap<String, u64>,
+    reads: BTreeMap<String, Read>,
 }
 
 impl RunState {
@@ -687,7 +721,7 @@ impl RunState {
     }
 
     /// The run's state changes, last write per key, and its reads.
-    fn effects(&self) -> (Vec<StateChange>, BTreeMap<String, u64>) {
+    fn effects(&self) -> (Vec<StateChange>, BTreeMap<String, Read>) {
         let inner = lock(&self.inner);
         let writes = inner
             .overlay
@@ -712,15 +746,15 @@ impl StateStore for RunState {
                 if let Some(value) = inner.overlay.get(key) {
                     return Ok(Versioned {
                         value: value.clone(),
-                        revision: inner.reads.get(key).copied().unwrap_or(0),
+                        revision: 0,
                     });
                 }
             }
-            let versioned = self.store.get(key).await?;
+            let (versioned, read) = self.store.read(key).await?;
             lock(&self.inner)
                 .reads
                 .entry(key.to_owned())
-                .or_insert(versioned.revision);
+                .or_insert(read);
             Ok(versioned)
         })
     }

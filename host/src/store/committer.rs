@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::blocks::{Block, Scope, id_key};
 use super::cache::StateCache;
-use super::{Commit, CommitRequest, DoneOutboxes};
+use super::{Commit, CommitRequest, DoneOutboxes, PendingWrites, Read};
 use crate::state::StateChange;
 
 /// Messages in one group, well inside the server's 1,000 per atomic batch.
@@ -69,6 +69,7 @@ pub(super) struct Settings {
     pub prefix: String,
     pub done_ttl: Duration,
     pub cache: Arc<StateCache>,
+    pub pending: Arc<PendingWrites>,
 }
 
 pub(super) fn spawn(settings: Settings) -> mpsc::UnboundedSender<Command> {
@@ -78,6 +79,7 @@ pub(super) fn spawn(settings: Settings) -> mpsc::UnboundedSender<Command> {
         blocks: HashMap::new(),
         published: HashMap::new(),
         known_ids: HashSet::new(),
+        last_writer: HashMap::new(),
         stuck: false,
     };
     tokio::spawn(committer.run(receiver));
@@ -98,9 +100,15 @@ struct Committer {
     published: HashMap<String, HashSet<u64>>,
     /// Keys of producer-given ids known to be done.
     known_ids: HashSet<String>,
+    /// Per state key, the request that last committed it and the revision
+    /// it got: a read of that request's pending write is then still valid.
+    last_writer: HashMap<String, (u64, u64)>,
     /// The last group admitted nothing for want of room.
     stuck: bool,
 }
+
+/// Last writers remembered, at most.
+const MAX_LAST_WRITERS: usize = 100_000;
 
 /// A request waiting for a group, and how many groups it has been in.
 struct Waiting {
@@ -122,6 +130,7 @@ enum Learn {
     State {
         key: String,
         value: Option<Vec<u8>>,
+        writer: u64,
     },
     Block {
         key: String,
@@ -131,12 +140,21 @@ enum Learn {
     Id(String),
 }
 
+/// A state key a group writes.
+struct GroupWrite {
+    /// Its final value (`None`: deleted).
+    value: Option<Vec<u8>>,
+    /// The revision it must still have, when a member read it.
+    guard: Option<u64>,
+    /// The member that wrote it last.
+    writer: u64,
+}
+
 /// Requests admitted to a group, and the answers that wait for its outcome.
 #[derive(Default)]
 struct Group {
     members: Vec<Waiting>,
-    /// Final value per state key, and the revision it must still have.
-    writes: BTreeMap<String, (Option<Vec<u8>>, Option<u64>)>,
+    writes: BTreeMap<String, GroupWrite>,
     /// Working copies of the blocks the group touches, without the
     /// outboxes published since they were last written (those sequences
     /// listed beside them).
@@ -145,9 +163,17 @@ struct Group {
     bytes: usize,
     /// Requests whose events an earlier member of this group commits:
     /// already done if the group lands, to run again if it does not.
-    duplicates: Vec<(Reply, DoneOutboxes)>,
-    /// Requests that read a key an earlier member writes.
-    conflicts: Vec<Reply>,
+    duplicates: Vec<(Waiting, DoneOutboxes)>,
+    /// Requests that read a key an earlier member writes, before it did.
+    conflicts: Vec<Waiting>,
+}
+
+enum Reads {
+    Valid,
+    /// Stale because an earlier member of the group writes what it read:
+    /// it can run again once the group has landed.
+    StaleInGroup,
+    Stale,
 }
 
 enum Admission {
@@ -222,7 +248,7 @@ impl Committer {
                 }
                 Err((waiting, e)) => {
                     // The blocks could not be read: NATS is away.
-                    let _ = waiting.reply.send(Err(e));
+                    self.answer(waiting, Err(e));
                 }
             }
             if group.message_count() >= MAX_GROUP_MESSAGES || group.bytes >= MAX_GROUP_BYTES {
@@ -301,27 +327,23 @@ impl Committer {
         }
         if !done.is_empty() {
             if done_in_group {
-                group.duplicates.push((waiting.reply, done));
+                group.duplicates.push((waiting, done));
             } else {
-                let _ = waiting.reply.send(Ok(Commit::AlreadyDone(done)));
+                self.answer(waiting, Ok(Commit::AlreadyDone(done)));
             }
             return Ok(Admission::Settled);
         }
-        // Reads that are no longer the committed value.
-        let stale_here = request.reads.keys().any(|k| group.writes.contains_key(k));
-        if stale_here {
-            group.conflicts.push(waiting.reply);
-            return Ok(Admission::Settled);
-        }
-        let stale = request.reads.iter().any(|(key, read)| {
-            self.settings
-                .cache
-                .revision(key)
-                .is_some_and(|known| known != *read)
-        });
-        if stale {
-            let _ = waiting.reply.send(Ok(Commit::Conflict));
-            return Ok(Admission::Settled);
+        // Reads that are not what the request would read now.
+        match self.check_reads(group, request) {
+            Reads::Valid => {}
+            Reads::StaleInGroup => {
+                group.conflicts.push(waiting);
+                return Ok(Admission::Settled);
+            }
+            Reads::Stale => {
+                self.answer(waiting, Ok(Commit::Conflict));
+                return Ok(Admission::Settled);
+            }
         }
         // Room: every block it touches must stay one message.
         let limit = self.limit();
@@ -334,10 +356,11 @@ impl Committer {
         for (key, added) in &growth {
             // A block with no outboxes at all (a bitmap) is a few hundred bytes.
             if *added + 1024 > limit {
-                let _ = waiting.reply.send(Ok(Commit::TooLarge {
+                let too_large = Commit::TooLarge {
                     bytes: *added as u64,
                     limit: limit as u64,
-                }));
+                };
+                self.answer(waiting, Ok(too_large));
                 return Ok(Admission::Settled);
             }
             let current = self
@@ -379,10 +402,25 @@ impl Committer {
                 StateChange::Set { value, .. } => Some(value.clone()),
                 StateChange::Delete { .. } => None,
             };
-            let guard = request.reads.get(&key).copied();
-            let entry = group.writes.entry(key).or_insert((None, guard));
-            entry.0 = value;
-            entry.1 = entry.1.or(guard);
+            // The revision the key has before this group, if the request
+            // depends on it; a blind write is not guarded.
+            let guard = match request.reads.get(&key) {
+                Some(Read::Committed(revision)) => Some(*revision),
+                Some(Read::Pending(by)) => self
+                    .last_writer
+                    .get(&key)
+                    .filter(|(writer, _)| writer == by)
+                    .map(|(_, revision)| *revision),
+                None => None,
+            };
+            let entry = group.writes.entry(key).or_insert(GroupWrite {
+                value: None,
+                guard,
+                writer: request.id,
+            });
+            entry.value = value;
+            entry.guard = entry.guard.or(guard);
+            entry.writer = request.id;
         }
         for event in &request.events {
             let key = request.scope.block_key(event.seq);
@@ -395,6 +433,44 @@ impl Committer {
         group.bytes += value_bytes + growth.values().sum::<usize>();
         group.members.push(waiting);
         Ok(Admission::Admitted)
+    }
+
+    /// Whether what `request` read is still what it would read now.
+    fn check_reads(&self, group: &Group, request: &CommitRequest) -> Reads {
+        let cache = &self.settings.cache;
+        for (key, read) in &request.reads {
+            let written_here = group.writes.get(key).map(|w| w.writer);
+            let valid = match (read, written_here) {
+                // An earlier member writes it: only a read of exactly that
+                // write stands.
+                (Read::Pending(by), Some(writer)) => *by == writer,
+                (Read::Committed(_), Some(_)) => {
+                    return Reads::StaleInGroup;
+                }
+                (Read::Committed(revision), None) => {
+                    cache.revision(key).is_none_or(|known| known == *revision)
+                }
+                // The write read is committed and nothing wrote the key since.
+                (Read::Pending(by), None) => {
+                    self.last_writer.get(key).is_some_and(|(writer, revision)| {
+                        writer == by && cache.revision(key) == Some(*revision)
+                    })
+                }
+            };
+            if !valid {
+                return Reads::Stale;
+            }
+        }
+        Reads::Valid
+    }
+
+    /// Answer a request, and withdraw its pending writes: they are either
+    /// committed now (and in the cache) or never will be.
+    fn answer(&self, waiting: Waiting, answer: anyhow::Result<Commit>) {
+        self.settings
+            .pending
+            .settle(waiting.request.id, &waiting.request.writes);
+        let _ = waiting.reply.send(answer);
     }
 
     /// Make sure the block `key` is known, reading it if not.
@@ -438,7 +514,8 @@ impl Committer {
     fn writes(&self, group: &Group) -> Vec<Write> {
         let ttl = self.settings.done_ttl.as_secs().to_string();
         let mut writes = Vec::with_capacity(group.message_count());
-        for (key, (value, guard)) in &group.writes {
+        for (key, write) in &group.writes {
+            let (value, guard) = (&write.value, write.guard);
             let mut headers = HeaderMap::new();
             if let Some(revision) = guard {
                 headers.insert(
@@ -460,6 +537,7 @@ impl Committer {
                 learn: Learn::State {
                     key: key.clone(),
                     value: value.clone(),
+                    writer: write.writer,
                 },
             });
         }
@@ -505,7 +583,7 @@ impl Committer {
     async fn commit(&mut self, mut group: Group, queue: &mut VecDeque<Waiting>) {
         if group.members.is_empty() {
             // Nothing admitted; answers that waited on it can go now.
-            group.settle(false);
+            self.settle(&mut group, false);
             return;
         }
         let writes = self.writes(&group);
@@ -517,20 +595,20 @@ impl Committer {
                     self.learn(write.learn, first + i as u64);
                 }
                 for member in group.members.drain(..) {
-                    let _ = member.reply.send(Ok(Commit::Committed));
+                    self.answer(member, Ok(Commit::Committed));
                 }
-                group.settle(true);
+                self.settle(&mut group, true);
             }
             Err(StoreError::WrongLastSequence) => {
                 // Someone else wrote a guarded subject. Learn the server's
                 // view of everything the group guarded; the requests then
                 // queue again and are checked against it.
                 self.diagnose(&group).await;
-                group.settle(false);
+                self.settle(&mut group, false);
                 for mut member in group.members.into_iter().rev() {
                     member.tries += 1;
                     if member.tries >= MAX_TRIES {
-                        let _ = member.reply.send(Ok(Commit::Conflict));
+                        self.answer(member, Ok(Commit::Conflict));
                     } else {
                         queue.push_front(member);
                     }
@@ -547,9 +625,9 @@ impl Committer {
                 for key in group.blocks.keys() {
                     self.blocks.remove(key);
                 }
-                group.settle(false);
-                for member in group.members {
-                    let _ = member.reply.send(Err(anyhow::anyhow!("{message}")));
+                self.settle(&mut group, false);
+                for member in std::mem::take(&mut group.members) {
+                    self.answer(member, Err(anyhow::anyhow!("{message}")));
                 }
             }
         }
@@ -557,7 +635,13 @@ impl Committer {
 
     fn learn(&mut self, learn: Learn, revision: u64) {
         match learn {
-            Learn::State { key, value } => self.settings.cache.committed(&key, value, revision),
+            Learn::State { key, value, writer } => {
+                self.settings.cache.committed(&key, value, revision);
+                if self.last_writer.len() >= MAX_LAST_WRITERS {
+                    self.last_writer.clear();
+                }
+                self.last_writer.insert(key, (writer, revision));
+            }
             Learn::Block {
                 key,
                 block,
@@ -615,8 +699,8 @@ impl Committer {
                 self.known_ids.insert(id.clone());
             }
         }
-        for (key, (_, guard)) in &group.writes {
-            if guard.is_none() {
+        for (key, write) in &group.writes {
+            if write.guard.is_none() {
                 continue;
             }
             match self.settings.kv.entry(format!("s.{key}")).await {
@@ -671,19 +755,21 @@ impl Group {
     fn message_count(&self) -> usize {
         self.writes.len() + self.blocks.len() + self.ids.len()
     }
+}
 
-    /// Answer the requests that waited on the group's outcome.
-    fn settle(&mut self, landed: bool) {
-        for (reply, done) in self.duplicates.drain(..) {
+impl Committer {
+    /// Answer the requests that waited on `group`'s outcome.
+    fn settle(&self, group: &mut Group, landed: bool) {
+        for (waiting, done) in group.duplicates.drain(..) {
             let answer = if landed {
                 Commit::AlreadyDone(done)
             } else {
                 Commit::Conflict
             };
-            let _ = reply.send(Ok(answer));
+            self.answer(waiting, Ok(answer));
         }
-        for reply in self.conflicts.drain(..) {
-            let _ = reply.send(Ok(Commit::Conflict));
+        for waiting in group.conflicts.drain(..) {
+            self.answer(waiting, Ok(Commit::Conflict));
         }
     }
 }

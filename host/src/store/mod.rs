@@ -23,7 +23,7 @@ pub mod blocks;
 mod cache;
 mod committer;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +56,16 @@ pub struct EventEffects {
     pub outbox: Vec<Emitted>,
 }
 
+/// What a run read for a key it did not write first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// The committed value, at this revision.
+    Committed(u64),
+    /// The value an earlier run wrote and submitted but was not committed
+    /// yet (this is its request number): the run commits only after it.
+    Pending(u64),
+}
+
 /// The effects of a run of events, to commit as one.
 #[derive(Debug, Clone)]
 pub struct CommitRequest {
@@ -64,8 +74,63 @@ pub struct CommitRequest {
     pub events: Vec<EventEffects>,
     /// Their state changes, last write per key.
     pub writes: Vec<StateChange>,
-    /// The revision of every key they read from committed state.
-    pub reads: BTreeMap<String, u64>,
+    /// What they read of every key they read before writing it.
+    pub reads: BTreeMap<String, Read>,
+    /// Set by [`PluginStore::commit`].
+    id: u64,
+}
+
+impl CommitRequest {
+    pub fn new(
+        scope: Scope,
+        events: Vec<EventEffects>,
+        writes: Vec<StateChange>,
+        reads: BTreeMap<String, Read>,
+    ) -> Self {
+        CommitRequest {
+            scope,
+            events,
+            writes,
+            reads,
+            id: 0,
+        }
+    }
+}
+
+/// Writes submitted for commit and not answered yet, by key: the value
+/// and the number of the request that wrote it last. Runs read these
+/// before committed state, so events of different runs touching the same
+/// key chain instead of conflicting; the committer makes sure a run that
+/// read a pending value commits after, and only with, the run that wrote it.
+#[derive(Default)]
+pub(crate) struct PendingWrites(std::sync::Mutex<HashMap<String, PendingWrite>>);
+
+/// A submitted write: the value (`None` for a delete) and its request.
+#[derive(Clone)]
+struct PendingWrite {
+    value: Option<Vec<u8>>,
+    by: u64,
+}
+
+impl PendingWrites {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PendingWrite>> {
+        // Inserts and removes cannot leave the map half-changed.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, key: &str) -> Option<PendingWrite> {
+        self.lock().get(key).cloned()
+    }
+
+    /// Forget what request `id` wrote (it is committed, or never will be).
+    pub(crate) fn settle(&self, id: u64, writes: &[StateChange]) {
+        let mut pending = self.lock();
+        for change in writes {
+            if pending.get(change.key()).is_some_and(|w| w.by == id) {
+                pending.remove(change.key());
+            }
+        }
+    }
 }
 
 /// Committed outboxes by stream sequence (empty when already published).
@@ -89,10 +154,27 @@ pub enum Commit {
     TooLarge { bytes: u64, limit: u64 },
 }
 
+/// A commit queued by [`PluginStore::submit`].
+pub struct Submitted(Option<oneshot::Receiver<anyhow::Result<Commit>>>);
+
+impl Submitted {
+    /// What became of it.
+    pub async fn outcome(self) -> anyhow::Result<Commit> {
+        match self.0 {
+            None => Ok(Commit::Committed),
+            Some(answer) => answer
+                .await
+                .context("the commit task of this plugin has stopped")?,
+        }
+    }
+}
+
 /// One plugin's bucket.
 pub struct PluginStore {
     kv: kv::Store,
     cache: Arc<StateCache>,
+    pending: Arc<PendingWrites>,
+    next_request: std::sync::atomic::AtomicU64,
     idempotency: bool,
     committer: mpsc::UnboundedSender<Command>,
 }
@@ -140,16 +222,20 @@ impl PluginStore {
             })?;
         }
         let cache = Arc::new(StateCache::default());
+        let pending = Arc::new(PendingWrites::default());
         let committer = committer::spawn(committer::Settings {
             client: js.client(),
             kv: kv.clone(),
             prefix: kv.prefix.clone(),
             done_ttl: Duration::from_secs(config.done_ttl_s),
             cache: cache.clone(),
+            pending: pending.clone(),
         });
         Ok(PluginStore {
             kv,
             cache,
+            pending,
+            next_request: std::sync::atomic::AtomicU64::new(1),
             idempotency: config.idempotency,
             committer,
         })
@@ -174,20 +260,60 @@ impl PluginStore {
 
     /// Commit a run's effects and done marks atomically. Without
     /// idempotency only state changes are committed.
-    pub async fn commit(&self, mut request: CommitRequest) -> anyhow::Result<Commit> {
+    pub async fn commit(&self, request: CommitRequest) -> anyhow::Result<Commit> {
+        self.submit(request)?.outcome().await
+    }
+
+    /// Queue a run's commit: from now on other runs read its writes as
+    /// pending. The outcome is awaited separately.
+    pub fn submit(&self, mut request: CommitRequest) -> anyhow::Result<Submitted> {
         if !self.idempotency {
             request.events.clear();
         }
         if request.events.is_empty() && request.writes.is_empty() {
-            return Ok(Commit::Committed);
+            return Ok(Submitted(None));
         }
         let (reply, answer) = oneshot::channel();
-        self.committer
-            .send(Command::Commit(request, reply))
-            .map_err(|_| anyhow::anyhow!("the commit task of this plugin has stopped"))?;
-        answer
-            .await
-            .context("the commit task of this plugin has stopped")?
+        {
+            // Publishing the writes and queueing the request under one lock
+            // keeps the queue in the order runs could read each other.
+            let mut pending = self.pending.lock();
+            request.id = self
+                .next_request
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for change in &request.writes {
+                let value = match change {
+                    StateChange::Set { value, .. } => Some(value.clone()),
+                    StateChange::Delete { .. } => None,
+                };
+                pending.insert(
+                    change.key().to_owned(),
+                    PendingWrite {
+                        value,
+                        by: request.id,
+                    },
+                );
+            }
+            if self
+                .committer
+                .send(Command::Commit(request, reply))
+                .is_err()
+            {
+                anyhow::bail!("the commit task of this plugin has stopped");
+            }
+        }
+        Ok(Submitted(Some(answer)))
+    }
+
+    /// The value of `key` a run should see: a pending write, else the
+    /// committed value; and what to record as read.
+    pub async fn read(&self, key: &str) -> anyhow::Result<(Versioned, Read)> {
+        if let Some(PendingWrite { value, by }) = self.pending.get(key) {
+            return Ok((Versioned { value, revision: 0 }, Read::Pending(by)));
+        }
+        let versioned = self.get(key).await?;
+        let read = Read::Committed(versioned.revision);
+        Ok((versioned, read))
     }
 
     /// These events' outputs are published: their outboxes need not be

@@ -57,6 +57,39 @@ pub enum Counted {
 ///   of its allowed attempts; the event is still in its own stream.
 pub const TERMINATION_REASONS: [&str; 2] = ["dead_letter_loop", "dead_letter_unstorable"];
 
+/// The series every event of one plugin version updates.
+#[derive(Debug, Clone)]
+pub struct VersionSeries {
+    processed: Counter,
+    retried: Counter,
+    rejected: Counter,
+    duplicates: Counter,
+    host_errors: Counter,
+    handler_duration: Histogram,
+    publish_to_ack: Histogram,
+}
+
+impl VersionSeries {
+    pub fn count(&self, what: Counted) {
+        match what {
+            Counted::Processed => &self.processed,
+            Counted::Retried => &self.retried,
+            Counted::Rejected => &self.rejected,
+            Counted::Duplicate => &self.duplicates,
+            Counted::HostError => &self.host_errors,
+        }
+        .inc();
+    }
+
+    pub fn handler_duration(&self, took: Duration) {
+        self.handler_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn publish_to_ack(&self, took: Duration) {
+        self.publish_to_ack.observe(took.as_secs_f64());
+    }
+}
+
 /// A plugin's consumer as the server reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConsumerLag {
@@ -277,6 +310,21 @@ impl Metrics {
         }
         let _ = self.in_flight.get_or_create(&plugin_labels(plugin));
         let _ = self.load_failures.get_or_create(&plugin_labels(plugin));
+    }
+
+    /// The per-event series of one version, resolved once, to update
+    /// without label lookups.
+    pub fn series(&self, plugin: &str, version: &str) -> VersionSeries {
+        let labels = version_labels(plugin, version);
+        VersionSeries {
+            processed: self.processed.get_or_create_owned(&labels),
+            retried: self.retried.get_or_create_owned(&labels),
+            rejected: self.rejected.get_or_create_owned(&labels),
+            duplicates: self.duplicates.get_or_create_owned(&labels),
+            host_errors: self.host_errors.get_or_create_owned(&labels),
+            handler_duration: self.handler_duration.get_or_create_owned(&labels),
+            publish_to_ack: self.publish_to_ack.get_or_create_owned(&labels),
+        }
     }
 
     pub fn count(&self, what: Counted, plugin: &str, version: &str) {

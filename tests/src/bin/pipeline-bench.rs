@@ -68,6 +68,12 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let events: usize = args.get(1).map(|a| a.parse().unwrap()).unwrap_or(50_000);
     let rate: usize = args.get(2).map(|a| a.parse().unwrap()).unwrap_or(5_000);
+    // Rows whose label contains this (all rows when absent); the latency
+    // part runs only when the concurrency-16 fraud row does.
+    let only: Option<&str> = args.get(3).map(String::as_str);
+    if std::env::var_os("WEIR_LOG").is_some() {
+        let _ = weir::telemetry::subscriber::init("warn", false, None);
+    }
     let dir = tempfile::tempdir().unwrap();
     let server =
         weir::dev::NatsServer::start(&dir.path().join("nats"), weir::dev::free_port().unwrap())
@@ -138,6 +144,9 @@ async fn main() {
     ];
     let mut latency_host = None;
     for (i, run) in runs.iter().enumerate() {
+        if only.is_some_and(|only| !run.label.contains(only)) {
+            continue;
+        }
         let subject = format!("bench.run{i}");
         publish_keyed(&js, &subject, events, run.payload).await;
         let (host, stats, rate) =
@@ -158,7 +167,9 @@ async fn main() {
     // baseline consumer double-acking, as weir's acks are confirmed.
     let count = (rate * 10).min(events);
     println!("\npublish-to-ack latency at {rate} events/s offered ({count} events)");
-    let (host, stats, subject) = latency_host.unwrap();
+    let Some((host, stats, subject)) = latency_host else {
+        return;
+    };
     stats.ack_latency.reset();
     let before = stats.snapshot().processed;
     paced_publish(&js, &subject, &orders[..count], rate).await;
@@ -294,21 +305,31 @@ async fn baseline_drain(js: &jetstream::Context, n: usize) -> f64 {
 }
 
 /// Consume `n` live messages, double-acking each and recording the time
-/// from publish to confirmed ack.
+/// from publish to confirmed ack. Up to 64 confirmations are awaited at
+/// once, as a consumer written for throughput would, so one slow round
+/// trip does not queue every later message behind it.
 async fn baseline_latency(
     consumer: consumer::PullConsumer,
     n: usize,
     histogram: Arc<LatencyHistogram>,
 ) {
     let mut messages = consumer.messages().await.unwrap();
+    let window = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut confirming = tokio::task::JoinSet::new();
     for _ in 0..n {
         let message = messages.next().await.unwrap().unwrap();
-        message.double_ack().await.unwrap();
-        let published = message.info().unwrap().published;
-        histogram.record(
-            Duration::try_from(time::OffsetDateTime::now_utc() - published).unwrap_or_default(),
-        );
+        let permit = window.clone().acquire_owned().await.unwrap();
+        let histogram = histogram.clone();
+        confirming.spawn(async move {
+            message.double_ack().await.unwrap();
+            let published = message.info().unwrap().published;
+            histogram.record(
+                Duration::try_from(time::OffsetDateTime::now_utc() - published).unwrap_or_default(),
+            );
+            drop(permit);
+        });
     }
+    while confirming.join_next().await.is_some() {}
 }
 
 /// Publish `payloads` on `subject` at `rate` per second in 1 ms ticks; acks

@@ -81,6 +81,15 @@ impl Plugin for Hostile {
                 emit::publish("hostile.huge", &big)?;
                 Ok(())
             }
+            twice if twice.starts_with("emit-twice ") => {
+                // Two events of this many bytes: each within the emit
+                // limit, together maybe not within one commit message.
+                let bytes: usize = twice["emit-twice ".len()..].parse().unwrap_or(0);
+                let body = vec![b'x'; bytes];
+                emit::publish("hostile.out", &body)?;
+                emit::publish("hostile.out", &body)?;
+                Ok(())
+            }
             "many-emits" => {
                 for _ in 0..100_000 {
                     emit::publish("hostile.many", b"x")?;
