@@ -142,7 +142,9 @@ async fn rush_hour(js: &jetstream::Context, admin: &str) -> anyhow::Result<()> {
     // The clock starts with the first order sent: plugins work while the
     // burst is still being published.
     let started = Instant::now();
-    let mut acks = Vec::with_capacity(RUSH_ORDERS);
+    // Pipelined, with the acknowledgements awaited a thousand at a time:
+    // the client allows only so many unacknowledged publishes.
+    let mut acks = Vec::with_capacity(1_000);
     for i in 0..RUSH_ORDERS {
         let order = json!({"order_id": format!("r{i}"), "customer_id": format!("c{}", i % 97),
             "amount_cents": 1_000 + (i % 50) * 700, "country": "NL", "items": [{"sku": "mug", "qty": 1}]});
@@ -150,6 +152,11 @@ async fn rush_hour(js: &jetstream::Context, admin: &str) -> anyhow::Result<()> {
             js.send_publish("orders.placed", message(&format!("rush-{i}"), &order)?)
                 .await?,
         );
+        if acks.len() == 1_000 {
+            for ack in acks.drain(..) {
+                ack.await?;
+            }
+        }
     }
     for ack in acks {
         ack.await?;
