@@ -3,7 +3,8 @@
 //! - `cargo xtask build`: build every plugin and test guest for
 //!   wasm32-wasip2 and lay them out with their manifests under `dist/`.
 //! - `cargo xtask test`: build, then run every test (unit, sandbox,
-//!   plugin, `weir test` fixtures).
+//!   plugin, `weir test` fixtures) and a short run of every pipeline
+//!   benchmark row.
 //! - `cargo xtask demo`: build, then run the order pipeline demo on `weir dev`.
 //! - `cargo xtask adapter PATH`: write the WASI preview1 reactor adapter
 //!   (for componentizing C guests by hand) to PATH.
@@ -98,15 +99,43 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The guests' compilation target.
+const WASM_TARGET: &str = "wasm32-wasip2";
+
+/// rustup installs a toolchain file's `targets` only when it installs the
+/// toolchain; one that exists already (a machine's preinstalled 1.95) does
+/// not get them. Add the wasm target when it is missing.
+fn ensure_wasm_target(root: &Path) -> anyhow::Result<()> {
+    let installed = command("rustup")
+        .current_dir(root)
+        .args(["target", "list", "--installed"])
+        .output();
+    let Ok(installed) = installed else {
+        // No rustup: whoever manages the toolchain provides the target.
+        return Ok(());
+    };
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|t| t.trim() == WASM_TARGET)
+    {
+        return Ok(());
+    }
+    eprintln!("the {WASM_TARGET} target is missing; adding it with rustup");
+    run(command("rustup")
+        .current_dir(root)
+        .args(["target", "add", WASM_TARGET]))
+}
+
 fn build(root: &Path) -> anyhow::Result<()> {
+    ensure_wasm_target(root)?;
     let mut cmd = cargo();
     cmd.current_dir(root)
-        .args(["build", "--release", "--target", "wasm32-wasip2"]);
+        .args(["build", "--release", "--target", WASM_TARGET]);
     for (package, _, _) in GUESTS {
         cmd.args(["--package", package]);
     }
     run(&mut cmd)?;
-    let out = target_dir(root).join("wasm32-wasip2/release");
+    let out = target_dir(root).join(WASM_TARGET).join("release");
     for (package, source, folder) in GUESTS {
         let dest = root.join("dist").join(folder);
         std::fs::create_dir_all(&dest).with_context(|| format!("creating {}", dest.display()))?;
@@ -165,6 +194,19 @@ fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     run(cargo()
         .current_dir(root)
         .args(["test", "--workspace", "--doc"]))?;
+    // Every row of the pipeline benchmark, short: it must run to the end
+    // (its figures are not checked here; BENCHMARKS.md has real runs).
+    run(cargo().current_dir(root).args([
+        "run",
+        "--quiet",
+        "--package",
+        "weir-integration-tests",
+        "--bin",
+        "pipeline-bench",
+        "--",
+        "2000",
+        "2000",
+    ]))?;
     // The plugins' own unit tests, with their languages' runners.
     run(command("node")
         .current_dir(root)
