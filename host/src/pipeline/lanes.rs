@@ -1,15 +1,17 @@
-//! Lanes: virtual partitions of one plugin's events.
+//! Lanes: virtual partitions of one plugin's events, handed out in runs.
 //!
-//! With an ordering key, every event goes into the lane of its key. A lane
-//! runs its events in the order the consumer delivered them (stream order),
-//! one *run* at a time: a run is every event the lane holds when it gets its
-//! turn (up to a bound), handled in order and committed together. Lanes take
-//! turns so a busy key cannot starve the others.
+//! With an ordering key, every event goes into the lane of its key. A key
+//! belongs to at most one run at a time, and a run takes a key's events in
+//! the order the consumer delivered them (stream order), so events of one
+//! key never run concurrently or out of order. A run takes several ready
+//! keys at once (a fair share of what waits), so a thousand keys with one
+//! event each make a few large runs rather than a thousand small ones; a
+//! run hands each key back as soon as that key's events are settled, and
+//! keys take turns, so a busy key cannot starve the others.
 //!
 //! Without a key there is no order to keep: events wait in one shared queue
-//! and up to a fixed number of runs take them, each a fair share of what is
-//! waiting, so a backlog is handled in large runs and a trickle of live
-//! events one by one without delay.
+//! and each run takes a fair share of it, so a backlog is handled in large
+//! runs and a trickle of live events one by one without delay.
 //!
 //! Lanes hold only what the server delivered, and the server delivers no
 //! more than the consumer's `max_ack_pending`: memory stays bounded however
@@ -17,27 +19,31 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use tokio_util::task::TaskTracker;
+
+use super::lock;
 
 /// How events are grouped into runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Shape {
-    /// One lane per key; one run per lane at a time.
+    /// One lane per key; a key in one run at a time.
     Keyed,
-    /// One shared queue, taken by up to this many runs at once.
-    Shared(usize),
+    /// One shared queue.
+    Shared,
 }
 
 struct State<T> {
     queues: HashMap<String, VecDeque<T>>,
-    /// Keys with queued events and no run, in turn order.
+    /// Keys with queued events and in no run, in turn order.
     ready: VecDeque<String>,
-    /// Keys with a run going.
+    /// Keys in a run.
     busy: HashSet<String>,
-    /// Runs going from the shared queue.
-    shared_runs: usize,
+    /// Events queued, all lanes together.
+    queued: usize,
+    /// Runs going.
+    runs: usize,
 }
 
 impl<T> Default for State<T> {
@@ -46,7 +52,8 @@ impl<T> Default for State<T> {
             queues: HashMap::new(),
             ready: VecDeque::new(),
             busy: HashSet::new(),
-            shared_runs: 0,
+            queued: 0,
+            runs: 0,
         }
     }
 }
@@ -54,39 +61,71 @@ impl<T> Default for State<T> {
 /// The key of the shared queue.
 const SHARED: &str = "";
 
-/// Hands the events to `work` in runs.
+/// Given to a run: hands a key back once the run is done with it.
+#[derive(Clone)]
+pub(crate) struct KeyRelease {
+    lanes: Weak<dyn Release>,
+    /// Keys the run still holds. A key handed back early may be in another
+    /// run by the time this one ends, so the end hands back only these.
+    held: Arc<Mutex<Vec<String>>>,
+}
+
+trait Release: Send + Sync {
+    fn release(&self, key: &str);
+}
+
+impl KeyRelease {
+    /// The run has settled every event of `key` it had: other runs may
+    /// take the key's later events now.
+    pub fn release(&self, key: &str) {
+        let was_held = {
+            let mut held = lock(&self.held);
+            let at = held.iter().position(|k| k == key);
+            at.map(|i| held.swap_remove(i)).is_some()
+        };
+        if was_held && let Some(lanes) = self.lanes.upgrade() {
+            lanes.release(key);
+        }
+    }
+
+    fn take_held(&self) -> Vec<String> {
+        std::mem::take(&mut *lock(&self.held))
+    }
+}
+
+/// Hands the events to `work` in runs of `(lane key, event)`.
 pub(crate) struct Lanes<T, W> {
     state: Mutex<State<T>>,
     shape: Shape,
+    /// Runs going at most.
+    max_runs: usize,
+    /// Events in one run at most.
     max_run: usize,
     tasks: TaskTracker,
     work: W,
+    this: Weak<Self>,
 }
 
 impl<T, W, F> Lanes<T, W>
 where
     T: Clone + Send + 'static,
-    W: Fn(Vec<T>) -> F + Send + Sync + 'static,
+    W: Fn(Vec<(String, T)>, KeyRelease) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
-    pub fn new(shape: Shape, max_run: usize, work: W) -> Arc<Self> {
-        let shape = match shape {
-            Shape::Shared(runs) => Shape::Shared(runs.max(1)),
-            keyed => keyed,
-        };
-        Arc::new(Lanes {
+    pub fn new(shape: Shape, max_runs: usize, max_run: usize, work: W) -> Arc<Self> {
+        Arc::new_cyclic(|this| Lanes {
             state: Mutex::new(State::default()),
             shape,
+            max_runs: max_runs.max(1),
             max_run: max_run.max(1),
             tasks: TaskTracker::new(),
             work,
+            this: this.clone(),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, State<T>> {
-        // Every critical section leaves the state consistent before it can
-        // panic, so a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// Queue `message` in the lane of `key` (ignored for a shared queue).
@@ -103,8 +142,9 @@ where
             for (key, message) in messages {
                 let key = match self.shape {
                     Shape::Keyed => key,
-                    Shape::Shared(_) => SHARED.to_owned(),
+                    Shape::Shared => SHARED.to_owned(),
                 };
+                state.queued += 1;
                 let queue = state.queues.entry(key.clone()).or_default();
                 queue.push_back(message);
                 let newly_waiting = queue.len() == 1;
@@ -119,65 +159,83 @@ where
     /// Start runs while there is work and room for it.
     fn fill(self: &Arc<Self>) {
         let mut state = self.lock();
-        match self.shape {
-            Shape::Keyed => {
-                while let Some(key) = state.ready.pop_front() {
-                    let Some(queue) = state.queues.get_mut(&key) else {
-                        continue;
-                    };
-                    let run: Vec<T> = queue.drain(..queue.len().min(self.max_run)).collect();
-                    if run.is_empty() {
-                        continue;
+        while state.runs < self.max_runs && !state.ready.is_empty() {
+            // A fair share of what waits, so a backlog keeps every run busy.
+            let share = state.queued.div_ceil(self.max_runs).clamp(1, self.max_run);
+            let mut run: Vec<(String, T)> = Vec::with_capacity(share);
+            while run.len() < share
+                && let Some(key) = state.ready.pop_front()
+            {
+                let room = share - run.len();
+                let Some(queue) = state.queues.get_mut(&key) else {
+                    continue;
+                };
+                let taken: Vec<T> = queue.drain(..queue.len().min(room)).collect();
+                let left = queue.len();
+                state.queued -= taken.len();
+                run.extend(taken.into_iter().map(|m| (key.clone(), m)));
+                match self.shape {
+                    // The key stays with this run until it hands it back.
+                    Shape::Keyed => {
+                        state.busy.insert(key);
                     }
-                    state.busy.insert(key.clone());
-                    self.start(key, run);
+                    // The shared queue stays ready for the next run.
+                    Shape::Shared if left > 0 => state.ready.push_front(key),
+                    Shape::Shared => {}
                 }
             }
-            Shape::Shared(runs) => {
-                while state.shared_runs < runs {
-                    let Some(queue) = state.queues.get_mut(SHARED) else {
-                        break;
-                    };
-                    // A fair share, so a backlog keeps every run busy.
-                    let take = queue.len().div_ceil(runs).min(self.max_run);
-                    if take == 0 {
-                        break;
-                    }
-                    let run: Vec<T> = queue.drain(..take).collect();
-                    state.shared_runs += 1;
-                    self.start(SHARED.to_owned(), run);
-                }
+            if run.is_empty() {
+                break;
             }
+            state.runs += 1;
+            self.start(run);
         }
     }
 
-    fn start(self: &Arc<Self>, key: String, run: Vec<T>) {
+    fn start(self: &Arc<Self>, run: Vec<(String, T)>) {
+        let keys: Vec<String> = match self.shape {
+            Shape::Keyed => {
+                let mut keys: Vec<String> = run.iter().map(|(k, _)| k.clone()).collect();
+                keys.dedup();
+                keys
+            }
+            Shape::Shared => Vec::new(),
+        };
+        let release = KeyRelease {
+            lanes: self.this.clone() as Weak<dyn Release>,
+            held: Arc::new(Mutex::new(keys)),
+        };
+        let work = (self.work)(run, release.clone());
         let lanes = self.clone();
-        let work = (self.work)(run);
         self.tasks.spawn(async move {
             work.await;
-            lanes.finish(key);
+            lanes.finish(release.take_held());
         });
     }
 
-    fn finish(self: &Arc<Self>, key: String) {
-        if let Shape::Shared(_) = self.shape {
-            self.lock().shared_runs -= 1;
-            self.fill();
-            return;
-        }
+    /// A run ended: hand back the keys it did not hand back itself.
+    fn finish(self: &Arc<Self>, keys: Vec<String>) {
         {
             let mut state = self.lock();
-            state.busy.remove(&key);
-            match state.queues.get(&key) {
-                // Back of the line: other keys get their turn first.
-                Some(queue) if !queue.is_empty() => state.ready.push_back(key),
-                _ => {
-                    state.queues.remove(&key);
-                }
+            state.runs -= 1;
+            for key in keys {
+                Self::free(&mut state, &key);
             }
         }
         self.fill();
+    }
+
+    /// `key` is in no run now: back of the line if it has more events.
+    fn free(state: &mut State<T>, key: &str) {
+        if !state.busy.remove(key) {
+            return;
+        }
+        match state.queues.get(key) {
+            Some(queue) if !queue.is_empty() => state.ready.push_back(key.to_owned()),
+            _ => {
+                state.queues.remove(key);
+            }
+        }
     }
 
     /// Events waiting in a lane (delivered, not started).
@@ -193,15 +251,14 @@ where
     #[cfg(test)]
     pub fn held(&self) -> usize {
         let state = self.lock();
-        state.busy.len()
-            + state.shared_runs
-            + state.queues.values().map(VecDeque::len).sum::<usize>()
+        state.runs + state.queued
     }
 
     /// Take every queued event out (shutdown: they go back to the stream).
     pub fn take_queued(&self) -> Vec<T> {
         let mut state = self.lock();
         state.ready.clear();
+        state.queued = 0;
         let mut out = Vec::new();
         for queue in state.queues.values_mut() {
             out.extend(queue.drain(..));
@@ -209,7 +266,7 @@ where
         out
     }
 
-    /// Wait until every started event has finished.
+    /// Wait until every started run has finished.
     pub async fn wait_running(&self) {
         self.tasks.close();
         self.tasks.wait().await;
@@ -217,8 +274,24 @@ where
 
     /// Runs going.
     pub fn running(&self) -> usize {
-        let state = self.lock();
-        state.busy.len() + state.shared_runs
+        self.lock().runs
+    }
+}
+
+impl<T, W, F> Release for Lanes<T, W>
+where
+    T: Clone + Send + 'static,
+    W: Fn(Vec<(String, T)>, KeyRelease) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn release(&self, key: &str) {
+        if let Some(this) = self.this.upgrade() {
+            {
+                let mut state = this.lock();
+                Self::free(&mut state, key);
+            }
+            this.fill();
+        }
     }
 }
 
@@ -231,25 +304,40 @@ mod tests {
 
     /// Each item is (key, index, delay ms); work records start and end.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn one_at_a_time_per_key_in_order_and_keys_in_parallel() {
+    async fn keys_run_in_order_one_run_at_a_time_and_in_parallel() {
         let log = Arc::new(StdMutex::new(Vec::new()));
-        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let running: Arc<StdMutex<HashSet<String>>> = Arc::default();
         let lanes = {
-            let (log, running, peak) = (log.clone(), running.clone(), peak.clone());
-            Lanes::new(Shape::Keyed, 3, move |run: Vec<(String, u32, u64)>| {
-                let (log, running, peak) = (log.clone(), running.clone(), peak.clone());
-                async move {
-                    assert!(run.len() <= 3, "runs are bounded");
-                    let now = running.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                    peak.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
-                    for (key, i, delay) in run {
-                        tokio::time::sleep(Duration::from_millis(delay)).await;
-                        log.lock().unwrap().push((key, i));
+            let (log, running) = (log.clone(), running.clone());
+            Lanes::new(
+                Shape::Keyed,
+                4,
+                3,
+                move |run: Vec<(String, (String, u32, u64))>, _| {
+                    let (log, running) = (log.clone(), running.clone());
+                    async move {
+                        assert!(run.len() <= 3, "runs are bounded");
+                        for (key, _) in &run {
+                            assert!(
+                                !running.lock().unwrap().contains(key),
+                                "key {key} in two runs at once"
+                            );
+                        }
+                        running
+                            .lock()
+                            .unwrap()
+                            .extend(run.iter().map(|(k, _)| k.clone()));
+                        for (_, (key, i, delay)) in &run {
+                            tokio::time::sleep(Duration::from_millis(*delay)).await;
+                            log.lock().unwrap().push((key.clone(), *i));
+                        }
+                        let mut r = running.lock().unwrap();
+                        for (key, _) in &run {
+                            r.remove(key);
+                        }
                     }
-                    running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                }
-            })
+                },
+            )
         };
         for i in 0..40u32 {
             let key = format!("k{}", i % 8);
@@ -273,10 +361,90 @@ mod tests {
                 "key k{k} out of order: {seen:?}"
             );
         }
-        let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
-        assert!(
-            peak > 1 && peak <= 8,
-            "keys run in parallel, one run each: {peak}"
+    }
+
+    #[tokio::test]
+    async fn a_run_takes_several_keys_and_hands_them_back_early() {
+        let runs = Arc::new(StdMutex::new(Vec::new()));
+        let lanes = {
+            let runs = runs.clone();
+            Lanes::new(
+                Shape::Keyed,
+                1,
+                100,
+                move |run: Vec<(String, u32)>, release: KeyRelease| {
+                    runs.lock().unwrap().push(run.clone());
+                    async move {
+                        // Done with "a" at once; the rest takes a while.
+                        release.release("a");
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                    }
+                },
+            )
+        };
+        // The first push starts a run of its own; then "a" and "b" queue.
+        lanes.push("first".into(), 0);
+        for (key, i) in [("a", 1), ("b", 2), ("a", 3)] {
+            lanes.push(key.into(), i);
+        }
+        while lanes.held() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        lanes.wait_running().await;
+        let runs = runs.lock().unwrap();
+        assert_eq!(runs[0], vec![("first".to_owned(), 0)]);
+        assert_eq!(
+            runs[1],
+            vec![("a".into(), 1), ("a".into(), 3), ("b".into(), 2)],
+            "one run takes both keys, each key's events in order"
+        );
+        assert_eq!(runs.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_key_handed_back_early_is_not_freed_again_when_its_run_ends() {
+        let overlaps = Arc::new(StdMutex::new(0));
+        let running: Arc<StdMutex<HashSet<String>>> = Arc::default();
+        let lanes = {
+            let (overlaps, running) = (overlaps.clone(), running.clone());
+            Lanes::new(
+                Shape::Keyed,
+                4,
+                1,
+                move |run: Vec<(String, u64)>, release: KeyRelease| {
+                    let (overlaps, running) = (overlaps.clone(), running.clone());
+                    async move {
+                        let (key, hold_ms) = run[0].clone();
+                        if !running.lock().unwrap().insert(key.clone()) {
+                            *overlaps.lock().unwrap() += 1;
+                        }
+                        if hold_ms == 0 {
+                            // Settled at once, but the run goes on a while.
+                            running.lock().unwrap().remove(&key);
+                            release.release(&key);
+                            tokio::time::sleep(Duration::from_millis(40)).await;
+                        } else {
+                            tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+                            running.lock().unwrap().remove(&key);
+                        }
+                    }
+                },
+            )
+        };
+        lanes.push("a".into(), 0);
+        // Taken by a second run as soon as the first hands "a" back.
+        lanes.push("a".into(), 120);
+        tokio::time::sleep(Duration::from_millis(70)).await;
+        // The first run has ended; the second still holds "a".
+        lanes.push("a".into(), 1);
+        while lanes.held() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        lanes.wait_running().await;
+        assert_eq!(
+            *overlaps.lock().unwrap(),
+            0,
+            "\"a\" ran in two runs at once"
         );
     }
 
@@ -285,12 +453,12 @@ mod tests {
         let sizes = Arc::new(StdMutex::new(Vec::new()));
         let lanes = {
             let sizes = sizes.clone();
-            Lanes::new(Shape::Shared(4), 100, move |run: Vec<u32>| {
+            Lanes::new(Shape::Shared, 4, 100, move |run: Vec<(String, u32)>, _| {
                 sizes.lock().unwrap().push(run.len());
                 tokio::time::sleep(Duration::from_millis(20))
             })
         };
-        // The first event starts a run at once; the 40 behind it are shared.
+        // The first events start runs at once; the rest are shared.
         for i in 0..41 {
             lanes.push(format!("ignored-{i}"), i);
         }
@@ -301,15 +469,12 @@ mod tests {
         lanes.wait_running().await;
         let sizes = sizes.lock().unwrap();
         assert_eq!(sizes.iter().sum::<usize>(), 41);
-        assert!(
-            sizes.len() >= 4 && *sizes.iter().max().unwrap() <= 14,
-            "{sizes:?}"
-        );
+        assert!(sizes.iter().all(|s| *s <= 14), "{sizes:?}");
     }
 
     #[tokio::test]
     async fn queued_events_can_be_taken_back() {
-        let lanes = Lanes::new(Shape::Keyed, 8, |_: Vec<u32>| {
+        let lanes = Lanes::new(Shape::Keyed, 1, 8, |_: Vec<(String, u32)>, _| {
             tokio::time::sleep(Duration::from_millis(50))
         });
         for i in 0..5 {

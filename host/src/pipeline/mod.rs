@@ -175,6 +175,12 @@ impl PipelineContext {
     }
 }
 
+/// Lock a pipeline mutex. Every critical section of the pipeline leaves its
+/// state consistent before it can panic, so a poisoned lock is still usable.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Bytes of the events a pipeline holds, and a wake-up when they drop.
 #[derive(Default)]
 struct HeldBytes {
@@ -258,26 +264,27 @@ pub async fn run(
     let shape = if ordered || manifest.concurrency == 1 {
         lanes::Shape::Keyed
     } else {
-        lanes::Shape::Shared(2 * manifest.concurrency as usize)
+        lanes::Shape::Shared
     };
     let lanes = {
         let (ctx, plugin, release) = (ctx.clone(), plugin.clone(), release.clone());
         let stopping = shutdown.clone();
         Lanes::new(
             shape,
+            2 * manifest.concurrency as usize,
             crate::source::MAX_RUN,
-            move |run: Vec<jetstream::Message>| {
+            move |run: Vec<(String, jetstream::Message)>, keys: lanes::KeyRelease| {
                 let (ctx, release, stopping) = (ctx.clone(), release.clone(), stopping.clone());
                 let in_flight = in_flight.clone();
                 let current = plugin.borrow().clone();
                 async move {
-                    let bytes: usize = run.iter().map(|m| m.length).sum();
+                    let bytes: usize = run.iter().map(|(_, m)| m.length).sum();
                     let n = run.len() as u64;
                     let stats = ctx.stats.clone();
                     stats.in_flight.fetch_add(n, Ordering::Relaxed);
                     in_flight.inc_by(n as i64);
                     let ends = process::Ends { stopping, release };
-                    process::process_run(ctx.clone(), current, run, ends, shape).await;
+                    process::process_run(ctx.clone(), current, run, ends, shape, keys).await;
                     in_flight.dec_by(n as i64);
                     stats.in_flight.fetch_sub(n, Ordering::Relaxed);
                     ctx.held.release(bytes);
@@ -368,7 +375,7 @@ pub async fn run(
                         ctx.held.add(message.length);
                         let lane = match shape {
                             lanes::Shape::Keyed => crate::source::lane_of(&message, &manifest),
-                            lanes::Shape::Shared(_) => String::new(),
+                            lanes::Shape::Shared => String::new(),
                         };
                         (lane, message)
                     });

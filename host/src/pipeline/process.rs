@@ -8,8 +8,8 @@
 //! dead-lettered or terminated on purpose, each counted: failures of the
 //! plugin and of the host both count toward `max-deliveries`.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
@@ -21,8 +21,8 @@ use crate::dlq::{self, DeadLetter};
 use crate::event::{Emitted, Event};
 use crate::outbox::Outgoing;
 use crate::outcome::Outcome;
-use crate::pipeline::PipelineContext;
-use crate::pipeline::lanes::Shape;
+use crate::pipeline::lanes::{KeyRelease, Shape};
+use crate::pipeline::{PipelineContext, lock};
 use crate::plugin::Plugin;
 use crate::source;
 use crate::state::{StateChange, StateStore, Versioned};
@@ -53,6 +53,10 @@ pub enum Disposition {
 /// One delivered message and the event it carries.
 struct Delivery {
     message: jetstream::Message,
+    /// Its lane: its ordering key, or the shared queue.
+    lane: String,
+    /// An ordered retry does not run again before this.
+    not_before: Option<tokio::time::Instant>,
     event: Event,
     /// The consumer span everything done for this event runs in.
     span: tracing::Span,
@@ -87,9 +91,10 @@ pub struct Ends {
 pub async fn process_run(
     ctx: Arc<PipelineContext>,
     plugin: Plugin,
-    messages: Vec<jetstream::Message>,
+    messages: Vec<(String, jetstream::Message)>,
     ends: Ends,
     shape: Shape,
+    keys: KeyRelease,
 ) {
     let release = ends.release;
     let incarnation = ctx.incarnation();
@@ -97,14 +102,21 @@ pub async fn process_run(
     // Where to send progress and releases for each message of the run.
     let held: Vec<(u64, async_nats::Subject)> = messages
         .iter()
-        .filter_map(|m| Some((m.info().ok()?.stream_sequence, m.reply.clone()?)))
+        .filter_map(|(_, m)| Some((m.info().ok()?.stream_sequence, m.reply.clone()?)))
         .collect();
+    let mut left: HashMap<String, usize> = HashMap::new();
+    for (lane, _) in &messages {
+        *left.entry(lane.clone()).or_default() += 1;
+    }
     let client = ctx.js.client();
     let mut queue = VecDeque::with_capacity(messages.len());
-    for message in messages {
-        match delivery(&plugin, message, &incarnation) {
+    for (lane, message) in messages {
+        match delivery(&plugin, lane.clone(), message, &incarnation) {
             Some(d) => queue.push_back(d),
-            None => ctx.count(&plugin, Counted::HostError),
+            None => {
+                ctx.count(&plugin, Counted::HostError);
+                *left.entry(lane).or_default() -= 1;
+            }
         }
     }
     let run = Run {
@@ -112,9 +124,11 @@ pub async fn process_run(
         plugin: &plugin,
         scope,
         ordered: plugin.manifest().ordering_key.is_some(),
-        shared: matches!(shape, Shape::Shared(_)),
+        shared: shape == Shape::Shared,
         stopping: ends.stopping,
         settled: Mutex::new(Vec::new()),
+        left: Mutex::new(left),
+        keys,
     };
     let work = run.handle(queue);
     tokio::pin!(work);
@@ -151,6 +165,7 @@ pub async fn process_run(
 
 fn delivery(
     plugin: &Plugin,
+    lane: String,
     message: jetstream::Message,
     incarnation: &source::Incarnation,
 ) -> Option<Delivery> {
@@ -173,6 +188,8 @@ fn delivery(
     let msg_id = source::producer_id(&message);
     Some(Delivery {
         message,
+        lane,
+        not_before: None,
         event,
         span,
         msg_id,
@@ -194,6 +211,10 @@ struct Run<'a> {
     stopping: CancellationToken,
     /// Stream sequences of the run's events settled so far.
     settled: Mutex<Vec<u64>>,
+    /// Events of each lane not settled yet; at zero the lane's key goes
+    /// back to the lanes for other runs.
+    left: Mutex<HashMap<String, usize>>,
+    keys: KeyRelease,
 }
 
 /// How a stretch of a run ended.
@@ -222,7 +243,7 @@ impl Run<'_> {
                 for delivery in queue.drain(..) {
                     let release = AckKind::Nak(Some(super::RELEASE_DELAY));
                     ack(&delivery.message, release, self.plugin, &delivery.event).await;
-                    lock(&self.settled).push(delivery.event.sequence);
+                    self.done_with(&delivery);
                 }
                 break;
             }
@@ -246,7 +267,9 @@ impl Run<'_> {
                 if redo {
                     queue.push_front(*delivery);
                 } else if let Some(retry) = self.failed(*delivery, &outcome).await {
-                    queue.push_front(retry);
+                    // Its key waits for the retry; the run's other keys go
+                    // first rather than wait with it.
+                    defer(&mut queue, retry);
                 }
             }
             for delivery in again.into_iter().rev() {
@@ -257,7 +280,8 @@ impl Run<'_> {
 
     /// Run up to `limit` events from the front of `queue` until one does not
     /// succeed. Redelivered events already committed, and messages that
-    /// cannot be events, are finished on the way.
+    /// cannot be events, are finished on the way. A retry waiting for its
+    /// time ends the stretch, or (at the start of one) is waited for.
     async fn execute(&self, queue: &mut VecDeque<Delivery>, limit: usize) -> Stretch {
         let state = Arc::new(RunState::new(self.ctx.store.clone()));
         let mut succeeded: Vec<Succeeded> = Vec::new();
@@ -265,6 +289,13 @@ impl Run<'_> {
             && !self.stopping.is_cancelled()
             && let Some(delivery) = queue.pop_front()
         {
+            if let Some(at) = delivery.not_before {
+                if !succeeded.is_empty() {
+                    queue.push_front(delivery);
+                    break;
+                }
+                tokio::time::sleep_until(at).await;
+            }
             if let Some(raw) = source::malformed_headers(&delivery.message) {
                 let raw = raw.to_vec();
                 // The plugin cannot be given an event whose headers are
@@ -344,10 +375,12 @@ impl Run<'_> {
         let (writes, reads) = state.effects();
         let events = succeeded
             .iter()
-            .map(|s| EventEffects {
-                seq: s.delivery.event.sequence,
-                msg_id: s.delivery.msg_id.clone(),
-                outbox: s.outbox.clone(),
+            .map(|s| {
+                EventEffects::new(
+                    s.delivery.event.sequence,
+                    s.delivery.msg_id.clone(),
+                    &s.outbox,
+                )
             })
             .collect();
         let request = CommitRequest::new(self.scope.clone(), events, writes, reads);
@@ -546,7 +579,7 @@ impl Run<'_> {
         if self.ordered {
             // Hold the lane: no later event of the key may overtake this one.
             self.ctx.count(self.plugin, Counted::Retried);
-            tokio::time::sleep(delay).await;
+            delivery.not_before = Some(tokio::time::Instant::now() + delay);
             delivery.event.attempt += 1;
             return Some(delivery);
         }
@@ -668,7 +701,20 @@ impl Run<'_> {
             Disposition::HostError => ctx.count(self.plugin, Counted::HostError),
             Disposition::Skipped => ctx.count(self.plugin, Counted::Duplicate),
         }
+        self.done_with(delivery);
+    }
+
+    /// `delivery` needs nothing more from this run.
+    fn done_with(&self, delivery: &Delivery) {
         lock(&self.settled).push(delivery.event.sequence);
+        let mut left = lock(&self.left);
+        if let Some(n) = left.get_mut(&delivery.lane) {
+            *n -= 1;
+            if *n == 0 {
+                left.remove(&delivery.lane);
+                self.keys.release(&delivery.lane);
+            }
+        }
     }
 
     /// Reply subjects of the run's messages not settled yet.
@@ -681,9 +727,14 @@ impl Run<'_> {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Each critical section is a single push or clone.
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
+/// Put a retry of an ordered plugin, and the later events of its key, at
+/// the back of the run's queue, after the other keys' events.
+fn defer(queue: &mut VecDeque<Delivery>, retry: Delivery) {
+    let (mut same_key, others): (VecDeque<Delivery>, VecDeque<Delivery>) =
+        queue.drain(..).partition(|d| d.lane == retry.lane);
+    *queue = others;
+    queue.push_back(retry);
+    queue.append(&mut same_key);
 }
 
 /// State as the events of one run see it: what the run's earlier events

@@ -84,6 +84,7 @@ pub(crate) async fn invoke(
             let mut store = new_store(plugin, state.clone());
             start_call(&mut store, event, deadline, state.clone());
             pool.created();
+            tracing::debug!(plugin = plugin.name(), "new instance");
             match tokio::time::timeout_at(hard_stop, plugin.pre().instantiate_async(&mut store))
                 .await
             {

@@ -7,7 +7,7 @@
 //! it (guarded by the block's revision, so two hosts never overwrite each
 //! other's marks), and leaves out the outboxes published since.
 
-use serde::{Deserialize, Serialize};
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use crate::event::Emitted;
@@ -16,13 +16,30 @@ use crate::event::Emitted;
 pub const BLOCK_SPAN: u64 = 4096;
 
 /// The record of one block.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Block {
     /// Bit `seq % BLOCK_SPAN` is set once `seq` is committed.
     done: Vec<u8>,
     /// Outboxes of committed events not yet known to be published, by
-    /// sequence, in sequence order.
-    pending: Vec<(u64, Vec<Emitted>)>,
+    /// sequence, in sequence order, each kept encoded (see
+    /// [`encode_outbox`]): a block is copied for every group that touches
+    /// it, and copying encoded outboxes only counts references.
+    pending: Vec<(u64, Bytes)>,
+}
+
+/// An outbox as a block keeps it.
+pub fn encode_outbox(outbox: &[Emitted]) -> Bytes {
+    // Encoding strings and bytes into a Vec cannot fail.
+    postcard::to_allocvec(outbox).unwrap_or_default().into()
+}
+
+fn decode_outbox(bytes: &[u8]) -> Vec<Emitted> {
+    // Written by this code; an unreadable one would be a bug, and
+    // re-publishing nothing is the safe way to fail.
+    postcard::from_bytes(bytes).unwrap_or_else(|e| {
+        tracing::error!("a committed outbox could not be decoded: {e}");
+        Vec::new()
+    })
 }
 
 impl Block {
@@ -33,17 +50,18 @@ impl Block {
             .is_some_and(|byte| byte & (1 << (bit % 8)) != 0)
     }
 
-    /// Mark `seq` committed, keeping `outbox` until it is published.
-    pub fn mark(&mut self, seq: u64, outbox: &[Emitted]) {
+    /// Mark `seq` committed, keeping its encoded outbox until it is
+    /// published (`None`: it emitted nothing).
+    pub fn mark(&mut self, seq: u64, outbox: Option<&Bytes>) {
         let bit = (seq % BLOCK_SPAN) as usize;
         if self.done.len() <= bit / 8 {
             self.done.resize(bit / 8 + 1, 0);
         }
         self.done[bit / 8] |= 1 << (bit % 8);
-        if !outbox.is_empty() {
+        if let Some(outbox) = outbox {
             match self.pending.binary_search_by_key(&seq, |(s, _)| *s) {
-                Ok(i) => self.pending[i].1 = outbox.to_vec(),
-                Err(i) => self.pending.insert(i, (seq, outbox.to_vec())),
+                Ok(i) => self.pending[i].1 = outbox.clone(),
+                Err(i) => self.pending.insert(i, (seq, outbox.clone())),
             }
         }
     }
@@ -57,7 +75,7 @@ impl Block {
         Some(
             self.pending
                 .binary_search_by_key(&seq, |(s, _)| *s)
-                .map(|i| self.pending[i].1.clone())
+                .map(|i| decode_outbox(&self.pending[i].1))
                 .unwrap_or_default(),
         )
     }
@@ -82,32 +100,34 @@ impl Block {
         }
     }
 
+    /// The record's bytes: postcard of the bitmap and the pending list.
     pub fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
-        postcard::to_allocvec(self)
+        let pending: Vec<(u64, &[u8])> = self
+            .pending
+            .iter()
+            .map(|(seq, outbox)| (*seq, outbox.as_ref()))
+            .collect();
+        postcard::to_allocvec(&(&self.done, pending))
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
         if bytes.is_empty() {
             return Ok(Block::default());
         }
-        postcard::from_bytes(bytes)
+        let (done, pending): (Vec<u8>, Vec<(u64, Vec<u8>)>) = postcard::from_bytes(bytes)?;
+        Ok(Block {
+            done,
+            pending: pending
+                .into_iter()
+                .map(|(seq, outbox)| (seq, Bytes::from(outbox)))
+                .collect(),
+        })
     }
 
-    /// Bytes `outbox` adds to an encoded block, roughly (postcard varints
-    /// make it exact to within a few bytes per field).
-    pub fn outbox_cost(outbox: &[Emitted]) -> usize {
-        outbox
-            .iter()
-            .map(|e| {
-                16 + e.subject.len()
-                    + e.payload.len()
-                    + e.headers
-                        .iter()
-                        .map(|h| h.key.len() + h.value.len() + 4)
-                        .sum::<usize>()
-            })
-            .sum::<usize>()
-            + 16
+    /// Bytes an encoded outbox adds to an encoded block (its length, its
+    /// sequence and length prefixes).
+    pub fn outbox_cost(outbox: &Bytes) -> usize {
+        outbox.len() + 20
     }
 }
 
@@ -157,8 +177,8 @@ mod tests {
         let mut block = Block::default();
         assert!(!block.is_done(4100));
         assert_eq!(block.outbox(4100), None);
-        block.mark(4100, &out("a"));
-        block.mark(4103, &[]);
+        block.mark(4100, Some(&encode_outbox(&out("a"))));
+        block.mark(4103, None);
         assert!(block.is_done(4100) && block.is_done(4103) && !block.is_done(4101));
         assert_eq!(block.outbox(4100), Some(out("a")));
         assert_eq!(block.outbox(4103), Some(Vec::new()));
@@ -175,9 +195,9 @@ mod tests {
     #[test]
     fn merging_keeps_both_writers_marks() {
         let mut mine = Block::default();
-        mine.mark(1, &out("mine"));
+        mine.mark(1, Some(&encode_outbox(&out("mine"))));
         let mut theirs = Block::default();
-        theirs.mark(4000, &out("theirs"));
+        theirs.mark(4000, Some(&encode_outbox(&out("theirs"))));
         mine.merge(&theirs);
         assert!(mine.is_done(1) && mine.is_done(4000));
         assert_eq!(mine.outbox(4000), Some(out("theirs")));

@@ -13,10 +13,13 @@
 //! - a record per producer-given event id, guarded by "must not exist".
 //!
 //! One message goes as a plain publish; more go as one atomic batch, which
-//! the server stores whole or not at all. Nothing overlaps: the next group
-//! forms while this one is in flight, which is what makes the groups large
-//! under load (an atomic batch costs the server about 1.8 ms of CPU
-//! whatever its size; see BENCHMARKS.md).
+//! the server stores whole or not at all. One group is in flight at a time
+//! and the next forms meanwhile, which is what makes groups large under
+//! load (an atomic batch costs the server about 1.8 ms of CPU and a file
+//! sync whatever its size; see BENCHMARKS.md). Groups cannot overlap: the
+//! server checks a batch's guards without waiting for the batch ahead of it
+//! to be applied, so a group built on the revisions of one in flight is
+//! refused (tried: with two in flight, every second group was).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -140,6 +143,16 @@ enum Learn {
     Id(String),
 }
 
+/// A group's working copy of a done block.
+struct Working {
+    block: Block,
+    /// Sequences whose published outboxes this copy leaves out.
+    dropped: Vec<u64>,
+    /// Its encoded size, kept up to date as marks are added (encoding the
+    /// block for every admitted run would cost as much as the group).
+    bytes: usize,
+}
+
 /// A state key a group writes.
 struct GroupWrite {
     /// Its final value (`None`: deleted).
@@ -158,7 +171,7 @@ struct Group {
     /// Working copies of the blocks the group touches, without the
     /// outboxes published since they were last written (those sequences
     /// listed beside them).
-    blocks: BTreeMap<String, (Block, Vec<u64>)>,
+    blocks: BTreeMap<String, Working>,
     ids: Vec<String>,
     bytes: usize,
     /// Requests whose events an earlier member of this group commits:
@@ -259,8 +272,8 @@ impl Committer {
     }
 
     /// The group's working copy of block `key`, made on first use.
-    fn working_block<'g>(&self, group: &'g mut Group, key: &str) -> &'g mut Block {
-        let (block, _) = group.blocks.entry(key.to_owned()).or_insert_with(|| {
+    fn working_block<'g>(&self, group: &'g mut Group, key: &str) -> &'g mut Working {
+        group.blocks.entry(key.to_owned()).or_insert_with(|| {
             let mut block = self
                 .blocks
                 .get(key)
@@ -275,9 +288,13 @@ impl Committer {
                 }
                 gone
             });
-            (block, dropped)
-        });
-        block
+            let bytes = block.encode().map_or(0, |e| e.len());
+            Working {
+                block,
+                dropped,
+                bytes,
+            }
+        })
     }
 
     /// Check `waiting` against what is known and add it to `group`.
@@ -306,7 +323,7 @@ impl Committer {
             if let Some(outbox) = group
                 .blocks
                 .get(&key)
-                .and_then(|(b, _)| b.outbox(event.seq))
+                .and_then(|w| w.block.outbox(event.seq))
             {
                 done_in_group = true;
                 done.push((event.seq, outbox));
@@ -351,7 +368,7 @@ impl Committer {
         for event in &request.events {
             *growth
                 .entry(request.scope.block_key(event.seq))
-                .or_default() += Block::outbox_cost(&event.outbox) + 8;
+                .or_default() += event.outbox.as_ref().map_or(0, Block::outbox_cost) + 8;
         }
         for (key, added) in &growth {
             // A block with no outboxes at all (a bitmap) is a few hundred bytes.
@@ -363,11 +380,7 @@ impl Committer {
                 self.answer(waiting, Ok(too_large));
                 return Ok(Admission::Settled);
             }
-            let current = self
-                .working_block(group, key)
-                .encode()
-                .map_or(0, |e| e.len());
-            if current + added > limit {
+            if self.working_block(group, key).bytes + added > limit {
                 return Ok(Admission::Full(waiting));
             }
         }
@@ -424,8 +437,9 @@ impl Committer {
         }
         for event in &request.events {
             let key = request.scope.block_key(event.seq);
-            self.working_block(group, &key)
-                .mark(event.seq, &event.outbox);
+            let working = self.working_block(group, &key);
+            working.block.mark(event.seq, event.outbox.as_ref());
+            working.bytes += event.outbox.as_ref().map_or(0, Block::outbox_cost) + 8;
             if let Some(id) = &event.msg_id {
                 group.ids.push(id_key(id));
             }
@@ -541,8 +555,9 @@ impl Committer {
                 },
             });
         }
-        for (key, (block, dropped)) in &group.blocks {
-            writes.push(self.block_write(key, block.clone(), dropped.clone(), &ttl));
+        for (key, working) in &group.blocks {
+            let (block, dropped) = (working.block.clone(), working.dropped.clone());
+            writes.push(self.block_write(key, block, dropped, &ttl));
         }
         for id in &group.ids {
             let mut headers = HeaderMap::new();
@@ -736,10 +751,10 @@ impl Committer {
             }
             let mut group = Group::default();
             self.working_block(&mut group, &key);
-            let Some((block, dropped)) = group.blocks.remove(&key) else {
+            let Some(working) = group.blocks.remove(&key) else {
                 continue;
             };
-            let write = self.block_write(&key, block, dropped, &ttl);
+            let write = self.block_write(&key, working.block, working.dropped, &ttl);
             match store(&self.settings.client, std::slice::from_ref(&write)).await {
                 Ok(revision) => self.learn(write.learn, revision),
                 // Another host wrote it meanwhile; read it again next time.

@@ -52,8 +52,19 @@ pub struct EventEffects {
     pub seq: u64,
     /// The producer's `Nats-Msg-Id`, when it gave one.
     pub msg_id: Option<String>,
-    /// What it emitted.
-    pub outbox: Vec<Emitted>,
+    /// What it emitted, encoded ([`blocks::encode_outbox`]); `None` when
+    /// it emitted nothing.
+    pub outbox: Option<bytes::Bytes>,
+}
+
+impl EventEffects {
+    pub fn new(seq: u64, msg_id: Option<String>, outbox: &[Emitted]) -> Self {
+        EventEffects {
+            seq,
+            msg_id,
+            outbox: (!outbox.is_empty()).then(|| blocks::encode_outbox(outbox)),
+        }
+    }
 }
 
 /// What a run read for a key it did not write first.
