@@ -32,6 +32,20 @@ def tiers() -> dict[str, int]:
     return {name: int(threshold) for name, threshold in table.items()}
 
 
+# The settings are read once per instance. An instance belongs to one
+# plugin version, whose manifest (and so config) cannot change under it;
+# Weir may reuse an instance for many events, or not, and either is fine
+# for a cache like this. Durable data goes through `state`, never here.
+_settings: tuple[int, dict[str, int]] | None = None
+
+
+def settings() -> tuple[int, dict[str, int]]:
+    global _settings
+    if _settings is None:
+        _settings = (config_int("points-per-unit", 1), tiers())
+    return _settings
+
+
 def publish(subject: str, body: dict, customer: str) -> None:
     headers = [types.Header("Customer-Id", customer)]
     emit.publish(subject, headers, json.dumps(body, separators=(",", ":")).encode())
@@ -49,7 +63,8 @@ class Handler(exports.Handler):
         if cents < 0:
             raise reject(f"order {order_id} has a negative amount")
 
-        points = earned(cents, config_int("points-per-unit", 1))
+        per_unit, table = settings()
+        points = earned(cents, per_unit)
         key = f"points.{customer}"
         stored = state.get(key)
         before = int(stored) if stored is not None else 0
@@ -61,7 +76,6 @@ class Handler(exports.Handler):
             {"customer_id": customer, "order_id": order_id, "earned": points, "total": total},
             customer,
         )
-        table = tiers()
         old_tier, new_tier = tier_of(before, table), tier_of(total, table)
         if new_tier != old_tier:
             publish("loyalty.tier", {"customer_id": customer, "tier": new_tier}, customer)
