@@ -25,6 +25,11 @@ use weir::pipeline::stats::{LatencyHistogram, PluginStats};
 use weir::runtime::Host;
 use weir_integration_tests::{dist, publish_all};
 
+// The allocator the `weir` binary ships with, so the host measured here is
+// the one users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn order(i: usize) -> String {
     // One order in ten is large enough to be flagged, so the outbox is exercised.
     let cents = if i.is_multiple_of(10) { 250_000 } else { 4_599 };
