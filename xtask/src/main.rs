@@ -6,6 +6,9 @@
 //!   plugin, `weir test` fixtures) and a short run of every pipeline
 //!   benchmark row.
 //! - `cargo xtask demo`: build, then run the order pipeline demo on `weir dev`.
+//! - `cargo xtask peer-bench [EVENTS]`: build, install the hand-written
+//!   peer consumers' dependencies, then race the loyalty and notify plugins
+//!   against them (release build).
 //! - `cargo xtask adapter PATH`: write the WASI preview1 reactor adapter
 //!   (for componentizing C guests by hand) to PATH.
 
@@ -33,6 +36,7 @@ fn main() -> anyhow::Result<()> {
         Some("build") => build(&root),
         Some("test") => test(&root, &args[1..]),
         Some("demo") => demo(&root),
+        Some("peer-bench") => peer_bench(&root, &args[1..]),
         Some("adapter") => {
             // For C and other preview1 guests built by hand (see plugins/README.md).
             let to = args
@@ -48,7 +52,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         _ => {
-            eprintln!("usage: cargo xtask <build|test|demo|adapter PATH>");
+            eprintln!("usage: cargo xtask <build|test|demo|peer-bench [EVENTS]|adapter PATH>");
             bail!("unknown or missing command")
         }
     }
@@ -285,6 +289,29 @@ fn demo(root: &Path) -> anyhow::Result<()> {
     ]))?;
     let bin = target_dir(root).join("debug/order-pipeline");
     run(command(bin).current_dir(root))
+}
+
+fn peer_bench(root: &Path, extra: &[String]) -> anyhow::Result<()> {
+    ensure_nats_server()?;
+    build(root)?;
+    let tools = toolchains::Toolchains::new(&target_dir(root));
+    let python = tools.peer_python(root)?;
+    tools.peer_node_modules(root)?;
+    run(cargo()
+        .current_dir(root)
+        .args([
+            "run",
+            "--release",
+            "--quiet",
+            "--package",
+            "weir-integration-tests",
+            "--bin",
+            "peer-bench",
+            "--",
+            "--python",
+        ])
+        .arg(python)
+        .args(extra))
 }
 
 fn nats_server_version() -> Option<String> {

@@ -82,6 +82,38 @@ impl Toolchains {
         Ok(dir.join("node_modules/.bin/componentize-js"))
     }
 
+    /// A virtualenv with the hand-written Python consumer's dependencies
+    /// (`tests/peers/requirements.txt`), apart from the build tools.
+    pub fn peer_python(&self, root: &Path) -> anyhow::Result<PathBuf> {
+        let venv = self.dir.join("peers-venv");
+        let requirements = root.join("tests/peers/requirements.txt");
+        self.install_once("peers-venv", std::slice::from_ref(&requirements), || {
+            run(command("python3")
+                .args(["-m", "venv", "--clear"])
+                .arg(&venv))?;
+            run(command(venv.join("bin/pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+                .arg(&requirements))
+        })?;
+        Ok(venv.join("bin/python"))
+    }
+
+    /// npm `nats` for the hand-written JavaScript consumer, installed beside
+    /// it in `tests/peers/node_modules` (Node resolves ES module imports from
+    /// the script's own directory, not from a path variable).
+    pub fn peer_node_modules(&self, root: &Path) -> anyhow::Result<()> {
+        let dir = root.join("tests/peers");
+        if dir.join("node_modules/nats/package.json").is_file() {
+            return Ok(());
+        }
+        run(command("npm").current_dir(&dir).args([
+            "ci",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+        ]))
+    }
+
     /// wit-bindgen's CLI, for its C generator.
     pub fn wit_bindgen(&self) -> anyhow::Result<PathBuf> {
         let root = self.dir.join("cargo");

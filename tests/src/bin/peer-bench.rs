@@ -1,0 +1,213 @@
+//! Weir plugins against the consumers a developer would write by hand, in
+//! one run against one nats-server, on the same backlog of orders:
+//!
+//! - Weir with the loyalty plugin (Python, exactly-once: points in state,
+//!   done marks, outputs) against a nats-py consumer doing the simpler
+//!   at-least-once version of the same job (`tests/peers/loyalty_consumer.py`);
+//! - Weir with the notify plugin (JavaScript) against a nats.js consumer
+//!   formatting the same emails (`tests/peers/notify_consumer.mjs`).
+//!
+//! ```sh
+//! cargo xtask peer-bench [EVENTS]
+//! ```
+//!
+//! (xtask installs nats-py and npm `nats` and passes `--python` and `--node`.)
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark fails by panicking
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use weir::config::HostConfig;
+use weir::runtime::Host;
+use weir_integration_tests::{dist, workspace};
+
+// The allocator the `weir` binary ships with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// One loyalty counter per customer: the state a keyed plugin keeps.
+const CUSTOMERS: usize = 1_000;
+
+struct Args {
+    events: usize,
+    python: PathBuf,
+    node: PathBuf,
+}
+
+fn args() -> Args {
+    let mut args = Args {
+        events: 20_000,
+        python: "python3".into(),
+        node: "node".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--python" => args.python = it.next().unwrap().into(),
+            "--node" => args.node = it.next().unwrap().into(),
+            n => {
+                args.events = n
+                    .parse()
+                    .expect("usage: peer-bench [EVENTS] [--python P] [--node N]")
+            }
+        }
+    }
+    args
+}
+
+#[tokio::main]
+async fn main() {
+    let args = args();
+    let n = args.events;
+    if std::env::var_os("WEIR_LOG").is_some() {
+        let _ = weir::telemetry::subscriber::init("warn", false, None);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        weir::dev::NatsServer::start(&dir.path().join("nats"), weir::dev::free_port().unwrap())
+            .unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client);
+    for (name, subjects) in [
+        ("ORDERS", vec!["orders.>"]),
+        ("OUT", vec!["loyalty.>", "notifications.>", "peer.>"]),
+    ] {
+        js.create_stream(jetstream::stream::Config {
+            name: name.into(),
+            subjects: subjects.into_iter().map(String::from).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    publish_orders(&js, n).await;
+    println!(
+        "peer-bench: a backlog of {n} orders, nats-server {}",
+        server.url()
+    );
+
+    let weir_loyalty = weir_drain(dir.path(), &server.url(), "loyalty", n).await;
+    let python = peer(
+        &args.python,
+        &workspace().join("tests/peers/loyalty_consumer.py"),
+        &server.url(),
+        n,
+        "peer.loyalty.awarded",
+    );
+    let weir_notify = weir_drain(dir.path(), &server.url(), "notify", n).await;
+    let node = peer(
+        &args.node,
+        &workspace().join("tests/peers/notify_consumer.mjs"),
+        &server.url(),
+        n,
+        "peer.notifications.email",
+    );
+
+    println!();
+    for (label, rate) in [
+        ("weir + loyalty (Python plugin, exactly-once)", weir_loyalty),
+        ("nats-py consumer, same job, at-least-once", python),
+        (
+            "weir + notify (JavaScript plugin, exactly-once)",
+            weir_notify,
+        ),
+        ("nats.js consumer, same job, at-least-once", node),
+    ] {
+        println!("  {label:<50} {rate:>9.0} events/s");
+    }
+    println!(
+        "\n  weir + loyalty / nats-py: {:.2}x    weir + notify / nats.js: {:.2}x",
+        weir_loyalty / python,
+        weir_notify / node
+    );
+}
+
+/// Orders over `CUSTOMERS` customers, with the Customer-Id header the
+/// loyalty plugin keys by.
+async fn publish_orders(js: &jetstream::Context, n: usize) {
+    let mut acks = Vec::with_capacity(1000);
+    for i in 0..n {
+        let customer = format!("c{}", i % CUSTOMERS);
+        let order = serde_json::json!({
+            "order_id": format!("o{i}"), "customer_id": customer,
+            "amount_cents": 1_000 + (i % 50) * 700, "country": "NL",
+            "items": [{"sku": "mug", "qty": 1}],
+        });
+        let mut headers = HeaderMap::new();
+        headers.insert("Customer-Id", customer.as_str());
+        let payload = serde_json::to_vec(&order).unwrap().into();
+        acks.push(
+            js.publish_with_headers("orders.placed", headers, payload)
+                .await
+                .unwrap(),
+        );
+        if acks.len() == 1000 {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+}
+
+/// Serve `plugin` (its shipped manifest, on the whole backlog) in a host
+/// and wait until it processed `n` events; events/s from the host's start.
+async fn weir_drain(dir: &Path, url: &str, plugin: &str, n: usize) -> f64 {
+    let plugins = dir.join(format!("plugins-{plugin}"));
+    std::fs::create_dir_all(&plugins).unwrap();
+    let wasm = dist(&format!("plugins/{plugin}.wasm"));
+    std::fs::copy(&wasm, plugins.join(format!("{plugin}.wasm"))).unwrap();
+    std::fs::copy(
+        wasm.with_extension("toml"),
+        plugins.join(format!("{plugin}.toml")),
+    )
+    .unwrap();
+    let mut config = HostConfig::parse("", dir).unwrap();
+    config.nats.url = Some(url.to_owned());
+    config.plugins.dir = plugins;
+    config.admin.listen = "127.0.0.1:0".into();
+    let started = Instant::now();
+    let host = Host::start(config).await.unwrap();
+    let stats = host.stats(plugin).await.unwrap();
+    while stats.snapshot().processed < n as u64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "{plugin} did not drain the backlog"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    println!("  weir + {plugin}: {rate:.0} events/s");
+    host.shutdown().await;
+    rate
+}
+
+/// Run a hand-written consumer to the end; events/s as it reports them.
+fn peer(program: &Path, script: &Path, url: &str, n: usize, output: &str) -> f64 {
+    let out = Command::new(program)
+        .arg(script)
+        .args([url, "ORDERS", "orders.placed", &n.to_string(), output])
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{} printed no report ({e}): {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    assert_eq!(report["events"].as_u64(), Some(n as u64));
+    n as f64 / report["seconds"].as_f64().unwrap()
+}
