@@ -23,7 +23,8 @@ impl Header {
 /// An event as handed to a plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
-    /// `Nats-Msg-Id` when present, else `<stream>:<sequence>`.
+    /// `Nats-Msg-Id` when present, else `<stream>:<created>:<sequence>`
+    /// (`<stream>:<sequence>` in broker-free tests, which have no stream).
     pub id: String,
     pub subject: String,
     pub headers: Vec<Header>,
