@@ -33,6 +33,11 @@ pub fn build() -> anyhow::Result<Engine> {
         .async_stack_size(2 << 20)
         .cranelift_opt_level(OptLevel::Speed)
         .memory_init_cow(true);
+    if std::env::var_os("WEIR_PERF_MAP").is_some_and(|v| v == "1") {
+        // Names guest functions in `perf` profiles (/tmp/perf-<pid>.map),
+        // so time inside a plugin is attributed to its functions.
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     let engine = Engine::new(&config)?;
     start_epoch_clock(&engine)?;
     Ok(engine)

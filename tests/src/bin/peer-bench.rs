@@ -183,9 +183,25 @@ async fn weir_drain(dir: &Path, url: &str, plugin: &str, n: usize) -> f64 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
-    println!("  weir + {plugin}: {rate:.0} events/s");
+    println!(
+        "  weir + {plugin}: {rate:.0} events/s, mean plugin call {:.1} µs",
+        mean_call_us(&host.metrics().encode())
+    );
     host.shutdown().await;
     rate
+}
+
+/// The mean time of a sandbox call, from the host's handler-duration
+/// histogram: how much of an event's cost is the guest itself.
+fn mean_call_us(metrics: &str) -> f64 {
+    let total = |suffix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("weir_handler_duration_seconds_{suffix}")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    total("sum") / total("count").max(1.0) * 1e6
 }
 
 /// Run a hand-written consumer to the end; events/s as it reports them.
