@@ -34,6 +34,8 @@ pub struct HostConfig {
     pub admin: AdminConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub control: ControlConfig,
 }
 
 /// How to reach NATS.
@@ -220,22 +222,44 @@ impl AdminConfig {
 
     /// The bearer token, if one is configured.
     pub fn bearer_token(&self) -> anyhow::Result<Option<String>> {
-        match (&self.token, &self.token_file) {
-            (Some(token), _) => Ok(Some(token.clone())),
-            (None, Some(path)) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    anyhow::anyhow!("reading `admin.token-file` {}: {e}", path.display())
-                })?;
-                let token = text.trim_end().to_owned();
-                anyhow::ensure!(
-                    !token.is_empty(),
-                    "`admin.token-file` {} is empty",
-                    path.display()
-                );
-                Ok(Some(token))
-            }
-            (None, None) => Ok(None),
+        crate::secret::read_token(self.token.as_deref(), self.token_file.as_deref(), "admin")
+    }
+}
+
+/// Control requests over NATS (`weir plugins list/remove`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ControlConfig {
+    /// Hosts listen on `<subject-prefix>.plugins`. Deployments that share
+    /// a NATS account need prefixes of their own, or they control each
+    /// other's hosts.
+    pub subject_prefix: String,
+    /// The secret a request must carry to change anything (remove a
+    /// plugin). Without one, hosts refuse every such request.
+    pub token: Option<String>,
+    /// The token read from a file (trailing whitespace ignored).
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            subject_prefix: "weir.control".into(),
+            token: None,
+            token_file: None,
         }
+    }
+}
+
+impl ControlConfig {
+    /// The subject hosts answer plugin requests on.
+    pub fn subject(&self) -> String {
+        format!("{}.plugins", self.subject_prefix)
+    }
+
+    /// The control token, if one is configured.
+    pub fn token(&self) -> anyhow::Result<Option<String>> {
+        crate::secret::read_token(self.token.as_deref(), self.token_file.as_deref(), "control")
     }
 }
 
@@ -340,6 +364,7 @@ impl HostConfig {
             &mut self.nats.tls.key_file,
             &mut self.runtime.cache_dir,
             &mut self.admin.token_file,
+            &mut self.control.token_file,
         ]
         .into_iter()
         .flatten()
@@ -390,6 +415,15 @@ impl HostConfig {
         if self.admin.token.is_some() && self.admin.token_file.is_some() {
             return Err("`admin`: give only one of token, token-file".into());
         }
+        if self.control.token.is_some() && self.control.token_file.is_some() {
+            return Err("`control`: give only one of token, token-file".into());
+        }
+        names::validate_publish_subject(&self.control.subject_prefix).map_err(|why| {
+            format!(
+                "`control.subject-prefix` {:?} {why}",
+                self.control.subject_prefix
+            )
+        })?;
         if self.telemetry.lag_poll_ms < 100 {
             return Err("`telemetry.lag-poll-ms` must be at least 100".into());
         }
@@ -585,23 +619,50 @@ mod tests {
     }
 
     #[test]
-    fn admin_token_file_must_exist_and_hold_a_token() {
+    fn admin_token_file_errors_name_the_admin_key() {
         let dir = tempfile::tempdir().unwrap();
-        let config = |file: &str| AdminConfig {
-            token_file: Some(dir.path().join(file)),
+        let config = AdminConfig {
+            token_file: Some(dir.path().join("missing")),
             ..AdminConfig::default()
         };
-        let missing = config("missing").bearer_token().unwrap_err().to_string();
+        let missing = config.bearer_token().unwrap_err().to_string();
         assert!(missing.contains("admin.token-file"), "{missing}");
-        std::fs::write(dir.path().join("empty"), "\n").unwrap();
-        let empty = config("empty").bearer_token().unwrap_err().to_string();
-        assert!(empty.contains("is empty"), "{empty}");
-        std::fs::write(dir.path().join("token"), "s3cret\n").unwrap();
-        assert_eq!(
-            config("token").bearer_token().unwrap().as_deref(),
-            Some("s3cret")
-        );
         assert_eq!(AdminConfig::default().bearer_token().unwrap(), None);
+    }
+
+    #[test]
+    fn control_subject_and_token() {
+        let c = HostConfig::parse(
+            "[control]\nsubject-prefix = \"acme.weir\"\ntoken-file = \"secrets/control\"\n",
+            Path::new("/srv/weir"),
+        )
+        .unwrap();
+        assert_eq!(c.control.subject(), "acme.weir.plugins");
+        assert_eq!(
+            c.control.token_file,
+            Some(PathBuf::from("/srv/weir/secrets/control"))
+        );
+        assert_eq!(
+            HostConfig::default().control.subject(),
+            "weir.control.plugins"
+        );
+        for (text, needle) in [
+            (
+                "[control]\ntoken = \"a\"\ntoken-file = \"b\"\n",
+                "only one of token",
+            ),
+            (
+                "[control]\nsubject-prefix = \"weir.>\"\n",
+                "control.subject-prefix",
+            ),
+            (
+                "[control]\nsubject-prefix = \"\"\n",
+                "control.subject-prefix",
+            ),
+        ] {
+            let err = HostConfig::parse(text, Path::new(".")).unwrap_err();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
     }
 
     #[test]

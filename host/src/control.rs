@@ -1,15 +1,22 @@
 //! Controlling running hosts over NATS: `weir plugins list` and `weir
-//! plugins remove` send a request on [`SUBJECT`]; every host answers for
-//! itself, so one command sees a whole fleet.
+//! plugins remove` send a request on `<control.subject-prefix>.plugins`;
+//! every host answers for itself, so one command sees a whole fleet.
+//!
+//! Who may do what: a request carries a token in an `Authorization:
+//! Bearer` header. Removing a plugin needs the host's control token, and a
+//! host with none configured refuses every removal. Listing shows what
+//! `/plugins` shows, so it needs what `/plugins` needs: nothing when the
+//! host has no admin token, else the admin or the control token. NATS
+//! permissions on the subject are the first line (see the README); the
+//! token keeps a client that may publish there from changing the fleet.
 
+use async_nats::HeaderMap;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 use crate::runtime::{HostHandle, PluginInfo};
-
-/// Where hosts listen for control requests.
-pub const SUBJECT: &str = "weir.control.plugins";
+use crate::secret;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -42,8 +49,55 @@ pub fn host_id() -> String {
     format!("{hostname}:{}", std::process::id())
 }
 
-pub(crate) async fn spawn_responder(host: HostHandle) -> anyhow::Result<JoinHandle<()>> {
-    let mut requests = host.client().subscribe(SUBJECT).await?;
+/// The tokens a host checks control requests against.
+#[derive(Debug, Clone, Default)]
+pub struct Authority {
+    /// Allows everything.
+    pub control: Option<String>,
+    /// Allows listing, as it allows `/plugins`.
+    pub admin: Option<String>,
+}
+
+impl Authority {
+    /// Whether a request presenting `token` may do `request`; the reason
+    /// when it may not.
+    pub fn check(&self, request: &Request, token: Option<&str>) -> Result<(), String> {
+        let is = |expected: &Option<String>| matches!((token, expected), (Some(t), Some(e)) if secret::matches(t, e));
+        match request {
+            Request::List if self.admin.is_none() || is(&self.control) || is(&self.admin) => Ok(()),
+            Request::List => Err("not authorised: listing needs the admin or the control token".into()),
+            Request::Remove { .. } if self.control.is_none() => Err(
+                "this host accepts no changes over NATS: configure `control.token` (or `control.token-file`) to allow them"
+                    .into(),
+            ),
+            Request::Remove { .. } if is(&self.control) => Ok(()),
+            Request::Remove { .. } => Err("not authorised: removing a plugin needs the control token".into()),
+        }
+    }
+}
+
+/// The token an `Authorization: Bearer` header of a request carries.
+fn presented(headers: Option<&HeaderMap>) -> Option<&str> {
+    headers?
+        .get("Authorization")
+        .and_then(|v| secret::bearer_credentials(v.as_str()))
+}
+
+fn refused(host: &str, why: String) -> Response {
+    Response {
+        host: host.to_owned(),
+        plugins: Vec::new(),
+        removed_from_stream: None,
+        error: Some(why),
+    }
+}
+
+pub(crate) async fn spawn_responder(
+    host: HostHandle,
+    subject: String,
+    authority: Authority,
+) -> anyhow::Result<JoinHandle<()>> {
+    let mut requests = host.client().subscribe(subject).await?;
     let shutdown = host.shutdown_token();
     let id = host_id();
     Ok(tokio::spawn(async move {
@@ -53,14 +107,23 @@ pub(crate) async fn spawn_responder(host: HostHandle) -> anyhow::Result<JoinHand
                 m = requests.next() => match m { Some(m) => m, None => break },
             };
             let Some(reply) = message.reply else { continue };
-            let response = match serde_json::from_slice::<Request>(&message.payload) {
-                Ok(Request::List) => Response {
+            let request = serde_json::from_slice::<Request>(&message.payload);
+            let allowed = match &request {
+                Ok(request) => authority.check(request, presented(message.headers.as_ref())),
+                Err(_) => Ok(()),
+            };
+            let response = match (request, allowed) {
+                (Ok(request), Err(why)) => {
+                    tracing::warn!(?request, "control request refused: {why}");
+                    refused(&id, why)
+                }
+                (Ok(Request::List), Ok(())) => Response {
                     host: id.clone(),
                     plugins: host.plugins().await,
                     removed_from_stream: None,
                     error: None,
                 },
-                Ok(Request::Remove { name }) => match host.remove(&name).await {
+                (Ok(Request::Remove { name }), Ok(())) => match host.remove(&name).await {
                     Ok(removed) => {
                         if removed.is_some() {
                             tracing::info!(plugin = %name, "plugin removed by request; its consumer is kept");
@@ -72,19 +135,9 @@ pub(crate) async fn spawn_responder(host: HostHandle) -> anyhow::Result<JoinHand
                             error: None,
                         }
                     }
-                    Err(e) => Response {
-                        host: id.clone(),
-                        plugins: Vec::new(),
-                        removed_from_stream: None,
-                        error: Some(format!("{e:#}")),
-                    },
+                    Err(e) => refused(&id, format!("{e:#}")),
                 },
-                Err(e) => Response {
-                    host: id.clone(),
-                    plugins: Vec::new(),
-                    removed_from_stream: None,
-                    error: Some(format!("bad request: {e}")),
-                },
+                (Err(e), _) => refused(&id, format!("bad request: {e}")),
             };
             match serde_json::to_vec(&response) {
                 Ok(body) => {
@@ -98,16 +151,28 @@ pub(crate) async fn spawn_responder(host: HostHandle) -> anyhow::Result<JoinHand
     }))
 }
 
-/// Ask every host, collecting answers for `wait`.
+/// Ask every host listening on `subject`, presenting `token`, collecting
+/// answers for `wait`.
 pub async fn ask(
     client: &async_nats::Client,
+    subject: &str,
     request: &Request,
+    token: Option<&str>,
     wait: std::time::Duration,
 ) -> anyhow::Result<Vec<Response>> {
     let inbox = client.new_inbox();
     let mut answers = client.subscribe(inbox.clone()).await?;
+    let mut headers = HeaderMap::new();
+    if let Some(token) = token {
+        headers.insert("Authorization", format!("Bearer {token}").as_str());
+    }
     client
-        .publish_with_reply(SUBJECT, inbox, serde_json::to_vec(request)?.into())
+        .publish_with_reply_and_headers(
+            subject.to_owned(),
+            inbox,
+            headers,
+            serde_json::to_vec(request)?.into(),
+        )
         .await?;
     client.flush().await?;
     let mut out = Vec::new();
@@ -125,4 +190,51 @@ pub async fn ask(
     }
     out.sort_by(|a: &Response, b: &Response| a.host.cmp(&b.host));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Authority, Request};
+
+    fn remove() -> Request {
+        Request::Remove { name: "p".into() }
+    }
+
+    #[test]
+    fn without_a_control_token_nothing_can_be_removed() {
+        let open = Authority::default();
+        assert!(open.check(&Request::List, None).is_ok());
+        let why = open.check(&remove(), Some("anything")).unwrap_err();
+        assert!(why.contains("control.token"), "{why}");
+    }
+
+    #[test]
+    fn removing_needs_the_control_token() {
+        let host = Authority {
+            control: Some("c0ntrol".into()),
+            admin: Some("adm1n".into()),
+        };
+        assert!(host.check(&remove(), Some("c0ntrol")).is_ok());
+        assert!(host.check(&remove(), Some("adm1n")).is_err());
+        assert!(host.check(&remove(), Some("c0ntro")).is_err());
+        assert!(host.check(&remove(), None).is_err());
+    }
+
+    #[test]
+    fn listing_needs_what_plugins_endpoint_needs() {
+        let guarded = Authority {
+            control: Some("c0ntrol".into()),
+            admin: Some("adm1n".into()),
+        };
+        assert!(guarded.check(&Request::List, None).is_err());
+        assert!(guarded.check(&Request::List, Some("wrong")).is_err());
+        assert!(guarded.check(&Request::List, Some("adm1n")).is_ok());
+        assert!(guarded.check(&Request::List, Some("c0ntrol")).is_ok());
+        // No admin token: /plugins is open, and so is listing.
+        let open_admin = Authority {
+            control: Some("c0ntrol".into()),
+            admin: None,
+        };
+        assert!(open_admin.check(&Request::List, None).is_ok());
+    }
 }

@@ -23,6 +23,7 @@ pub mod plugin;
 pub mod runtime;
 pub mod sandbox;
 pub mod scan;
+pub mod secret;
 pub mod source;
 pub mod state;
 pub mod store;

@@ -152,6 +152,12 @@ impl Host {
         };
         let sandbox = Arc::new(Sandbox::new(sandbox_config)?);
         let scanner = Scanner::new(config.plugins.dir.clone(), config.plugins.max_wasm_mb << 20);
+        // Read before any plugin starts, so a missing token file stops
+        // start-up instead of leaving a host that cannot be controlled.
+        let authority = crate::control::Authority {
+            control: config.control.token()?,
+            admin: config.admin.bearer_token()?,
+        };
         let inner = Arc::new(Inner {
             config,
             client,
@@ -163,7 +169,14 @@ impl Host {
             metrics: Arc::new(Metrics::new()),
         });
         inner.reconcile().await?;
-        let mut background = vec![crate::control::spawn_responder(inner.handle()).await?];
+        let mut background = vec![
+            crate::control::spawn_responder(
+                inner.handle(),
+                inner.config.control.subject(),
+                authority,
+            )
+            .await?,
+        ];
         if inner.config.admin.enabled {
             background.push(crate::admin::spawn(&inner.config.admin, inner.handle()).await?);
         }

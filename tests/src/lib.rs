@@ -99,6 +99,16 @@ impl TestEnv {
         self.dir.path().join("plugins")
     }
 
+    /// Add `toml` (whole tables) to the host's config, for hosts started
+    /// from now on.
+    pub fn append_config(&self, toml: &str) {
+        let path = self.config_path();
+        let mut config = std::fs::read_to_string(&path).unwrap();
+        config.push('\n');
+        config.push_str(toml);
+        std::fs::write(path, config).unwrap();
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("weir.toml")
     }

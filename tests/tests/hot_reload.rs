@@ -234,9 +234,27 @@ async fn plugin_removed_and_readded_resumes_without_reprocessing() {
     assert_eq!(distinct.len(), 200, "nothing reprocessed");
 }
 
+/// `weir` with `args` and `--config config`: (success, stdout, stderr).
+fn weir(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(weir_binary())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env_remove("WEIR_CONTROL_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_lists_and_removes_plugins_of_a_running_host() {
     let mut env = TestEnv::new(STREAMS);
+    std::fs::write(env.dir.path().join("control-token"), "c0ntrol\n").unwrap();
+    env.append_config("[control]\ntoken-file = \"control-token\"\n");
     env.deploy("test-guests/hostile", "listed", Some("v7"), |m| m);
     env.start_host();
     let js = env.jetstream().await;
@@ -246,32 +264,24 @@ async fn cli_lists_and_removes_plugins_of_a_running_host() {
     })
     .await;
 
-    let weir = |args: &[&str]| {
-        let out = Command::new(weir_binary())
-            .args(args)
-            .arg("--config")
-            .arg(env.config_path())
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let (ok, stdout, stderr) = weir(&["plugins", "list"]);
+    // The operator's config names the same control token file.
+    let config = env.config_path();
+    let (ok, stdout, stderr) = weir(&config, &["plugins", "list"]);
     assert!(ok, "{stderr}");
     assert!(
         stdout.contains("listed") && stdout.contains(&tagged_version("v7")),
         "{stdout}"
     );
     assert!(stdout.contains("hostile.in"), "{stdout}");
-    let (ok, stdout, stderr) = weir(&["plugins", "list", "--json"]);
+    let (ok, stdout, stderr) = weir(&config, &["plugins", "list", "--json"]);
     assert!(ok, "{stderr}");
     let answer: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
     assert_eq!(answer["plugins"][0]["processed"], 5);
 
-    let (ok, stdout, stderr) = weir(&["plugins", "remove", "listed", "--delete-consumer"]);
+    let (ok, stdout, stderr) = weir(
+        &config,
+        &["plugins", "remove", "listed", "--delete-consumer"],
+    );
     assert!(ok, "{stderr}");
     assert!(
         stdout.contains("removed listed") && stdout.contains("deleted consumer weir-listed"),
@@ -283,9 +293,107 @@ async fn cli_lists_and_removes_plugins_of_a_running_host() {
         stream.consumer_info("weir-listed").await.is_err(),
         "consumer deleted"
     );
-    let (ok, _, stderr) = weir(&["plugins", "remove", "listed"]);
+    let (ok, _, stderr) = weir(&config, &["plugins", "remove", "listed"]);
     assert!(
         !ok && stderr.contains("no running host serves a plugin named listed"),
         "{stderr}"
     );
+}
+
+/// Control requests over NATS change nothing without the control token,
+/// list no more than `/plugins` would, and reach only the hosts of their
+/// own deployment's subject prefix.
+#[tokio::test(flavor = "multi_thread")]
+async fn control_requests_need_the_token_and_reach_only_their_deployment() {
+    let mut env = TestEnv::with_config(STREAMS, "token = \"adm1n\"", "");
+    env.append_config("[control]\nsubject-prefix = \"acme.weir\"\ntoken = \"c0ntrol\"\n");
+    env.deploy("test-guests/hostile", "guarded", None, |m| m);
+    env.start_host();
+    let wasm = env.plugins_dir().join("guarded.wasm");
+
+    // An operator who can reach NATS but holds no token.
+    let bare = env.dir.path().join("bare.toml");
+    std::fs::write(
+        &bare,
+        format!(
+            "[nats]\nurl = \"{}\"\n[control]\nsubject-prefix = \"acme.weir\"\n",
+            env.server.url()
+        ),
+    )
+    .unwrap();
+    let (ok, _, stderr) = weir(&bare, &["plugins", "remove", "guarded"]);
+    assert!(
+        !ok && stderr.contains("needs the control token"),
+        "{stderr}"
+    );
+    assert!(wasm.exists(), "a refused removal deleted nothing");
+    let (ok, stdout, stderr) = weir(&bare, &["plugins", "list"]);
+    assert!(!ok && stderr.contains("not authorised"), "{stderr}");
+    assert!(!stdout.contains("guarded"), "{stdout}");
+
+    // The admin token may list (as on /plugins) but not remove.
+    let admin_token = env.dir.path().join("admin-token");
+    std::fs::write(&admin_token, "adm1n").unwrap();
+    let admin_token = admin_token.to_str().unwrap();
+    let (ok, stdout, stderr) = weir(&bare, &["plugins", "list", "--token-file", admin_token]);
+    assert!(ok && stdout.contains("guarded"), "{stdout}{stderr}");
+    let (ok, _, stderr) = weir(
+        &bare,
+        &["plugins", "remove", "guarded", "--token-file", admin_token],
+    );
+    assert!(
+        !ok && stderr.contains("needs the control token"),
+        "{stderr}"
+    );
+    assert!(wasm.exists());
+
+    // A raw request with no token, as any client could send it.
+    let client = async_nats::connect(env.server.url()).await.unwrap();
+    let reply = client
+        .request(
+            "acme.weir.plugins",
+            r#"{"op":"remove","name":"guarded"}"#.into(),
+        )
+        .await
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(
+        answer["error"].as_str().unwrap().contains("not authorised"),
+        "{answer}"
+    );
+    assert!(wasm.exists());
+
+    // Another deployment's prefix (here the default) reaches no host.
+    let other = env.dir.path().join("other.toml");
+    std::fs::write(
+        &other,
+        format!(
+            "[nats]\nurl = \"{}\"\n[control]\ntoken = \"c0ntrol\"\n",
+            env.server.url()
+        ),
+    )
+    .unwrap();
+    let (ok, _, stderr) = weir(&other, &["plugins", "remove", "guarded"]);
+    assert!(!ok && stderr.contains("no running host serves"), "{stderr}");
+    assert!(wasm.exists());
+
+    // The control token, from the environment, removes it.
+    let out = Command::new(weir_binary())
+        .args(["plugins", "remove", "guarded", "--config"])
+        .arg(&bare)
+        .env("WEIR_CONTROL_TOKEN", "c0ntrol")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!wasm.exists(), "removed with the control token");
+    let refusals = env
+        .host(0)
+        .log_text()
+        .matches("control request refused")
+        .count();
+    assert!(refusals >= 4, "refusals are logged: {refusals}");
 }

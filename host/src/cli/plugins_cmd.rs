@@ -16,6 +16,12 @@ pub struct PluginsArgs {
     /// How long to collect answers from hosts.
     #[arg(long, global = true, default_value = "1000")]
     wait_ms: u64,
+    /// A file holding the control token to present (default:
+    /// $WEIR_CONTROL_TOKEN, else the config's `control.token` or
+    /// `control.token-file`). Removing needs it; listing needs it (or the
+    /// admin token) when the hosts have an admin token.
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: PluginsCommand,
 }
@@ -43,17 +49,30 @@ enum PluginsCommand {
 pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
     let config = super::run_cmd::load_config(&args.config, &None)?;
     let wait = Duration::from_millis(args.wait_ms);
+    let subject = config.control.subject();
+    let token = match (&args.token_file, std::env::var("WEIR_CONTROL_TOKEN")) {
+        (Some(file), _) => crate::secret::read_token(None, Some(file), "--token-file")?,
+        (None, Ok(token)) if !token.is_empty() => Some(token),
+        _ => config.control.token()?,
+    };
+
     super::runtime()?.block_on(async {
         let client = crate::nats::connect(&config).await?;
         match args.command {
             PluginsCommand::List { json } => {
-                let answers = control::ask(&client, &Request::List, wait).await?;
+                let answers =
+                    control::ask(&client, &subject, &Request::List, token.as_deref(), wait).await?;
                 if answers.is_empty() {
                     anyhow::bail!("no running weir host answered on {}", config.nats_url());
                 }
+                let refused = answers.iter().filter(|a| a.error.is_some()).count();
                 for answer in &answers {
                     if json {
                         println!("{}", serde_json::to_string(answer)?);
+                        continue;
+                    }
+                    if let Some(error) = &answer.error {
+                        eprintln!("host {}: {error}", answer.host);
                         continue;
                     }
                     println!("host {}", answer.host);
@@ -87,14 +106,24 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                         }
                     }
                 }
-                Ok(ExitCode::SUCCESS)
+                Ok(if refused == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
             }
             PluginsCommand::Remove {
                 name,
                 delete_consumer,
             } => {
-                let answers =
-                    control::ask(&client, &Request::Remove { name: name.clone() }, wait).await?;
+                let answers = control::ask(
+                    &client,
+                    &subject,
+                    &Request::Remove { name: name.clone() },
+                    token.as_deref(),
+                    wait,
+                )
+                .await?;
                 let mut stream = None;
                 for answer in &answers {
                     match (&answer.error, &answer.removed_from_stream) {
@@ -107,6 +136,9 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                     }
                 }
                 let Some(stream) = stream else {
+                    if let Some(refusal) = answers.iter().find_map(|a| a.error.as_ref()) {
+                        anyhow::bail!("{name} was not removed: {refusal}");
+                    }
                     anyhow::bail!("no running host serves a plugin named {name}");
                 };
                 if delete_consumer {
