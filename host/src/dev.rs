@@ -21,6 +21,8 @@ pub struct NatsServer {
     port: u16,
     store: PathBuf,
     log: PathBuf,
+    /// A config file with settings beyond the command line's.
+    conf: Option<PathBuf>,
 }
 
 /// A TCP port nobody listens on right now.
@@ -31,12 +33,28 @@ pub fn free_port() -> anyhow::Result<u16> {
 impl NatsServer {
     /// Start nats-server on `127.0.0.1:port` with JetStream storing in `store`.
     pub fn start(store: &Path, port: u16) -> anyhow::Result<Self> {
+        Self::start_with_conf(store, port, "")
+    }
+
+    /// Like [`Self::start`], with `conf` (nats-server configuration: an
+    /// `authorization` or `tls` block, say) in a config file beside the
+    /// store.
+    pub fn start_with_conf(store: &Path, port: u16, conf: &str) -> anyhow::Result<Self> {
         std::fs::create_dir_all(store).with_context(|| format!("creating {}", store.display()))?;
+        let conf_file = (!conf.is_empty())
+            .then(|| -> anyhow::Result<PathBuf> {
+                let path = store.join("nats-server.conf");
+                std::fs::write(&path, conf)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                Ok(path)
+            })
+            .transpose()?;
         let mut server = NatsServer {
             child: None,
             port,
             store: store.to_owned(),
             log: store.join("nats-server.log"),
+            conf: conf_file,
         };
         server.spawn()?;
         Ok(server)
@@ -58,6 +76,11 @@ impl NatsServer {
                 "--store_dir",
             ])
             .arg(&self.store)
+            .args(
+                self.conf
+                    .iter()
+                    .flat_map(|c| [std::ffi::OsStr::new("--config"), c.as_os_str()]),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn();

@@ -63,8 +63,28 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Report an error the way every command does.
 fn fail(command: &str, e: anyhow::Error) -> ExitCode {
-    eprintln!("weir {command}: {e:#}");
+    eprintln!("weir {command}: {}", describe(&e));
     ExitCode::FAILURE
+}
+
+/// An error and its causes on one line, like `{:#}`, but without causes
+/// whose text the error before them already included (many library errors
+/// print their source in their own message, which `{:#}` then repeats).
+pub(crate) fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut previous = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if previous.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+        previous = text;
+    }
+    out
 }
 
 pub fn main() -> ExitCode {
@@ -80,5 +100,35 @@ pub fn main() -> ExitCode {
             init_logs("warn", cli.log_format);
             test_cmd::run(args)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug)]
+    struct Wrapping(std::io::Error);
+
+    impl std::fmt::Display for Wrapping {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "IO error: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Wrapping {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn causes_already_in_their_parents_text_are_not_repeated() {
+        let io = std::io::Error::other("connection refused");
+        let e = anyhow::Error::new(Wrapping(io)).context("connecting to NATS at nats://x:1");
+        assert_eq!(
+            super::describe(&e),
+            "connecting to NATS at nats://x:1: IO error: connection refused"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(super::describe(&plain), "outer: inner");
     }
 }

@@ -35,7 +35,7 @@ pub fn run(args: TestArgs) -> ExitCode {
         Ok(0) => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(EXIT_MISMATCH),
         Err(e) => {
-            eprintln!("weir test: {e:#}");
+            eprintln!("weir test: {}", super::describe(&e));
             ExitCode::from(EXIT_ERROR)
         }
     }
