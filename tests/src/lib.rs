@@ -184,6 +184,25 @@ impl TestEnv {
     pub async fn jetstream(&self) -> jetstream::Context {
         jetstream::new(self.client().await)
     }
+
+    /// A counter of `plugin` as host `i` reports it on `/plugins`
+    /// (`processed`, `skipped_duplicates`, ...), counted since that host
+    /// started: unlike outputs, which JetStream deduplicates, these show an
+    /// event handled twice.
+    pub fn plugin_counter(&mut self, i: usize, plugin: &str, counter: &str) -> u64 {
+        let admin = self.host(i).admin_addr();
+        let (status, body) = weir::admin::http_get(&admin, "/plugins", None).unwrap();
+        assert_eq!(status, 200, "{body}");
+        let plugins: serde_json::Value = serde_json::from_str(&body).unwrap();
+        plugins
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == plugin)
+            .unwrap_or_else(|| panic!("{plugin} is not on /plugins: {body}"))[counter]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {counter} for {plugin}: {body}"))
+    }
 }
 
 /// A wasm custom section (id 0): LEB128 size, LEB128 name length, name, data.

@@ -165,10 +165,12 @@ async fn two_hosts_one_killed_repeatedly_yield_each_effect_once() {
     let kills = kill_repeatedly(&mut env, 1, &[1_500, 4_500, 7_500, 10_500, 13_500, 16_500]).await;
     assert!(kills >= 5, "only {kills} kills landed mid-stream");
     assert_exactly_once(&mut env).await;
-    let log = env.host(0).log_text();
+    // The surviving host took part but did not do everything: the work was
+    // shared, and what the killed host committed was not run again here.
+    let survivor = env.plugin_counter(0, "hostile", "processed");
     assert!(
-        log.contains("weir is running"),
-        "the surviving host served throughout"
+        survivor > 0 && survivor < EVENTS as u64,
+        "the surviving host processed {survivor} of {EVENTS}"
     );
 }
 
