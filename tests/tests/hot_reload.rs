@@ -413,3 +413,42 @@ async fn control_requests_need_the_token_and_reach_only_their_deployment() {
         .count();
     assert!(refusals >= 4, "refusals are logged: {refusals}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_version_that_changes_the_subjects_keeps_the_consumers_position() {
+    let mut env = TestEnv::new(STREAMS);
+    env.deploy("test-guests/hostile", "widening", None, |m| m);
+    env.start_host();
+    let js = env.jetstream().await;
+    publish_all(&js, "hostile.in", &vec!["echo".to_owned(); 50], None).await;
+    wait_until(WAIT, "the first 50", || async {
+        count(&js, "HOSTILE", "hostile.out").await == 50
+    })
+    .await;
+
+    // The consumer's shape changes (a second subject): the pipeline is
+    // rebuilt and the durable consumer updated in place.
+    env.deploy("test-guests/hostile", "widening", None, |m| {
+        m.replace(
+            "subjects = [\"hostile.in\"]",
+            "subjects = [\"hostile.in\", \"hostile.extra\"]",
+        )
+    });
+    env.host(0).wait_for_log("plugin updated", 1);
+    publish_all(&js, "hostile.extra", &vec!["echo".to_owned(); 20], None).await;
+    publish_all(&js, "hostile.in", &vec!["echo".to_owned(); 30], None).await;
+    wait_until(WAIT, "all 100", || async {
+        count(&js, "HOSTILE", "hostile.out").await == 100
+    })
+    .await;
+    let stream = js.get_stream("HOSTILE").await.unwrap();
+    let info = stream.consumer_info("weir-widening").await.unwrap();
+    assert_eq!(
+        info.config.filter_subjects,
+        vec!["hostile.in".to_owned(), "hostile.extra".to_owned()]
+    );
+    // Each of the 100 inputs delivered once: the update did not rewind.
+    assert_eq!(info.delivered.consumer_sequence, 100, "{info:?}");
+    assert_eq!(info.num_redelivered, 0);
+    assert_eq!(info.num_pending, 0);
+}

@@ -81,7 +81,7 @@ pub(super) fn spawn(settings: Settings) -> mpsc::UnboundedSender<Command> {
         settings,
         blocks: HashMap::new(),
         published: HashMap::new(),
-        known_ids: HashSet::new(),
+        known_ids: HashMap::new(),
         last_writer: HashMap::new(),
         stuck: false,
     };
@@ -101,8 +101,9 @@ struct Committer {
     blocks: HashMap<String, Known>,
     /// Per block key, sequences whose outboxes can go at its next write.
     published: HashMap<String, HashSet<u64>>,
-    /// Keys of producer-given ids known to be done.
-    known_ids: HashSet<String>,
+    /// Keys of producer-given ids known to be done, until their records
+    /// expire (`done-ttl-s`): after that the same id is a new event.
+    known_ids: HashMap<String, std::time::Instant>,
     /// Per state key, the request that last committed it and the revision
     /// it got: a read of that request's pending write is then still valid.
     last_writer: HashMap<String, (u64, u64)>,
@@ -198,6 +199,26 @@ enum Admission {
 }
 
 impl Committer {
+    /// Whether the record of a producer-given id is known to exist still.
+    fn id_known(&self, key: &str) -> bool {
+        self.known_ids
+            .get(key)
+            .is_some_and(|expires| std::time::Instant::now() < *expires)
+    }
+
+    fn remember_id(&mut self, key: String, expires: std::time::Instant) {
+        // A bound on memory, not on correctness: an id forgotten here is
+        // still refused by the server's guard.
+        if self.known_ids.len() >= MAX_KNOWN_IDS {
+            let now = std::time::Instant::now();
+            self.known_ids.retain(|_, expires| *expires > now);
+            if self.known_ids.len() >= MAX_KNOWN_IDS {
+                self.known_ids.clear();
+            }
+        }
+        self.known_ids.insert(key, expires);
+    }
+
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let mut queue: VecDeque<Waiting> = VecDeque::new();
         loop {
@@ -336,7 +357,7 @@ impl Committer {
             } else if event
                 .msg_id
                 .as_ref()
-                .is_some_and(|id| self.known_ids.contains(&id_key(id)))
+                .is_some_and(|id| self.id_known(&id_key(id)))
             {
                 // The same event published again: its effects happened.
                 done.push((event.seq, Vec::new()));
@@ -673,12 +694,8 @@ impl Committer {
                 self.blocks.insert(key, Known { block, revision });
             }
             Learn::Id(id) => {
-                // A bound on memory, not on correctness: an id forgotten
-                // here is still refused by the server's guard.
-                if self.known_ids.len() >= MAX_KNOWN_IDS {
-                    self.known_ids.clear();
-                }
-                self.known_ids.insert(id);
+                let expires = std::time::Instant::now() + self.settings.done_ttl;
+                self.remember_id(id, expires);
             }
         }
     }
@@ -711,7 +728,12 @@ impl Committer {
             if let Ok(Some(entry)) = self.settings.kv.entry(id).await
                 && entry.operation == kv::Operation::Put
             {
-                self.known_ids.insert(id.clone());
+                // Known for what is left of the record's life.
+                let age = (time::OffsetDateTime::now_utc() - entry.created)
+                    .try_into()
+                    .unwrap_or(Duration::ZERO);
+                let left = self.settings.done_ttl.saturating_sub(age);
+                self.remember_id(id.clone(), std::time::Instant::now() + left);
             }
         }
         for (key, write) in &group.writes {

@@ -187,6 +187,18 @@ impl Plugin for Hostile {
                 )?;
                 Ok(())
             }
+            after if after.starts_with("retry-after ") => {
+                // Retry after this many ms; 0 leaves the delay to the
+                // manifest's backoff.
+                let ms: u64 = after["retry-after ".len()..].parse().unwrap_or(0);
+                match ms {
+                    0 => Err(retry("asked to retry with backoff")),
+                    ms => Err(retry_after(
+                        "asked to retry after a delay",
+                        std::time::Duration::from_millis(ms),
+                    )),
+                }
+            }
             sleep if sleep.starts_with("sleep ") => {
                 let ms: u64 = sleep["sleep ".len()..].parse().unwrap_or(0);
                 std::thread::sleep(std::time::Duration::from_millis(ms));
