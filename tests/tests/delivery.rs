@@ -95,6 +95,21 @@ async fn a_handler_slower_than_the_ack_wait_is_not_redelivered() {
     env.start_host();
     let js = env.jetstream().await;
     publish_all(&js, "hostile.in", &["ordered 8000".to_owned()], None).await;
+    // While it runs, the lag gauges show it held and unacknowledged.
+    let admin = env.host(0).admin_addr();
+    wait_until(
+        Duration::from_secs(5),
+        "the lag gauge to show it",
+        || async {
+            let text = weir::admin::http_get(&admin, "/metrics", None).unwrap().1;
+            metric(
+                &text,
+                "weir_consumer_ack_pending_messages",
+                &[("plugin", "slow")],
+            ) == 1.0
+        },
+    )
+    .await;
     wait_until(Duration::from_secs(30), "the slow event", || async {
         count(&js, "HOSTILE", "hostile.out").await == 1
     })
@@ -295,6 +310,16 @@ async fn a_done_mark_expires_after_done_ttl() {
     .await;
     assert_eq!(env.plugin_counter(0, "brief", "processed"), 2);
     assert_eq!(env.plugin_counter(0, "brief", "skipped_duplicates"), 1);
+    let admin = env.host(0).admin_addr();
+    let metrics = weir::admin::http_get(&admin, "/metrics", None).unwrap().1;
+    assert_eq!(
+        metric(
+            &metrics,
+            "weir_events_duplicate_total",
+            &[("plugin", "brief")]
+        ),
+        1.0
+    );
 }
 
 /// Events the brief plugin's consumer has acknowledged.
