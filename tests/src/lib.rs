@@ -364,40 +364,54 @@ pub fn metric(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-/// An OTLP/HTTP JSON receiver: collects every span exported to `url`.
+/// An OTLP/HTTP receiver: collects every span exported to `url` as JSON,
+/// and every request body with its content type (protobuf ones are kept
+/// raw: the tests look for known bytes in them instead of decoding).
 pub struct OtlpReceiver {
     pub url: String,
-    spans: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    sink: std::sync::Arc<OtlpSink>,
+}
+
+#[derive(Default)]
+struct OtlpSink {
+    spans: std::sync::Mutex<Vec<serde_json::Value>>,
+    requests: std::sync::Mutex<Vec<(String, Vec<u8>)>>,
 }
 
 impl OtlpReceiver {
     pub fn start() -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
-        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = spans.clone();
+        let sink = std::sync::Arc::new(OtlpSink::default());
+        let shared = sink.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let sink = sink.clone();
+                let sink = shared.clone();
                 std::thread::spawn(move || serve_otlp(stream, &sink));
             }
         });
-        OtlpReceiver { url, spans }
+        OtlpReceiver { url, sink }
     }
 
-    /// Every span received so far (OTLP JSON span objects).
+    /// Every span received so far in JSON requests (OTLP JSON span objects).
     pub fn spans(&self) -> Vec<serde_json::Value> {
-        self.spans.lock().unwrap().clone()
+        self.sink.spans.lock().unwrap().clone()
+    }
+
+    /// Every request so far: its content type and body.
+    pub fn requests(&self) -> Vec<(String, Vec<u8>)> {
+        self.sink.requests.lock().unwrap().clone()
     }
 }
 
 /// Answer OTLP export requests on one keep-alive connection.
-fn serve_otlp(stream: std::net::TcpStream, sink: &std::sync::Mutex<Vec<serde_json::Value>>) {
+fn serve_otlp(stream: std::net::TcpStream, sink: &OtlpSink) {
     use std::io::{BufRead, BufReader, Read, Write};
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;
     loop {
         let mut length = 0usize;
+        let mut content_type = String::new();
         let mut line = String::new();
         loop {
             line.clear();
@@ -413,19 +427,25 @@ fn serve_otlp(stream: std::net::TcpStream, sink: &std::sync::Mutex<Vec<serde_jso
             {
                 length = v.trim().parse().unwrap_or(0);
             }
+            if let Some((k, v)) = header.split_once(':')
+                && k.eq_ignore_ascii_case("content-type")
+            {
+                v.trim().clone_into(&mut content_type);
+            }
         }
         let mut body = vec![0; length];
         if reader.read_exact(&mut body).is_err() {
             return;
         }
         if let Ok(request) = serde_json::from_slice::<serde_json::Value>(&body) {
-            let mut sink = sink.lock().unwrap();
+            let mut sink = sink.spans.lock().unwrap();
             for resource in request["resourceSpans"].as_array().into_iter().flatten() {
                 for scope in resource["scopeSpans"].as_array().into_iter().flatten() {
                     sink.extend(scope["spans"].as_array().into_iter().flatten().cloned());
                 }
             }
         }
+        sink.requests.lock().unwrap().push((content_type, body));
         let reply =
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
         if writer.write_all(reply.as_bytes()).is_err() {

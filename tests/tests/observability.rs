@@ -334,3 +334,35 @@ async fn an_admin_address_in_use_stops_start_up_with_the_reason() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_are_exported_over_otlp_protobuf_by_default() {
+    let otlp = OtlpReceiver::start();
+    // No protocol given: http/protobuf, the default.
+    let telemetry = format!(
+        "otlp-endpoint = \"{}\"\nservice-name = \"weir-proto-test\"",
+        otlp.url
+    );
+    let mut env = TestEnv::with_config(STREAMS, "", &telemetry);
+    env.install("test-guests/hostile", "hostile", |m| m);
+    env.start_host();
+    let js = env.jetstream().await;
+    publish_traced(&js, "echo", INCOMING_TRACE, INCOMING_SPAN).await;
+    wait_drained(&js, "hostile", 1, WAIT).await;
+    // Protobuf carries the trace id as 16 raw bytes and strings as UTF-8.
+    let trace_id: Vec<u8> = (0..INCOMING_TRACE.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&INCOMING_TRACE[i..i + 2], 16).unwrap())
+        .collect();
+    let contains = |body: &[u8], needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+    wait_until(WAIT, "a protobuf export of the event's spans", || async {
+        otlp.requests().iter().any(|(content_type, body)| {
+            content_type == "application/x-protobuf"
+                && contains(body, &trace_id)
+                && contains(body, b"process hostile.in")
+                && contains(body, b"weir-proto-test")
+        })
+    })
+    .await;
+    assert!(otlp.spans().is_empty(), "nothing was sent as JSON");
+}
