@@ -143,6 +143,10 @@ pub struct RuntimeConfig {
     /// Redelivery timer for an unacknowledged event; a handler running
     /// longer sends progress acks so it is not redelivered under it.
     pub ack_wait_ms: u64,
+    /// Linear memory all plugin instances together may hold, in MiB. A
+    /// growth past it ends that call as a host error (retried later), so
+    /// many plugins at their caps cannot take the host's memory.
+    pub max_guest_memory_mb: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -151,6 +155,7 @@ impl Default for RuntimeConfig {
             shutdown_grace_ms: 10_000,
             cache_dir: None,
             ack_wait_ms: 30_000,
+            max_guest_memory_mb: crate::sandbox::DEFAULT_MEMORY_BUDGET_MB,
         }
     }
 }
@@ -404,6 +409,9 @@ impl HostConfig {
         }
         if self.plugins.max_wasm_mb == 0 {
             return Err("`plugins.max-wasm-mb` must be at least 1".into());
+        }
+        if self.runtime.max_guest_memory_mb == 0 {
+            return Err("`runtime.max-guest-memory-mb` must be at least 1".into());
         }
         if self.runtime.ack_wait_ms < 1_000 {
             return Err("`runtime.ack-wait-ms` must be at least 1000".into());

@@ -144,12 +144,11 @@ impl Host {
     ) -> anyhow::Result<Self> {
         let js = jetstream::new(client.clone());
         crate::nats::ensure_streams(&js, &config).await?;
-        let sandbox_config = match &config.runtime.cache_dir {
-            Some(dir) => SandboxConfig {
-                cache_dir: Some(dir.clone()),
-            },
-            None => SandboxConfig::with_default_cache(),
-        };
+        let mut sandbox_config = SandboxConfig::with_default_cache();
+        if let Some(dir) = &config.runtime.cache_dir {
+            sandbox_config.cache_dir = Some(dir.clone());
+        }
+        sandbox_config.memory_budget_bytes = config.runtime.max_guest_memory_mb << 20;
         let sandbox = Arc::new(Sandbox::new(sandbox_config)?);
         let scanner = Scanner::new(config.plugins.dir.clone(), config.plugins.max_wasm_mb << 20);
         // Read before any plugin starts, so a missing token file stops

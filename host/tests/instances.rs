@@ -104,3 +104,41 @@ fn event_isolation_gives_every_event_a_fresh_instance() {
     assert_eq!(counts(&mut plugin, 3), [1, 1, 1]);
     assert_eq!(plugin.plugin().instance_stats().idle, 0);
 }
+
+#[test]
+fn the_host_memory_budget_ends_a_call_as_a_host_error_and_is_given_back() {
+    // Two plugins under one 48 MiB budget, each allowed 64 MiB on its own.
+    let sandbox = Sandbox::new(SandboxConfig {
+        memory_budget_bytes: 48 << 20,
+        ..SandboxConfig::with_default_cache()
+    })
+    .unwrap();
+    let load = |name: &str| {
+        let mut manifest = Manifest::load(&Manifest::path_for(Path::new(HOSTILE))).unwrap();
+        manifest.limits.memory_mb = 64;
+        let copy = std::env::temp_dir().join(format!("{name}-{}.wasm", std::process::id()));
+        std::fs::copy(HOSTILE, &copy).unwrap();
+        let plugin = sandbox.load_with_manifest(&copy, manifest).unwrap();
+        std::fs::remove_file(&copy).unwrap();
+        TestPlugin::from_plugin(plugin).unwrap()
+    };
+    let mut quiet = load("quiet");
+    let mut bomb = load("bomb");
+    assert_eq!(quiet.handle(event("hostile.in", "ok")).outcome, Outcome::Ok);
+    let baseline = sandbox.guest_memory();
+    assert!(baseline > 0, "a live instance holds memory");
+
+    let report = bomb.handle(event("hostile.in", "alloc"));
+    match &report.outcome {
+        Outcome::HostError { message } => {
+            assert!(message.contains("max-guest-memory-mb"), "{message}")
+        }
+        other => panic!("expected a host error, got {other:?}"),
+    }
+    // The bomb's instance was discarded and its memory given back: the
+    // other plugin, and the bomb itself, serve again.
+    assert_eq!(sandbox.guest_memory(), baseline);
+    assert_eq!(quiet.handle(event("hostile.in", "ok")).outcome, Outcome::Ok);
+    assert_eq!(bomb.handle(event("hostile.in", "ok")).outcome, Outcome::Ok);
+    assert!(sandbox.guest_memory() <= 48 << 20);
+}

@@ -20,6 +20,7 @@ fn install(dir: &Path, from: &str, name: &str) -> std::path::PathBuf {
 fn sandbox(cache: Option<&Path>) -> Sandbox {
     Sandbox::new(SandboxConfig {
         cache_dir: cache.map(Path::to_path_buf),
+        ..SandboxConfig::with_default_cache()
     })
     .unwrap()
 }

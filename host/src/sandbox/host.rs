@@ -28,6 +28,8 @@ pub struct PluginContext {
     pub limits: Limits,
     /// The manifest's `[config]`, already rendered as strings, sorted.
     pub config: Vec<(String, String)>,
+    /// The host-wide budget its instances' memory is reserved from.
+    pub budget: Arc<super::budget::MemoryBudget>,
 }
 
 /// A guest log line.
@@ -87,7 +89,7 @@ impl CallState {
         CallState {
             wasi,
             table: ResourceTable::new(),
-            limiter: Limiter::new(ctx.limits.memory_bytes()),
+            limiter: Limiter::new(ctx.limits.memory_bytes(), ctx.budget.clone()),
             ctx,
             store,
             event_id: String::new(),

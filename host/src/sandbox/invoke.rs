@@ -189,6 +189,13 @@ fn classify_trap(error: &wasmtime::Error, data: &CallState, timeout: Duration) -
             message: e.to_string(),
         };
     }
+    if let Some(e) = error.downcast_ref::<crate::sandbox::HostMemoryExhausted>() {
+        // The plugin kept within its own cap; the host as a whole is full.
+        tracing::warn!(plugin = %data.ctx.name, "{e}");
+        return Outcome::HostError {
+            message: e.to_string(),
+        };
+    }
     let mut message = match error.downcast_ref::<wasmtime::Trap>() {
         Some(trap) => format!("{trap}"),
         None => format!("{error:#}"),

@@ -1,8 +1,11 @@
 //! Per-call resource limits enforced inside the store.
 
 use std::fmt;
+use std::sync::Arc;
 
 use wasmtime::ResourceLimiter;
+
+use super::budget::{HostMemoryExhausted, MemoryBudget};
 
 /// The guest tried to grow a memory past its cap. Raised as the trap that
 /// ends the call, so the outcome names the cause instead of whatever the
@@ -37,12 +40,13 @@ impl fmt::Display for DeadlineExceeded {
 
 impl std::error::Error for DeadlineExceeded {}
 
-/// Caps each linear memory and table of a plugin instance, and keeps
-/// count of how much linear memory the instance holds (the recycle rule
-/// reads it).
+/// Caps each linear memory and table of a plugin instance, keeps count of
+/// how much linear memory the instance holds (the recycle rule reads it),
+/// and reserves that memory from the host-wide budget.
 pub struct Limiter {
     memory_bytes: u64,
     held_bytes: u64,
+    budget: Arc<MemoryBudget>,
 }
 
 /// Tables hold function references; this is far above what real guests use
@@ -53,16 +57,24 @@ const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 const MAX_INSTANCES: usize = 64;
 
 impl Limiter {
-    pub fn new(memory_bytes: u64) -> Self {
+    pub fn new(memory_bytes: u64, budget: Arc<MemoryBudget>) -> Self {
         Limiter {
             memory_bytes,
             held_bytes: 0,
+            budget,
         }
     }
 
     /// Linear memory of every memory of the instance, in bytes.
     pub fn held_bytes(&self) -> u64 {
         self.held_bytes
+    }
+}
+
+impl Drop for Limiter {
+    fn drop(&mut self) {
+        // The store, and with it every memory of the instance, goes now.
+        self.budget.release(self.held_bytes);
     }
 }
 
@@ -82,7 +94,14 @@ impl ResourceLimiter for Limiter {
         }
         let grows = maximum.is_none_or(|max| desired <= max);
         if grows {
-            self.held_bytes += (desired - current) as u64;
+            let more = (desired - current) as u64;
+            if !self.budget.try_reserve(more) {
+                return Err(wasmtime::Error::new(HostMemoryExhausted {
+                    budget_bytes: self.budget.limit(),
+                    wanted_bytes: more,
+                }));
+            }
+            self.held_bytes += more;
         }
         Ok(grows)
     }

@@ -6,6 +6,7 @@
 //! (see [`instances`]), and a trap, a deadline or a memory cap ends that
 //! event alone and discards its instance.
 
+pub(crate) mod budget;
 mod engine;
 pub(crate) mod host;
 pub(crate) mod instances;
@@ -31,6 +32,7 @@ pub use engine::EPOCH_TICK;
 /// The wasmtime the host is built with, for build info and bug reports.
 /// A test checks it against Cargo.lock.
 pub const WASMTIME_VERSION: &str = "48.0.8";
+pub use budget::HostMemoryExhausted;
 pub use host::{CallState, LogLevel, LogLine, PluginContext, StateUnavailable};
 pub use instances::InstanceStats;
 pub use invoke::Invocation;
@@ -41,7 +43,12 @@ pub use limits::{DeadlineExceeded, MemoryLimitExceeded};
 pub struct SandboxConfig {
     /// Where compiled plugins are cached; `None` disables the cache.
     pub cache_dir: Option<PathBuf>,
+    /// Linear memory all instances of all plugins may hold together.
+    pub memory_budget_bytes: u64,
 }
+
+/// The default host-wide guest memory budget (`runtime.max-guest-memory-mb`).
+pub const DEFAULT_MEMORY_BUDGET_MB: u64 = 2048;
 
 impl SandboxConfig {
     /// The default cache location: `$WEIR_CACHE_DIR`, else
@@ -53,6 +60,7 @@ impl SandboxConfig {
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/weir")));
         SandboxConfig {
             cache_dir: dir.map(|d| d.join("compiled")),
+            memory_budget_bytes: DEFAULT_MEMORY_BUDGET_MB << 20,
         }
     }
 }
@@ -81,6 +89,7 @@ pub struct Sandbox {
     engine: Engine,
     linker: Linker<CallState>,
     cache: CompileCache,
+    budget: Arc<budget::MemoryBudget>,
 }
 
 impl Sandbox {
@@ -98,11 +107,17 @@ impl Sandbox {
             engine,
             linker,
             cache,
+            budget: Arc::new(budget::MemoryBudget::new(config.memory_budget_bytes)),
         })
     }
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// Guest linear memory held by live instances now, in bytes.
+    pub fn guest_memory(&self) -> u64 {
+        self.budget.held()
     }
 
     /// Load `wasm` and the manifest beside it. Compiling is CPU-bound and
@@ -154,6 +169,7 @@ impl Sandbox {
             version: version.to_string(),
             limits: manifest.limits.clone(),
             config: manifest.config_strings().into_iter().collect(),
+            budget: self.budget.clone(),
         });
         tracing::debug!(plugin = %name, %version, cache = ?cache_status, "plugin compiled and linked");
         Ok(Plugin::new(

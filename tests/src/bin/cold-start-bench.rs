@@ -51,6 +51,7 @@ fn main() {
             let cache = tempfile::tempdir().unwrap();
             let config = || SandboxConfig {
                 cache_dir: Some(cache.path().to_owned()),
+                ..SandboxConfig::with_default_cache()
             };
             // Each sandbox is a new engine: nothing is shared in memory.
             let cold = Sandbox::new(config()).unwrap();
