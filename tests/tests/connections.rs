@@ -1,6 +1,6 @@
 //! Every way the host connects to NATS, against real nats-servers set up
-//! for each: user and password, token, nkey, TLS with server verification,
-//! and mutual TLS. Each works end to end (a JetStream round trip), and each
+//! for each: a credentials file of a JWT account (operator mode), user and
+//! password, token, nkey, TLS with server verification, and mutual TLS. Each works end to end (a JetStream round trip), and each
 //! wrong credential stops `weir run` at start-up with a message that says
 //! what is wrong. Certificates and nkeys are made fresh for every run.
 
@@ -229,4 +229,99 @@ async fn mutual_tls() {
     let stderr = run_fails(dir.path(), &nats_config(&server, &without));
     assert!(stderr.contains("connecting to NATS"), "{stderr}");
     assert!(stderr.contains("CertificateRequired"), "{stderr}");
+}
+
+/// A JWT for `claims`, signed by `issuer` (the NATS JWT v2 format).
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = serde_json::json!({
+        "jti": format!("{subject}-{name}"),
+        "iat": time::OffsetDateTime::now_utc().unix_timestamp(),
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let payload = format!("{header}.{}", b64(claims.to_string().as_bytes()));
+    let signature = issuer.sign(payload.as_bytes()).unwrap();
+    format!("{payload}.{}", b64(&signature))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_file_with_a_jwt_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "test-operator",
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "weir",
+        serde_json::json!({"limits": unlimited, "type": "account", "version": 2}),
+    );
+    // JetStream needs a system account in operator mode.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({"type": "account", "version": 2}),
+    );
+    let server = server(
+        dir.path(),
+        &format!(
+            "operator: {operator_jwt}\nsystem_account: {sys}\nresolver: MEMORY\n\
+             resolver_preload: {{ {sys}: {system_jwt}, {}: {account_jwt} }}\n",
+            account.public_key(),
+            sys = system.public_key(),
+        ),
+    );
+    let creds = |name: &str, signer: &nkeys::KeyPair| {
+        let user = nkeys::KeyPair::new_user();
+        let user_jwt = jwt(
+            signer,
+            &user.public_key(),
+            name,
+            serde_json::json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+                               "type": "user", "version": 2}),
+        );
+        let path = dir.path().join(format!("{name}.creds"));
+        std::fs::write(
+            &path,
+            format!(
+                "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+                 -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+                user.seed().unwrap()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let good = creds("weir-host", &account);
+    round_trip(
+        dir.path(),
+        &nats_config(&server, &format!("credentials-file = {good:?}")),
+    )
+    .await
+    .unwrap();
+    // A user signed by an account the server does not know.
+    let forged = creds("forged", &nkeys::KeyPair::new_account());
+    let stderr = run_fails(
+        dir.path(),
+        &nats_config(&server, &format!("credentials-file = {forged:?}")),
+    );
+    assert!(stderr.contains("connecting to NATS"), "{stderr}");
+    assert!(stderr.contains("authorization violation"), "{stderr}");
 }
