@@ -1,8 +1,9 @@
 //! Every way the host connects to NATS, against real nats-servers set up
 //! for each: a credentials file of a JWT account (operator mode), user and
-//! password, token, nkey, TLS with server verification, and mutual TLS. Each works end to end (a JetStream round trip), and each
-//! wrong credential stops `weir run` at start-up with a message that says
-//! what is wrong. Certificates and nkeys are made fresh for every run.
+//! password, token, nkey, TLS with server verification, and mutual TLS.
+//! Each works end to end (a JetStream round trip), and each wrong
+//! credential stops `weir run` at start-up with a message that says what
+//! is wrong. Certificates, nkeys and JWTs are made fresh for every run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
 
