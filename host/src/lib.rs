@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod dev;
 pub mod dlq;
+pub mod dlq_store;
 pub mod event;
 pub mod manifest;
 pub mod names;

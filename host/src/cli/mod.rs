@@ -1,6 +1,7 @@
 //! The `weir` command line.
 
 mod dev_cmd;
+mod dlq_cmd;
 mod plugins_cmd;
 mod run_cmd;
 mod test_cmd;
@@ -39,6 +40,8 @@ enum Command {
     Test(test_cmd::TestArgs),
     /// List or remove the plugins of running hosts.
     Plugins(plugins_cmd::PluginsArgs),
+    /// List, show and purge dead letters.
+    Dlq(dlq_cmd::DlqArgs),
 }
 
 impl LogFormat {
@@ -95,6 +98,10 @@ pub fn main() -> ExitCode {
         Command::Plugins(args) => {
             init_logs("warn", cli.log_format);
             plugins_cmd::run(args).unwrap_or_else(|e| fail("plugins", e))
+        }
+        Command::Dlq(args) => {
+            init_logs("warn", cli.log_format);
+            dlq_cmd::run(args).unwrap_or_else(|e| fail("dlq", e))
         }
         Command::Test(args) => {
             init_logs("warn", cli.log_format);

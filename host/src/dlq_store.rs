@@ -1,0 +1,225 @@
+//! Reading the dead-letter stream: what `weir dlq` lists, shows and purges.
+//!
+//! A dead letter is named by its sequence in the dead-letter stream. Its
+//! story is in its `Weir-Dlq-*` headers (see [`crate::dlq::headers`]).
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::dlq::headers;
+
+/// One dead letter as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct Letter {
+    /// Its sequence in the dead-letter stream: what `show` and `purge` take.
+    pub id: u64,
+    /// When it was stored (RFC 3339).
+    pub stored: String,
+    pub plugin: String,
+    pub reason: String,
+    pub error: String,
+    pub attempts: u32,
+    pub event_id: String,
+    /// Where the event came from.
+    pub subject: String,
+    pub stream: String,
+    pub sequence: u64,
+    pub truncated: bool,
+    /// The event's own headers (the `Weir-Dlq-*` ones left out).
+    pub headers: Vec<(String, String)>,
+    #[serde(skip)]
+    pub payload: bytes::Bytes,
+    #[serde(skip)]
+    stored_at: time::OffsetDateTime,
+}
+
+impl Letter {
+    fn from_parts(
+        id: u64,
+        stored_at: time::OffsetDateTime,
+        map: Option<&HeaderMap>,
+        payload: bytes::Bytes,
+    ) -> Self {
+        let get = |key: &str| {
+            map.and_then(|m| m.get(key))
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        let own = map
+            .into_iter()
+            .flat_map(|m| m.iter())
+            .filter(|(k, _)| !k.to_string().starts_with("Weir-Dlq-"))
+            .flat_map(|(k, values)| {
+                values
+                    .iter()
+                    .map(move |v| (k.to_string(), v.as_str().to_owned()))
+            })
+            .collect();
+        Letter {
+            id,
+            stored: stored_at
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            stored_at,
+            plugin: get(headers::PLUGIN),
+            reason: get(headers::REASON),
+            error: get(headers::ERROR),
+            attempts: get(headers::ATTEMPTS).parse().unwrap_or(0),
+            event_id: get(headers::EVENT_ID),
+            subject: get(headers::SUBJECT),
+            stream: get(headers::STREAM),
+            sequence: get(headers::SEQUENCE).parse().unwrap_or(0),
+            truncated: !get(headers::TRUNCATED).is_empty(),
+            headers: own,
+            payload,
+        }
+    }
+
+    /// The payload as text when it is UTF-8, at most `max` characters.
+    pub fn preview(&self, max: usize) -> String {
+        match std::str::from_utf8(&self.payload) {
+            Ok(text) => {
+                let flat: String = text
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .collect();
+                match flat.char_indices().nth(max) {
+                    Some((cut, _)) => format!("{}…", &flat[..cut]),
+                    None => flat,
+                }
+            }
+            Err(_) => format!("<{} bytes of binary>", self.payload.len()),
+        }
+    }
+}
+
+/// Which dead letters a command is about.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub plugin: Option<String>,
+    pub reason: Option<String>,
+    /// Stored at or after this time.
+    pub since: Option<time::OffsetDateTime>,
+}
+
+impl Selection {
+    fn matches(&self, letter: &Letter) -> bool {
+        self.plugin.as_ref().is_none_or(|p| *p == letter.plugin)
+            && self.reason.as_ref().is_none_or(|r| *r == letter.reason)
+            && self.since.is_none_or(|t| letter.stored_at >= t)
+    }
+}
+
+/// The dead-letter stream of a deployment.
+pub struct DeadLetters {
+    stream: jetstream::stream::Stream,
+    name: String,
+    subject_prefix: String,
+}
+
+impl DeadLetters {
+    pub async fn open(
+        js: &jetstream::Context,
+        stream: &str,
+        subject_prefix: &str,
+    ) -> anyhow::Result<Self> {
+        let handle = js
+            .get_stream(stream)
+            .await
+            .with_context(|| format!("opening the dead-letter stream {stream}"))?;
+        Ok(DeadLetters {
+            stream: handle,
+            name: stream.to_owned(),
+            subject_prefix: subject_prefix.to_owned(),
+        })
+    }
+
+    /// Every dead letter `selection` picks, oldest first.
+    pub async fn list(&self, selection: &Selection) -> anyhow::Result<Vec<Letter>> {
+        let filter = match &selection.plugin {
+            Some(plugin) => format!("{}.{plugin}.>", self.subject_prefix),
+            None => format!("{}.>", self.subject_prefix),
+        };
+        let deliver_policy = match selection.since {
+            Some(start_time) => consumer::DeliverPolicy::ByStartTime { start_time },
+            None => consumer::DeliverPolicy::All,
+        };
+        let mut reader = self
+            .stream
+            .create_consumer(consumer::pull::Config {
+                filter_subject: filter,
+                ack_policy: consumer::AckPolicy::None,
+                deliver_policy,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("reading {}", self.name))?;
+        let mut out = Vec::new();
+        while reader
+            .info()
+            .await
+            .context("reading the reader's position")?
+            .num_pending
+            > 0
+        {
+            let mut batch = reader
+                .fetch()
+                .max_messages(1000)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await
+                .with_context(|| format!("reading {}", self.name))?;
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(|e| anyhow::anyhow!("reading {}: {e}", self.name))?;
+                let info = message
+                    .info()
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", self.name))?;
+                let letter = Letter::from_parts(
+                    info.stream_sequence,
+                    info.published,
+                    message.headers.as_ref(),
+                    message.payload.clone(),
+                );
+                if selection.matches(&letter) {
+                    out.push(letter);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The dead letter `id`.
+    pub async fn get(&self, id: u64) -> anyhow::Result<Letter> {
+        match self.stream.get_raw_message(id).await {
+            Ok(message)
+                if message
+                    .subject
+                    .starts_with(&format!("{}.", self.subject_prefix)) =>
+            {
+                Ok(Letter::from_parts(
+                    message.sequence,
+                    message.time,
+                    Some(&message.headers),
+                    message.payload,
+                ))
+            }
+            Ok(_) => bail!("message {id} of {} is not a dead letter", self.name),
+            Err(e) => bail!("no dead letter {id} in {}: {e}", self.name),
+        }
+    }
+
+    /// Remove the dead letter `id` for good.
+    pub async fn delete(&self, id: u64) -> anyhow::Result<()> {
+        self.stream
+            .delete_message(id)
+            .await
+            .with_context(|| format!("deleting dead letter {id} from {}", self.name))?;
+        Ok(())
+    }
+}
