@@ -21,6 +21,7 @@ pub mod outbox;
 pub mod outcome;
 pub mod pipeline;
 pub mod plugin;
+pub mod replay;
 pub mod runtime;
 pub mod sandbox;
 pub mod scan;

@@ -69,6 +69,22 @@ enum DlqCommand {
         /// The dead letter's id (its sequence in the dead-letter stream).
         id: u64,
     },
+    /// Run dead letters again through their plugin's current version (the
+    /// one in the plugin directory), with exactly-once effects; only that
+    /// plugin sees them. A replayed dead letter is deleted; one that fails
+    /// again stays, and its new reason is printed.
+    Replay {
+        /// Dead letter ids (default: the selection).
+        ids: Vec<u64>,
+        #[command(flatten)]
+        select: SelectArgs,
+        /// Every dead letter (needed when no id or selection is given).
+        #[arg(long)]
+        all: bool,
+        /// Say what would be replayed, and do nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Delete dead letters for good.
     Purge {
         #[command(flatten)]
@@ -110,6 +126,25 @@ pub fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
                 print!("{}", full(&letters.get(id).await?));
                 Ok(ExitCode::SUCCESS)
             }
+            DlqCommand::Replay {
+                ids,
+                select,
+                all,
+                dry_run,
+            } => {
+                let chosen = if !ids.is_empty() {
+                    let mut chosen = Vec::new();
+                    for id in ids {
+                        chosen.push(letters.get(id).await?);
+                    }
+                    chosen
+                } else if select.is_empty() && !all {
+                    bail!("say which dead letters to replay (ids, --plugin, --reason, --since) or --all");
+                } else {
+                    letters.list(&select.selection()?).await?
+                };
+                replay(&config, &js, &letters, chosen, dry_run).await
+            }
             DlqCommand::Purge { select, all, yes } => {
                 if select.is_empty() && !all {
                     bail!("say which dead letters to purge (--plugin, --reason, --since) or --all");
@@ -130,6 +165,70 @@ pub fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         }
+    })
+}
+
+/// Replay `chosen`, plugin by plugin; a summary at the end, and progress
+/// on stderr for long runs.
+async fn replay(
+    config: &crate::config::HostConfig,
+    js: &async_nats::jetstream::Context,
+    letters: &DeadLetters,
+    chosen: Vec<Letter>,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    use crate::replay::{Replayed, Replayer};
+    let mut by_plugin: std::collections::BTreeMap<String, Vec<Letter>> = Default::default();
+    for letter in chosen {
+        by_plugin
+            .entry(letter.plugin.clone())
+            .or_default()
+            .push(letter);
+    }
+    let total: usize = by_plugin.values().map(Vec::len).sum();
+    if dry_run {
+        for letter in by_plugin.values().flatten() {
+            println!("would replay {}", line(letter));
+        }
+        println!("{total} dead letters would be replayed");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (mut processed, mut already, mut failed, mut done) = (0, 0, 0, 0);
+    for (plugin, group) in by_plugin {
+        let replayer = Replayer::open(config, js, &plugin).await?;
+        eprintln!(
+            "replaying {} dead letters of {plugin} with version {}",
+            group.len(),
+            replayer.version()
+        );
+        for letter in group {
+            match replayer.replay(&letter).await? {
+                Replayed::Failed(why) => {
+                    failed += 1;
+                    println!("dead letter {} failed again and stays: {why}", letter.id);
+                }
+                outcome => {
+                    letters.delete(letter.id).await?;
+                    if outcome == Replayed::Processed {
+                        processed += 1;
+                    } else {
+                        already += 1;
+                    }
+                }
+            }
+            done += 1;
+            if total >= 100 && done % 100 == 0 {
+                eprintln!("  {done}/{total}");
+            }
+        }
+    }
+    println!(
+        "replayed {processed}, already done before {already}, failed again {failed} (of {total})"
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }
 

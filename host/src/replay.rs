@@ -1,0 +1,212 @@
+//! Replaying dead letters through a plugin's current version (`weir dlq
+//! replay`), with the pipeline's exactly-once effects.
+//!
+//! The event is rebuilt from the dead letter (its original id, subject,
+//! headers, payload, stream and sequence) and run by the version now in
+//! the plugin directory. Its effects are committed through the plugin's
+//! store exactly as the pipeline commits them, with the done mark of the
+//! *original* event (its stream incarnation and sequence, or its producer
+//! id), so a replay that runs twice, or runs after a crash between commit
+//! and clean-up, finds the mark and only re-publishes the committed outbox
+//! (JetStream drops the duplicates). Nothing is published to the input
+//! stream: the plugin's fellow subscribers never see the event again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use async_nats::jetstream;
+
+use crate::config::HostConfig;
+use crate::dlq_store::Letter;
+use crate::event::{Emitted, Event, Header};
+use crate::outbox::Outgoing;
+use crate::plugin::Plugin;
+use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::state::StateStore;
+use crate::store::{Commit, CommitRequest, EventEffects, PluginStore, Read, Scope};
+
+/// Runs before a replay gives up on state keys that keep moving under it.
+const MAX_CONFLICTS: usize = 5;
+
+/// What became of one replayed dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replayed {
+    /// It ran and its effects were committed and published.
+    Processed,
+    /// Its effects had been committed before (an earlier replay): they were
+    /// published again, nothing ran.
+    AlreadyDone,
+    /// It failed again, for this reason; the dead letter stays.
+    Failed(String),
+}
+
+/// One plugin's current version and store, for replays.
+pub struct Replayer {
+    js: jetstream::Context,
+    plugin: Plugin,
+    store: Arc<PluginStore>,
+    publish_timeout: Duration,
+}
+
+impl Replayer {
+    /// Load `name` from the plugin directory of `config`, as a host would.
+    pub async fn open(
+        config: &HostConfig,
+        js: &jetstream::Context,
+        name: &str,
+    ) -> anyhow::Result<Self> {
+        let wasm = config.plugins.dir.join(format!("{name}.wasm"));
+        anyhow::ensure!(
+            wasm.is_file(),
+            "plugin {name} is not in the plugin directory {} (replays run its current version)",
+            config.plugins.dir.display()
+        );
+        let mut sandbox_config = SandboxConfig::with_default_cache();
+        if let Some(dir) = &config.runtime.cache_dir {
+            sandbox_config.cache_dir = Some(dir.clone());
+        }
+        let plugin = tokio::task::spawn_blocking(move || -> anyhow::Result<Plugin> {
+            let sandbox = Sandbox::new(sandbox_config)?;
+            Ok(sandbox.load(&wasm)?)
+        })
+        .await
+        .context("loading the plugin")??;
+        let store = PluginStore::open(js, &config.state, name).await?;
+        Ok(Replayer {
+            js: js.clone(),
+            plugin,
+            store: Arc::new(store),
+            publish_timeout: Duration::from_secs(10),
+        })
+    }
+
+    pub fn version(&self) -> &str {
+        self.plugin.version().as_str()
+    }
+
+    /// Run `letter`'s event again and make its effects durable and
+    /// published. The caller removes the dead letter when this succeeds.
+    pub async fn replay(&self, letter: &Letter) -> anyhow::Result<Replayed> {
+        if letter.truncated {
+            return Ok(Replayed::Failed(format!(
+                "the dead letter holds only part of the event; it is whole in {} at sequence {}",
+                letter.stream, letter.sequence
+            )));
+        }
+        let event = Event {
+            id: letter.event_id.clone(),
+            subject: letter.subject.clone(),
+            headers: letter
+                .headers
+                .iter()
+                .map(|(k, v)| Header::new(k.clone(), v.clone()))
+                .collect(),
+            payload: letter.payload.to_vec(),
+            sequence: letter.sequence,
+            attempt: letter.attempts.saturating_add(1),
+            timestamp_ms: 0,
+        };
+        let (scope, msg_id) = self.origin(letter).await?;
+        for _ in 0..MAX_CONFLICTS {
+            let state: Arc<dyn StateStore> = self.store.clone();
+            let invocation = self.plugin.invoke(&event, state).await;
+            if !invocation.outcome.is_ok() {
+                return Ok(Replayed::Failed(invocation.outcome.to_string()));
+            }
+            let reads = invocation
+                .state_reads
+                .iter()
+                .map(|(key, revision)| (key.clone(), Read::Committed(*revision)))
+                .collect();
+            let request = CommitRequest::new(
+                scope.clone(),
+                vec![EventEffects::new(
+                    event.sequence,
+                    msg_id.clone(),
+                    &invocation.emitted,
+                )],
+                invocation.state_changes.clone(),
+                reads,
+            );
+            match self.store.commit(request).await? {
+                Commit::Committed => {
+                    self.publish(&scope, &event, &invocation.emitted).await?;
+                    return Ok(Replayed::Processed);
+                }
+                Commit::AlreadyDone(done) => {
+                    let outbox = done
+                        .into_iter()
+                        .find(|(seq, _)| *seq == event.sequence)
+                        .map(|(_, outbox)| outbox)
+                        .unwrap_or_default();
+                    self.publish(&scope, &event, &outbox).await?;
+                    return Ok(Replayed::AlreadyDone);
+                }
+                Commit::Conflict => continue,
+                Commit::TooLarge { bytes, limit } => {
+                    return Ok(Replayed::Failed(format!(
+                        "its outputs ({bytes} bytes) do not fit one message ({limit})"
+                    )));
+                }
+            }
+        }
+        Ok(Replayed::Failed(format!(
+            "its state keys kept changing under it ({MAX_CONFLICTS} tries)"
+        )))
+    }
+
+    /// The done-mark scope of the original event, and its producer id if
+    /// it had one.
+    async fn origin(&self, letter: &Letter) -> anyhow::Result<(Scope, Option<String>)> {
+        // Ids the host made are `<stream>:<created ns>:<sequence>`.
+        let made_by_host = letter
+            .event_id
+            .strip_prefix(&format!("{}:", letter.stream))
+            .and_then(|rest| rest.split_once(':'))
+            .filter(|(_, seq)| *seq == letter.sequence.to_string())
+            .and_then(|(created, _)| created.parse::<i128>().ok());
+        if let Some(created) = made_by_host {
+            return Ok((Scope::new(&letter.stream, created), None));
+        }
+        let mut stream = self
+            .js
+            .get_stream(&letter.stream)
+            .await
+            .with_context(|| format!("opening the event's stream {}", letter.stream))?;
+        let created = stream.info().await?.created.unix_timestamp_nanos();
+        Ok((
+            Scope::new(&letter.stream, created),
+            Some(letter.event_id.clone()),
+        ))
+    }
+
+    async fn publish(
+        &self,
+        scope: &Scope,
+        event: &Event,
+        outbox: &[Emitted],
+    ) -> anyhow::Result<()> {
+        if outbox.is_empty() {
+            return Ok(());
+        }
+        let outgoing = [Outgoing {
+            event,
+            emitted: outbox,
+            trace: &[],
+        }];
+        if let Err(e) = crate::outbox::publish(
+            &self.js,
+            self.plugin.name(),
+            self.version(),
+            &outgoing,
+            self.publish_timeout,
+        )
+        .await
+        {
+            bail!("outputs committed but not all published (a replay again publishes them): {e}");
+        }
+        self.store.published(scope, vec![event.sequence]);
+        Ok(())
+    }
+}
