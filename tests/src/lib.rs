@@ -205,6 +205,39 @@ impl TestEnv {
     }
 }
 
+/// A private nats-server for a benchmark binary, and a client of it; logs
+/// at `warn` when `WEIR_LOG` is set. Keep the directory alive as long as
+/// the server.
+pub async fn bench_broker() -> (tempfile::TempDir, NatsServer, async_nats::Client) {
+    if std::env::var_os("WEIR_LOG").is_some() {
+        let _ = weir::telemetry::subscriber::init("warn", false, None);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(&dir.path().join("nats"), free_port().unwrap()).unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    (dir, server, client)
+}
+
+/// The HOSTILE stream with a one-second duplicate window, so a re-publish
+/// of the same `Nats-Msg-Id` a moment later is stored again and only
+/// Weir's done marks can recognise it.
+pub async fn hostile_stream_with_short_dedup(js: &jetstream::Context) {
+    js.create_stream(jetstream::stream::Config {
+        name: "HOSTILE".into(),
+        subjects: vec!["hostile.>".into()],
+        duplicate_window: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+/// The hostile guest's manifest with one delivery: a failure is
+/// dead-lettered at once.
+pub fn one_delivery(manifest: String) -> String {
+    manifest.replace("max-deliveries = 3", "max-deliveries = 1")
+}
+
 /// A wasm custom section (id 0): LEB128 size, LEB128 name length, name, data.
 pub fn custom_section(name: &str, data: &[u8]) -> Vec<u8> {
     fn leb128(mut n: usize, out: &mut Vec<u8>) {

@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use weir_integration_tests::{
-    TestEnv, count, custom_section, dist, header, publish_all, read_stream, version_of, wait_until,
-    weir_binary,
+    TestEnv, count, custom_section, dist, header, one_delivery, publish_all, read_stream,
+    version_of, wait_until, weir_binary,
 };
 
 const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
@@ -45,9 +45,7 @@ fn dlq(config: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
 async fn dead_letters_are_listed_shown_and_purged() {
     let mut env = TestEnv::new(STREAMS);
     for plugin in ["alpha", "beta"] {
-        env.install("test-guests/hostile", plugin, |m| {
-            m.replace("max-deliveries = 3", "max-deliveries = 1")
-        });
+        env.install("test-guests/hostile", plugin, one_delivery);
     }
     env.start_host();
     let js = env.jetstream().await;
@@ -145,9 +143,7 @@ async fn a_dead_letter_is_replayed_once_through_the_fixed_version_and_nowhere_el
     let mut env = TestEnv::new(STREAMS);
     // 600 ms of work: too long for fixable's 300 ms deadline, fine for
     // the bystander subscribed to the same subject.
-    env.install("test-guests/hostile", "fixable", |m| {
-        m.replace("max-deliveries = 3", "max-deliveries = 1")
-    });
+    env.install("test-guests/hostile", "fixable", one_delivery);
     env.install("test-guests/hostile", "bystander", |m| {
         m.replace("timeout-ms = 300", "timeout-ms = 5000")
     });

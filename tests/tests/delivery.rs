@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use futures::StreamExt;
 use weir_integration_tests::{
-    TestEnv, count, header, metric, publish_all, read_stream, wait_until,
+    TestEnv, count, header, hostile_stream_with_short_dedup, metric, one_delivery, publish_all,
+    read_stream, wait_until,
 };
 
 const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
@@ -184,9 +185,7 @@ async fn retries_wait_for_the_guests_delay_and_the_backoff() {
 #[tokio::test(flavor = "multi_thread")]
 async fn deadline_and_memory_cap_end_in_dead_letters() {
     let mut env = TestEnv::new(STREAMS);
-    env.install("test-guests/hostile", "bomb", |m| {
-        m.replace("max-deliveries = 3", "max-deliveries = 1")
-    });
+    env.install("test-guests/hostile", "bomb", one_delivery);
     env.start_host();
     let js = env.jetstream().await;
     publish_all(
@@ -269,14 +268,7 @@ async fn a_done_mark_expires_after_done_ttl() {
     // A one-second duplicate window, so a re-publish of the same
     // Nats-Msg-Id is stored again and only the done mark recognises it.
     let js = env.jetstream().await;
-    js.create_stream(jetstream::stream::Config {
-        name: "HOSTILE".into(),
-        subjects: vec!["hostile.>".into()],
-        duplicate_window: Duration::from_secs(1),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    hostile_stream_with_short_dedup(&js).await;
     env.start_host();
     let send = || async {
         let message = jetstream::message::PublishMessage::build()

@@ -10,7 +10,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::StreamExt;
 use weir_integration_tests::{
-    TestEnv, consumer_backlog, count, header, publish_all, read_stream, wait_drained, wait_until,
+    TestEnv, consumer_backlog, count, header, hostile_stream_with_short_dedup, publish_all,
+    read_stream, wait_drained, wait_until,
 };
 
 const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
@@ -181,14 +182,7 @@ async fn duplicate_publish_of_one_input_yields_one_effect() {
     // A one-second duplicate window, so the second publish of the same
     // Nats-Msg-Id is stored again and only Weir's done record stops it.
     let js = env.jetstream().await;
-    js.create_stream(jetstream::stream::Config {
-        name: "HOSTILE".into(),
-        subjects: vec!["hostile.>".into()],
-        duplicate_window: Duration::from_secs(1),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    hostile_stream_with_short_dedup(&js).await;
     env.start_host();
     let send = |id: &'static str| {
         let js = js.clone();

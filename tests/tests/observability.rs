@@ -154,16 +154,20 @@ fn span_with<'a>(
         .find(|s| s["traceId"] == trace && s["name"] == name)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn traceparent_flows_into_outputs_and_dead_letters_and_spans_are_exported() {
+/// A host running the hostile guest that exports its spans to a receiver,
+/// with `telemetry` added to its `[telemetry]` table.
+fn exporting_host(telemetry: &str) -> (OtlpReceiver, TestEnv) {
     let otlp = OtlpReceiver::start();
-    let telemetry = format!(
-        "otlp-endpoint = \"{}\"\notlp-protocol = \"http/json\"\nservice-name = \"weir-test\"",
-        otlp.url
-    );
+    let telemetry = format!("otlp-endpoint = \"{}\"\n{telemetry}", otlp.url);
     let mut env = TestEnv::with_config(STREAMS, "", &telemetry);
     env.install("test-guests/hostile", "hostile", |m| m);
     env.start_host();
+    (otlp, env)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn traceparent_flows_into_outputs_and_dead_letters_and_spans_are_exported() {
+    let (otlp, env) = exporting_host("otlp-protocol = \"http/json\"\nservice-name = \"weir-test\"");
     let js = env.jetstream().await;
     publish_traced(&js, "echo", INCOMING_TRACE, INCOMING_SPAN).await;
     publish_traced(&js, "reject", REJECTED_TRACE, REJECTED_SPAN).await;
@@ -337,15 +341,8 @@ async fn an_admin_address_in_use_stops_start_up_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn spans_are_exported_over_otlp_protobuf_by_default() {
-    let otlp = OtlpReceiver::start();
     // No protocol given: http/protobuf, the default.
-    let telemetry = format!(
-        "otlp-endpoint = \"{}\"\nservice-name = \"weir-proto-test\"",
-        otlp.url
-    );
-    let mut env = TestEnv::with_config(STREAMS, "", &telemetry);
-    env.install("test-guests/hostile", "hostile", |m| m);
-    env.start_host();
+    let (otlp, env) = exporting_host("service-name = \"weir-proto-test\"");
     let js = env.jetstream().await;
     publish_traced(&js, "echo", INCOMING_TRACE, INCOMING_SPAN).await;
     wait_drained(&js, "hostile", 1, WAIT).await;

@@ -63,14 +63,7 @@ fn args() -> Args {
 async fn main() {
     let args = args();
     let n = args.events;
-    if std::env::var_os("WEIR_LOG").is_some() {
-        let _ = weir::telemetry::subscriber::init("warn", false, None);
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let server =
-        weir::dev::NatsServer::start(&dir.path().join("nats"), weir::dev::free_port().unwrap())
-            .unwrap();
-    let client = async_nats::connect(server.url()).await.unwrap();
+    let (dir, server, client) = weir_integration_tests::bench_broker().await;
     let js = jetstream::new(client);
     for (name, subjects) in [
         ("ORDERS", vec!["orders.>"]),

@@ -76,14 +76,7 @@ async fn main() {
     // Rows whose label contains this (all rows when absent); the latency
     // part runs only when the concurrency-16 fraud row does.
     let only: Option<&str> = args.get(3).map(String::as_str);
-    if std::env::var_os("WEIR_LOG").is_some() {
-        let _ = weir::telemetry::subscriber::init("warn", false, None);
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let server =
-        weir::dev::NatsServer::start(&dir.path().join("nats"), weir::dev::free_port().unwrap())
-            .unwrap();
-    let client = async_nats::connect(server.url()).await.unwrap();
+    let (dir, server, client) = weir_integration_tests::bench_broker().await;
     let js = jetstream::new(client.clone());
     for (name, subject) in [
         ("BASE", "base.>"),
