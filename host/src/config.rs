@@ -105,6 +105,8 @@ pub struct DeadLetterConfig {
     pub stream: String,
     /// Dead letters are published on `<prefix>.<plugin>.<original subject>`.
     pub subject_prefix: String,
+    /// Copies of the dead-letter stream kept on a cluster.
+    pub replicas: usize,
 }
 
 impl Default for DeadLetterConfig {
@@ -112,6 +114,7 @@ impl Default for DeadLetterConfig {
         DeadLetterConfig {
             stream: "WEIR_DLQ".into(),
             subject_prefix: "weir.dlq".into(),
+            replicas: 1,
         }
     }
 }
@@ -130,6 +133,10 @@ pub struct StreamConfig {
     /// Discard messages older than this (0 = keep forever).
     #[serde(default)]
     pub max_age_s: u64,
+    /// Copies kept on a JetStream cluster (1 for a single server; 3 or 5
+    /// on a cluster, so losing a node loses nothing).
+    #[serde(default = "defaults::replicas")]
+    pub replicas: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -315,6 +322,10 @@ mod defaults {
     pub fn max_wasm_mb() -> u64 {
         128
     }
+
+    pub fn replicas() -> usize {
+        1
+    }
 }
 
 /// A config file that could not be read or is invalid.
@@ -416,8 +427,21 @@ impl HostConfig {
         if self.runtime.ack_wait_ms < 1_000 {
             return Err("`runtime.ack-wait-ms` must be at least 1000".into());
         }
-        if self.state.replicas == 0 {
-            return Err("`state.replicas` must be at least 1".into());
+        let replicas = std::iter::once(("state.replicas".to_owned(), self.state.replicas))
+            .chain(std::iter::once((
+                "dead-letter.replicas".to_owned(),
+                self.dead_letter.replicas,
+            )))
+            .chain(
+                self.streams
+                    .iter()
+                    .map(|s| (format!("streams {}: replicas", s.name), s.replicas)),
+            );
+        for (key, n) in replicas {
+            // JetStream's own bounds.
+            if !(1..=5).contains(&n) {
+                return Err(format!("`{key}` must be between 1 and 5, not {n}"));
+            }
         }
         self.admin.listen_addr()?;
         if self.admin.token.is_some() && self.admin.token_file.is_some() {
@@ -636,6 +660,34 @@ mod tests {
         let missing = config.bearer_token().unwrap_err().to_string();
         assert!(missing.contains("admin.token-file"), "{missing}");
         assert_eq!(AdminConfig::default().bearer_token().unwrap(), None);
+    }
+
+    #[test]
+    fn replicas_are_within_jetstreams_bounds() {
+        let c = HostConfig::parse(
+            "[state]\nreplicas = 3\n[dead-letter]\nreplicas = 3\n[[streams]]\nname = \"S\"\nsubjects = [\"s.>\"]\nreplicas = 5\n",
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.state.replicas,
+                c.dead_letter.replicas,
+                c.streams[0].replicas
+            ),
+            (3, 3, 5)
+        );
+        for (text, needle) in [
+            ("[state]\nreplicas = 0\n", "state.replicas"),
+            ("[dead-letter]\nreplicas = 7\n", "dead-letter.replicas"),
+            (
+                "[[streams]]\nname = \"S\"\nsubjects = [\"s.>\"]\nreplicas = 6\n",
+                "streams S: replicas",
+            ),
+        ] {
+            let err = HostConfig::parse(text, Path::new(".")).unwrap_err();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
     }
 
     #[test]

@@ -52,8 +52,18 @@ pub async fn connect(config: &HostConfig) -> anyhow::Result<async_nats::Client> 
         options = options.add_client_certificate(cert.clone(), key.clone());
     }
     let url = config.nats_url();
+    // A comma-separated list names several servers of one cluster; the
+    // client takes them as a list, not as one string.
+    let servers = url
+        .split(',')
+        .map(|one| {
+            one.trim()
+                .parse::<async_nats::ServerAddr>()
+                .with_context(|| format!("`nats.url`: {one:?} is not a NATS server URL"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     options
-        .connect(url.as_str())
+        .connect(servers)
         .await
         .with_context(|| format!("connecting to NATS at {url}"))
 }
@@ -67,6 +77,7 @@ pub async fn ensure_stream(js: &jetstream::Context, spec: &StreamConfig) -> anyh
         duplicate_window: Duration::from_secs(spec.duplicate_window_s),
         max_age: Duration::from_secs(spec.max_age_s),
         storage: stream::StorageType::File,
+        num_replicas: spec.replicas,
         ..Default::default()
     };
     js.get_or_create_stream(config)
@@ -88,6 +99,7 @@ pub async fn ensure_streams(js: &jetstream::Context, config: &HostConfig) -> any
             subjects: vec![format!("{}.>", dlq.subject_prefix)],
             duplicate_window_s: 120,
             max_age_s: 0,
+            replicas: dlq.replicas,
         },
     )
     .await
