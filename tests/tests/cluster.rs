@@ -1,7 +1,8 @@
 //! Replicated streams and state on a three-node JetStream cluster: the
-//! `replicas` settings reach the streams and the plugin's bucket, and a
-//! stateful plugin's effects come out exactly once. Needs `cargo xtask
-//! build` first.
+//! `replicas` settings reach the streams and the plugin's bucket, a
+//! stateful plugin's effects come out exactly once, and two hosts lose and
+//! duplicate nothing when the node leading the input stream is killed -9
+//! and restarted. Needs `cargo xtask build` first.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
 
@@ -36,32 +37,19 @@ fn cluster(dir: &std::path::Path) -> (Vec<NatsServer>, String) {
     (servers, urls.join(","))
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn replicated_streams_and_state_on_a_three_node_cluster() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_servers, urls) = cluster(dir.path());
-    let client = async_nats::ConnectOptions::new()
-        .connect(urls.split(',').collect::<Vec<_>>())
-        .await
-        .unwrap();
-    let js = jetstream::new(client);
-    // The cluster needs a moment to elect a meta leader.
-    wait_until(
-        Duration::from_secs(60),
-        "a JetStream meta leader",
-        || async { js.query_account().await.is_ok() },
-    )
-    .await;
-
-    let plugins = dir.path().join("plugins");
+/// The tally guest as plugin `tally` and a config with everything R3;
+/// returns the config's path.
+fn host_config(dir: &std::path::Path, urls: &str) -> std::path::PathBuf {
+    let plugins = dir.join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
     let wasm = dist("test-guests/hostile.wasm");
     std::fs::copy(&wasm, plugins.join("tally.wasm")).unwrap();
     let manifest = std::fs::read_to_string(wasm.with_extension("toml"))
         .unwrap()
-        .replace("start = \"all\"", "start = \"all\"\nconcurrency = 4");
+        .replace("start = \"all\"", "start = \"all\"\nconcurrency = 4")
+        .replace("max-deliveries = 3", "max-deliveries = 50");
     std::fs::write(plugins.join("tally.toml"), manifest).unwrap();
-    let config = dir.path().join("weir.toml");
+    let config = dir.join("weir.toml");
     std::fs::write(
         &config,
         format!(
@@ -71,6 +59,31 @@ async fn replicated_streams_and_state_on_a_three_node_cluster() {
         ),
     )
     .unwrap();
+    config
+}
+
+/// A client of the cluster, once it has a JetStream meta leader.
+async fn cluster_client(urls: &str) -> jetstream::Context {
+    let client = async_nats::ConnectOptions::new()
+        .connect(urls.split(',').collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let js = jetstream::new(client);
+    wait_until(
+        Duration::from_secs(60),
+        "a JetStream meta leader",
+        || async { js.query_account().await.is_ok() },
+    )
+    .await;
+    js
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicated_streams_and_state_on_a_three_node_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_servers, urls) = cluster(dir.path());
+    let js = cluster_client(&urls).await;
+    let config = host_config(dir.path(), &urls);
     let mut host = WeirProcess::start(&config, &dir.path().join("weir.log"));
     host.wait_ready();
 
@@ -97,4 +110,83 @@ async fn replicated_streams_and_state_on_a_three_node_cluster() {
         let value = kv.get(format!("s.tally.k{k}")).await.unwrap().unwrap();
         assert_eq!(value.as_ref(), b"100", "k{k}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hosts_survive_the_input_streams_leader_dying() {
+    const EVENTS: usize = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut servers, urls) = cluster(dir.path());
+    let js = cluster_client(&urls).await;
+    let config = host_config(dir.path(), &urls);
+    let mut hosts: Vec<WeirProcess> = (0..2)
+        .map(|i| WeirProcess::start(&config, &dir.path().join(format!("weir-{i}.log"))))
+        .collect();
+    for host in &mut hosts {
+        host.wait_ready();
+    }
+    let events: Vec<String> = (0..EVENTS).map(|i| format!("tally k{}", i % 20)).collect();
+    publish_all(&js, "hostile.in", &events, None).await;
+    wait_until(Duration::from_secs(120), "a quarter done", || async {
+        count(&js, "HOSTILE", "hostile.out").await >= (EVENTS / 4) as u64
+    })
+    .await;
+
+    // Kill -9 the node leading the input stream, then bring it back.
+    let leader = js
+        .get_stream("HOSTILE")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("a stream leader");
+    let victim: usize = leader.trim_start_matches('n').parse().unwrap();
+    servers[victim].kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    servers[victim].restart().unwrap();
+
+    wait_until(Duration::from_secs(300), "every output", || async {
+        outputs_while_failing_over(&js).await >= EVENTS as u64
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        count(&js, "HOSTILE", "hostile.out").await,
+        EVENTS as u64,
+        "no output lost or duplicated"
+    );
+    let kv = js.get_key_value("weir_state_tally").await.unwrap();
+    for k in 0..20 {
+        let value = kv.get(format!("s.tally.k{k}")).await.unwrap().unwrap();
+        assert_eq!(value.as_ref(), b"1000", "k{k}: state exact");
+    }
+    assert_eq!(
+        count(&js, "WEIR_DLQ", ">").await,
+        0,
+        "nothing dead-lettered"
+    );
+}
+
+/// Outputs stored so far; 0 while the cluster cannot answer (a leader
+/// election after a node died).
+async fn outputs_while_failing_over(js: &jetstream::Context) -> u64 {
+    use futures::StreamExt;
+    let Ok(stream) = js.get_stream("HOSTILE").await else {
+        return 0;
+    };
+    let Ok(mut subjects) = stream.info_with_subjects("hostile.out").await else {
+        return 0;
+    };
+    let mut total = 0;
+    while let Some(entry) = subjects.next().await {
+        match entry {
+            Ok((_, n)) => total += n as u64,
+            Err(_) => return 0,
+        }
+    }
+    total
 }
