@@ -1,8 +1,9 @@
 //! Replicated streams and state on a three-node JetStream cluster: the
 //! `replicas` settings reach the streams and the plugin's bucket, a
 //! stateful plugin's effects come out exactly once, and two hosts lose and
-//! duplicate nothing when the node leading the input stream is killed -9
-//! and restarted. Needs `cargo xtask build` first.
+//! duplicate nothing when the node leading the input stream, or the one
+//! leading the plugin's state bucket, is killed -9 and restarted. Needs
+//! `cargo xtask build` first.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
 
@@ -114,6 +115,18 @@ async fn replicated_streams_and_state_on_a_three_node_cluster() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_hosts_survive_the_input_streams_leader_dying() {
+    two_hosts_survive_a_leader_dying("HOSTILE").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hosts_survive_the_state_buckets_leader_dying() {
+    two_hosts_survive_a_leader_dying("KV_weir_state_tally").await;
+}
+
+/// Two hosts drain 20,000 stateful events while the node leading `stream`
+/// is killed -9 and restarted: nothing lost, nothing duplicated, state
+/// exact, nothing dead-lettered.
+async fn two_hosts_survive_a_leader_dying(stream: &str) {
     const EVENTS: usize = 20_000;
     let dir = tempfile::tempdir().unwrap();
     let (mut servers, urls) = cluster(dir.path());
@@ -132,9 +145,9 @@ async fn two_hosts_survive_the_input_streams_leader_dying() {
     })
     .await;
 
-    // Kill -9 the node leading the input stream, then bring it back.
+    // Kill -9 the node leading `stream`, then bring it back.
     let leader = js
-        .get_stream("HOSTILE")
+        .get_stream(stream)
         .await
         .unwrap()
         .info()
