@@ -80,11 +80,32 @@ pub async fn ensure_stream(js: &jetstream::Context, spec: &StreamConfig) -> anyh
         num_replicas: spec.replicas,
         ..Default::default()
     };
-    js.get_or_create_stream(config)
-        .await
-        .with_context(|| format!("creating stream {}", spec.name))?;
-    Ok(())
+    // A cluster electing a leader, or busy, times out requests for a while;
+    // that is no reason to give up starting.
+    let deadline = tokio::time::Instant::now() + STREAM_SETUP_PATIENCE;
+    let mut pause = Duration::from_millis(250);
+    loop {
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::context::CreateStreamErrorKind::TimedOut
+                        | jetstream::context::CreateStreamErrorKind::JetStreamUnavailable
+                ) && tokio::time::Instant::now() + pause < deadline =>
+            {
+                tracing::warn!(stream = %spec.name, "creating the stream: {e}; retrying in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e).with_context(|| format!("creating stream {}", spec.name)),
+        }
+    }
 }
+
+/// How long start-up keeps retrying a stream the server is too busy (or
+/// not yet able) to create.
+const STREAM_SETUP_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Every stream of `config`, plus the dead-letter stream.
 pub async fn ensure_streams(js: &jetstream::Context, config: &HostConfig) -> anyhow::Result<()> {
