@@ -339,11 +339,7 @@ pub async fn run(
                         release_buffered(&mut messages, &name).await;
                         break 'subscribe;
                     }
-                    _ = keepalive.tick() => {
-                        for message in lanes.queued() {
-                            let _ = message.ack_with(AckKind::Progress).await;
-                        }
-                    }
+                    _ = keepalive.tick() => still_ours(lanes.queued()).await,
                     () = ctx.held.below(max_held) => {}
                 }
                 continue;
@@ -354,9 +350,7 @@ pub async fn run(
                     break 'subscribe;
                 }
                 _ = keepalive.tick() => {
-                    for message in lanes.queued() {
-                        let _ = message.ack_with(AckKind::Progress).await;
-                    }
+                    still_ours(lanes.queued()).await;
                     continue;
                 }
                 next = messages.next() => next,
@@ -469,6 +463,14 @@ async fn recover(
             return false;
         }
         delay = (delay * 2).min(RECREATE_MAX_DELAY);
+    }
+}
+
+/// Progress-ack events waiting in the lanes, so their ack wait does not
+/// expire behind a busy lane. A lost one is sent again at the next tick.
+async fn still_ours(queued: Vec<jetstream::Message>) {
+    for message in queued {
+        let _ = message.ack_with(AckKind::Progress).await;
     }
 }
 
