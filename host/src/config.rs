@@ -154,6 +154,9 @@ pub struct RuntimeConfig {
     /// growth past it ends that call as a host error (retried later), so
     /// many plugins at their caps cannot take the host's memory.
     pub max_guest_memory_mb: u64,
+    /// Guest calls that may run at once, across all plugins; a freed turn
+    /// goes to the plugin running the fewest. Default: one per core.
+    pub max_running_guest_calls: Option<usize>,
 }
 
 impl Default for RuntimeConfig {
@@ -163,6 +166,7 @@ impl Default for RuntimeConfig {
             cache_dir: None,
             ack_wait_ms: 30_000,
             max_guest_memory_mb: crate::sandbox::DEFAULT_MEMORY_BUDGET_MB,
+            max_running_guest_calls: None,
         }
     }
 }
@@ -420,6 +424,9 @@ impl HostConfig {
         }
         if self.plugins.max_wasm_mb == 0 {
             return Err("`plugins.max-wasm-mb` must be at least 1".into());
+        }
+        if self.runtime.max_running_guest_calls == Some(0) {
+            return Err("`runtime.max-running-guest-calls` must be at least 1".into());
         }
         if self.runtime.max_guest_memory_mb == 0 {
             return Err("`runtime.max-guest-memory-mb` must be at least 1".into());

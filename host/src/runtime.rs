@@ -149,6 +149,7 @@ impl Host {
             sandbox_config.cache_dir = Some(dir.clone());
         }
         sandbox_config.memory_budget_bytes = config.runtime.max_guest_memory_mb << 20;
+        sandbox_config.running_guest_calls = config.runtime.max_running_guest_calls.unwrap_or(0);
         let sandbox = Arc::new(Sandbox::new(sandbox_config)?);
         let scanner = Scanner::new(config.plugins.dir.clone(), config.plugins.max_wasm_mb << 20);
         // Read before any plugin starts, so a missing token file stops

@@ -16,6 +16,7 @@ use crate::bindings::{LimitError, WitHeader};
 use crate::event::{Emitted, Header};
 use crate::manifest::Limits;
 use crate::names::validate_publish_subject;
+use crate::sandbox::cpu::TurnHandle;
 use crate::sandbox::limits::Limiter;
 use crate::sandbox::stdio::Capture;
 use crate::state::{PendingState, StateStore};
@@ -30,6 +31,11 @@ pub struct PluginContext {
     pub config: Vec<(String, String)>,
     /// The host-wide budget its instances' memory is reserved from.
     pub budget: Arc<super::budget::MemoryBudget>,
+    /// The host-wide guest-CPU turns its calls take.
+    pub cpu: Arc<super::cpu::CpuShare>,
+    /// Whose turns these are: the plugin's name, so every version of a
+    /// plugin shares one fair share.
+    pub cpu_key: Arc<str>,
 }
 
 /// A guest log line.
@@ -63,6 +69,8 @@ pub struct CallState {
     pub(crate) store: Arc<dyn StateStore>,
     pub(crate) event_id: String,
     pub(crate) deadline: Instant,
+    /// The running call's turn on the guest CPU.
+    pub(crate) turn: Option<TurnHandle>,
     pub(crate) outbox: Vec<Emitted>,
     pub(crate) pending: PendingState,
     /// Revision of each key when this call first read it from the store.
@@ -94,6 +102,7 @@ impl CallState {
             store,
             event_id: String::new(),
             deadline: Instant::now(),
+            turn: None,
             outbox: Vec::new(),
             pending: PendingState::default(),
             reads: BTreeMap::new(),
@@ -105,10 +114,17 @@ impl CallState {
 
     /// Start a new call on this instance: forget what the previous one
     /// buffered, including output it printed after its result was taken.
-    pub fn begin(&mut self, event_id: &str, deadline: Instant, store: Arc<dyn StateStore>) {
+    pub(crate) fn begin(
+        &mut self,
+        event_id: &str,
+        deadline: Instant,
+        turn: TurnHandle,
+        store: Arc<dyn StateStore>,
+    ) {
         self.event_id.clear();
         self.event_id.push_str(event_id);
         self.deadline = deadline;
+        self.turn = Some(turn);
         self.store = store;
         self.outbox.clear();
         self.pending = PendingState::default();
@@ -238,7 +254,13 @@ impl state::Host for CallState {
         if let Some(pending) = self.pending.get(&key) {
             return Ok(pending);
         }
-        match self.store.get(&key).await {
+        // The store may go to the server: other calls run meanwhile.
+        let read = self.store.get(&key);
+        let read = match &self.turn {
+            Some(turn) => turn.without(read).await,
+            None => read.await,
+        };
+        match read {
             Ok(versioned) => {
                 self.reads.entry(key).or_insert(versioned.revision);
                 Ok(versioned.value)

@@ -10,6 +10,7 @@ use crate::bindings::GuestError;
 use crate::event::{Emitted, Event};
 use crate::outcome::Outcome;
 use crate::plugin::Plugin;
+use crate::sandbox::cpu::Turn;
 use crate::sandbox::host::{CallState, LogLevel, LogLine, StateUnavailable};
 use crate::sandbox::instances::Instance;
 use crate::sandbox::limits::{DeadlineExceeded, MemoryLimitExceeded};
@@ -46,11 +47,22 @@ fn new_store(plugin: &Plugin, state: Arc<dyn StateStore>) -> Store<CallState> {
     );
     store.limiter(|s| &mut s.limiter);
     store.epoch_deadline_callback(|ctx| {
-        if Instant::now() >= ctx.data().deadline {
-            Err(wasmtime::Error::new(DeadlineExceeded))
-        } else {
-            // Yield so a guest spinning without host calls shares the thread.
-            Ok(UpdateDeadline::Yield(1))
+        let data = ctx.data();
+        if Instant::now() >= data.deadline {
+            return Err(wasmtime::Error::new(DeadlineExceeded));
+        }
+        match &data.turn {
+            // Another plugin's call waits for the guest CPU: let it have this turn.
+            Some(turn) if turn.wanted() => Ok(UpdateDeadline::YieldCustom(1, turn.pass())),
+            // Yield anyway, so the host's own tasks queued on this thread
+            // (acks, pulls) are not held up behind a guest that never
+            // calls the host. Tokio's `yield_now` goes to the back of the
+            // queue; the plain `Yield` wakes the task at once, and tokio
+            // may poll it again before anything else.
+            _ => Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            )),
         }
     });
     store
@@ -60,19 +72,25 @@ fn start_call(
     store: &mut Store<CallState>,
     event: &Event,
     deadline: Instant,
+    turn: &Turn,
     state: Arc<dyn StateStore>,
 ) {
-    store.data_mut().begin(&event.id, deadline, state);
+    store
+        .data_mut()
+        .begin(&event.id, deadline, turn.handle(), state);
     store.set_epoch_deadline(1);
 }
 
 /// Run `event` in an instance of `plugin`: an idle one from its pool, or a
-/// new one. The deadline covers instantiation too.
+/// new one. The call waits for a turn on the guest CPU first; its deadline
+/// starts with the turn and covers instantiation too.
 pub(crate) async fn invoke(
     plugin: &Plugin,
     event: &Event,
     state: Arc<dyn StateStore>,
 ) -> Invocation {
+    let ctx = plugin.context();
+    let turn = ctx.cpu.turn(&ctx.cpu_key).await;
     let started = Instant::now();
     let timeout = plugin.manifest().limits.timeout();
     let deadline = started + timeout;
@@ -82,7 +100,7 @@ pub(crate) async fn invoke(
         Some(instance) => instance,
         None => {
             let mut store = new_store(plugin, state.clone());
-            start_call(&mut store, event, deadline, state.clone());
+            start_call(&mut store, event, deadline, &turn, state.clone());
             pool.created();
             tracing::debug!(plugin = plugin.name(), "new instance");
             match tokio::time::timeout_at(hard_stop, plugin.pre().instantiate_async(&mut store))
@@ -98,7 +116,7 @@ pub(crate) async fn invoke(
             }
         }
     };
-    start_call(&mut instance.store, event, deadline, state);
+    start_call(&mut instance.store, event, deadline, &turn, state);
     let wit_event = event.to_wit();
     let result = tokio::time::timeout_at(
         hard_stop,

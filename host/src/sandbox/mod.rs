@@ -7,6 +7,7 @@
 //! event alone and discards its instance.
 
 pub(crate) mod budget;
+pub(crate) mod cpu;
 mod engine;
 pub(crate) mod host;
 pub(crate) mod instances;
@@ -45,6 +46,9 @@ pub struct SandboxConfig {
     pub cache_dir: Option<PathBuf>,
     /// Linear memory all instances of all plugins may hold together.
     pub memory_budget_bytes: u64,
+    /// Guest calls that may run at once, shared fairly between plugins;
+    /// 0 means one per core.
+    pub running_guest_calls: usize,
 }
 
 /// The default host-wide guest memory budget (`runtime.max-guest-memory-mb`).
@@ -61,6 +65,7 @@ impl SandboxConfig {
         SandboxConfig {
             cache_dir: dir.map(|d| d.join("compiled")),
             memory_budget_bytes: DEFAULT_MEMORY_BUDGET_MB << 20,
+            running_guest_calls: 0,
         }
     }
 }
@@ -90,6 +95,7 @@ pub struct Sandbox {
     linker: Linker<CallState>,
     cache: CompileCache,
     budget: Arc<budget::MemoryBudget>,
+    cpu: Arc<cpu::CpuShare>,
 }
 
 impl Sandbox {
@@ -108,11 +114,20 @@ impl Sandbox {
             linker,
             cache,
             budget: Arc::new(budget::MemoryBudget::new(config.memory_budget_bytes)),
+            cpu: cpu::CpuShare::new(match config.running_guest_calls {
+                0 => cpu::CpuShare::default_slots(),
+                n => n,
+            }),
         })
     }
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// Guest calls that may run at once.
+    pub fn running_guest_calls(&self) -> usize {
+        self.cpu.slots()
     }
 
     /// Guest linear memory held by live instances now, in bytes.
@@ -170,6 +185,8 @@ impl Sandbox {
             limits: manifest.limits.clone(),
             config: manifest.config_strings().into_iter().collect(),
             budget: self.budget.clone(),
+            cpu: self.cpu.clone(),
+            cpu_key: Arc::from(name.as_str()),
         });
         tracing::debug!(plugin = %name, %version, cache = ?cache_status, "plugin compiled and linked");
         Ok(Plugin::new(

@@ -168,12 +168,13 @@ async fn main() {
     let Some((host, stats, subject)) = latency_host else {
         return;
     };
-    stats.ack_latency.reset();
-    let before = stats.snapshot().processed;
-    paced_publish(&js, &subject, &orders[..count], rate).await;
-    while stats.snapshot().processed < before + count as u64 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let unloaded = weir_latency(&js, &stats, &subject, &orders[..count], rate).await;
+    // The same host and plugin again, now sharing the host with a plugin
+    // whose 16 calls spin until their deadline: what fair sharing of the
+    // guest CPU has to protect.
+    let spin_window = Duration::from_secs_f64(count as f64 / rate as f64);
+    start_spinners(&js, &host, &dir.path().join("plugins-2"), spin_window).await;
+    let neighboured = weir_latency(&js, &stats, &subject, &orders[..count], rate).await;
     host.shutdown().await;
 
     let base_latency = Arc::new(LatencyHistogram::default());
@@ -186,19 +187,73 @@ async fn main() {
     paced_publish(&js, "base.orders", &orders[..count], rate).await;
     consumer_task.await.unwrap();
 
-    for (label, h) in [
+    let ms = |d: Option<Duration>| {
+        d.map(|d| format!("{:.2} ms", d.as_secs_f64() * 1e3))
+            .unwrap_or("-".into())
+    };
+    let base_p = (base_latency.quantile(0.5), base_latency.quantile(0.99));
+    for (label, (p50, p99)) in [
+        ("baseline: pull consumer, double-ack each", base_p),
+        ("weir + fraud, concurrency 16", unloaded),
         (
-            "baseline: pull consumer, double-ack each",
-            base_latency.as_ref(),
+            "weir + fraud, c16, next to 16 spinning guest calls",
+            neighboured,
         ),
-        ("weir + fraud, concurrency 16", &stats.ack_latency),
     ] {
-        let p = |q| {
-            h.quantile(q)
-                .map(|d| format!("{:.2} ms", d.as_secs_f64() * 1e3))
-                .unwrap_or("-".into())
-        };
-        println!("  {label:<52} p50 {:>9}   p99 {:>9}", p(0.5), p(0.99));
+        println!("  {label:<52} p50 {:>9}   p99 {:>9}", ms(p50), ms(p99));
+    }
+    if let (Some(alone), Some(beside)) = (unloaded.1, neighboured.1) {
+        println!(
+            "  p99 next to spinning guests / p99 alone: {:.2}x",
+            beside.as_secs_f64() / alone.as_secs_f64()
+        );
+    }
+}
+
+/// Publish `payloads` at `rate` to the running fraud plugin and return the
+/// p50 and p99 of its publish-to-ack latency over them.
+async fn weir_latency(
+    js: &jetstream::Context,
+    stats: &PluginStats,
+    subject: &str,
+    payloads: &[String],
+    rate: usize,
+) -> (Option<Duration>, Option<Duration>) {
+    stats.ack_latency.reset();
+    let before = stats.snapshot().processed;
+    paced_publish(js, subject, payloads, rate).await;
+    while stats.snapshot().processed < before + payloads.len() as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (
+        stats.ack_latency.quantile(0.5),
+        stats.ack_latency.quantile(0.99),
+    )
+}
+
+/// Add the hostile test guest to `host` as a plugin with 16 concurrent
+/// calls, and feed it events that spin until their 1 s deadline, enough to
+/// keep all 16 spinning for `window` and beyond; returns once they spin.
+async fn start_spinners(js: &jetstream::Context, host: &Host, plugins: &Path, window: Duration) {
+    let wasm = dist("test-guests/hostile.wasm");
+    std::fs::copy(&wasm, plugins.join("spinners.wasm")).unwrap();
+    std::fs::write(
+        plugins.join("spinners.toml"),
+        "subjects = [\"hostile.spin\"]\nstream = \"HOSTILE\"\nstart = \"all\"\n\
+         concurrency = 16\n[retry]\nmax-deliveries = 1\n\
+         [limits]\nmemory-mb = 16\ntimeout-ms = 1000\n",
+    )
+    .unwrap();
+    let spins = 16 * (window.as_secs() as usize + 4);
+    let loops: Vec<String> = (0..spins).map(|_| "loop".to_owned()).collect();
+    publish_all(js, "hostile.spin", &loops, None).await;
+    host.reconcile().await.unwrap();
+    let spinners = host
+        .stats("spinners")
+        .await
+        .expect("the spinners plugin runs");
+    while spinners.snapshot().in_flight < 16 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

@@ -1,0 +1,494 @@
+//! Fair shares of the host's CPU between plugins.
+//!
+//! Guest code runs on the async runtime's worker threads, beside the tasks
+//! that pull, commit and ack. Left alone, sixteen calls of one plugin that
+//! spin until their deadline take those threads in turn, and another
+//! plugin's events (and the host's own I/O) wait behind every one of them.
+//!
+//! So guest code runs only while its call holds a *turn*:
+//!
+//! - At most `slots` turns are out at once (`runtime.max-running-guest-calls`,
+//!   the number of cores by default).
+//! - A freed turn goes to the waiting plugin whose turns have used the
+//!   least guest CPU time (as Linux's fair scheduler picks the task with
+//!   the least virtual runtime); within a plugin, to its oldest waiter. A
+//!   plugin's share does not grow with the number of calls it has waiting,
+//!   and a plugin whose calls take microseconds is served ahead of one
+//!   whose calls spin.
+//! - A call holds its turn while its guest code runs. It gives the turn
+//!   back when it ends, while it awaits the state store, at every epoch
+//!   tick at which a call of another plugin is waiting, and after
+//!   [`SLICE`] when only its own plugin's calls wait.
+//! - A call granted a turn after waiting first yields to the runtime once,
+//!   so the tasks that became ready while it waited (acks, pulls) run
+//!   before it takes the thread.
+//!
+//! When nobody waits, taking and giving back a turn is one uncontended
+//! lock each, and a running guest is never interrupted.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+/// How long a call keeps its turn while only calls of its own plugin wait.
+/// Passing a turn costs a switch between instances (and their caches), so
+/// a plugin's own calls take turns at this coarser slice; one event that
+/// spins until its deadline still cannot stall its plugin's other events.
+pub const SLICE: Duration = Duration::from_millis(10);
+const SLICE_NS: u64 = SLICE.as_nanos() as u64;
+
+/// The host's guest-CPU turns, shared by every plugin.
+#[derive(Debug)]
+pub struct CpuShare {
+    slots: usize,
+    /// Origin of the nanosecond clock turns are timed with.
+    origin: Instant,
+    /// Calls waiting for a turn, readable without the lock by the epoch
+    /// callback of every running call.
+    waiting: AtomicUsize,
+    turns: Mutex<Turns>,
+}
+
+#[derive(Debug, Default)]
+struct Turns {
+    free: usize,
+    next_ticket: u64,
+    /// Plugins holding or waiting for a turn; an idle plugin is forgotten.
+    plugins: HashMap<Arc<str>, PluginTurns>,
+}
+
+#[derive(Debug, Default)]
+struct PluginTurns {
+    held: usize,
+    /// Guest CPU its turns have taken, in nanoseconds (relative: see
+    /// [`Turns::plugin`]).
+    used: u64,
+    waiting: VecDeque<Waiter>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    ticket: u64,
+    grant: oneshot::Sender<()>,
+}
+
+impl Turns {
+    /// `plugin`'s entry. A plugin becoming busy starts level with the busy
+    /// plugin that has used least: it is neither owed for an idle spell
+    /// nor made to repay the others'.
+    fn plugin(&mut self, plugin: &Arc<str>) -> &mut PluginTurns {
+        let level = self.plugins.values().map(|p| p.used).min().unwrap_or(0);
+        self.plugins
+            .entry(plugin.clone())
+            .or_insert_with(|| PluginTurns {
+                used: level,
+                ..PluginTurns::default()
+            })
+    }
+}
+
+impl CpuShare {
+    /// `slots` guest calls may run at once; at least one.
+    pub fn new(slots: usize) -> Arc<Self> {
+        let slots = slots.max(1);
+        Arc::new(CpuShare {
+            slots,
+            origin: Instant::now(),
+            waiting: AtomicUsize::new(0),
+            turns: Mutex::new(Turns {
+                free: slots,
+                ..Turns::default()
+            }),
+        })
+    }
+
+    /// The default number of turns: one per core.
+    pub fn default_slots() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Whether some call is waiting for a turn.
+    pub fn contended(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) > 0
+    }
+
+    /// Wait for a turn for a call of `plugin`.
+    pub async fn turn(self: &Arc<Self>, plugin: &Arc<str>) -> Turn {
+        let inner = Arc::new(TurnInner {
+            share: self.clone(),
+            plugin: plugin.clone(),
+            held: AtomicBool::new(false),
+            since: AtomicU64::new(0),
+        });
+        inner.take().await;
+        Turn(inner)
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Turns> {
+        // Every update under this lock leaves the counts consistent, so a
+        // lock poisoned by a panic elsewhere is still usable.
+        self.turns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a call of a plugin other than `plugin` waits for a turn.
+    fn wanted_by_others(&self, plugin: &Arc<str>) -> bool {
+        self.lock()
+            .plugins
+            .iter()
+            .any(|(name, p)| name != plugin && !p.waiting.is_empty())
+    }
+
+    /// Take a free turn for `plugin`, or queue for one.
+    fn take_or_queue(&self, plugin: &Arc<str>) -> Result<(), Queued<'_>> {
+        let mut turns = self.lock();
+        if turns.free > 0 {
+            turns.free -= 1;
+            turns.plugin(plugin).held += 1;
+            return Ok(());
+        }
+        let ticket = turns.next_ticket;
+        turns.next_ticket += 1;
+        let (grant, granted) = oneshot::channel();
+        turns
+            .plugin(plugin)
+            .waiting
+            .push_back(Waiter { ticket, grant });
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        Err(Queued {
+            share: self,
+            plugin: plugin.clone(),
+            ticket,
+            granted: Some(granted),
+        })
+    }
+
+    /// Give back a turn of `plugin`'s that ran guest code for `used` ns.
+    fn give_back(&self, plugin: &Arc<str>, used: u64) {
+        let mut turns = self.lock();
+        if let Some(p) = turns.plugins.get_mut(plugin) {
+            p.held -= 1;
+            p.used = p.used.saturating_add(used);
+        }
+        turns.free += 1;
+        self.hand_on(&mut turns);
+        turns
+            .plugins
+            .retain(|_, p| p.held > 0 || !p.waiting.is_empty());
+    }
+
+    /// Grant free turns to waiters: each to the waiting plugin that has
+    /// used the least guest CPU (then the one holding fewer turns, then the
+    /// oldest waiter).
+    fn hand_on(&self, turns: &mut Turns) {
+        while turns.free > 0 {
+            let next = turns
+                .plugins
+                .values_mut()
+                .filter_map(|p| {
+                    let key = (p.used, p.held, p.waiting.front()?.ticket);
+                    Some((key, p))
+                })
+                .min_by_key(|(key, _)| *key)
+                .map(|(_, p)| p);
+            let Some((plugin, waiter)) = next.and_then(|p| p.waiting.pop_front().map(|w| (p, w)))
+            else {
+                return;
+            };
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            // A waiter that went away before its grant cannot take it.
+            if waiter.grant.send(()).is_ok() {
+                plugin.held += 1;
+                turns.free -= 1;
+            }
+        }
+    }
+}
+
+/// One call's claim on the guest CPU, given back when dropped.
+#[derive(Debug)]
+pub struct Turn(Arc<TurnInner>);
+
+impl Turn {
+    /// What the call's store keeps to give the turn up and take it back
+    /// while the call runs.
+    pub fn handle(&self) -> TurnHandle {
+        TurnHandle(self.0.clone())
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.0.give_up();
+    }
+}
+
+/// Gives up and retakes a running call's turn; see [`Turn::handle`].
+#[derive(Debug, Clone)]
+pub struct TurnHandle(Arc<TurnInner>);
+
+impl TurnHandle {
+    /// At an epoch tick: whether this call should pass its turn on,
+    /// because a call of another plugin waits, or a call of its own
+    /// plugin waits and this one has held the turn for a whole [`SLICE`].
+    pub fn wanted(&self) -> bool {
+        let inner = &self.0;
+        let share = &inner.share;
+        if !share.contended() {
+            return false;
+        }
+        let held_for = share
+            .now()
+            .saturating_sub(inner.since.load(Ordering::Acquire));
+        held_for >= SLICE_NS || share.wanted_by_others(&inner.plugin)
+    }
+
+    /// Give the turn up and wait for it again: for the epoch callback,
+    /// which cannot await.
+    pub fn pass(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+        let inner = self.0.clone();
+        Box::pin(async move {
+            inner.give_up();
+            inner.take().await;
+        })
+    }
+
+    /// Run `work` (a host call that may await I/O), giving the turn up
+    /// while it waits. Work that is ready at once (a read served from
+    /// memory) keeps the turn: handing it over would only switch instances.
+    pub async fn without<F: Future>(&self, work: F) -> F::Output {
+        let mut work = std::pin::pin!(work);
+        let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+        if let Poll::Ready(out) = first {
+            return out;
+        }
+        self.0.give_up();
+        let out = work.await;
+        self.0.take().await;
+        out
+    }
+}
+
+#[derive(Debug)]
+struct TurnInner {
+    share: Arc<CpuShare>,
+    plugin: Arc<str>,
+    /// Whether this call holds a turn now; the call is suspended while it
+    /// waits, so only one of its futures ever touches these at a time.
+    held: AtomicBool,
+    /// When the turn held now was taken, on the share's clock.
+    since: AtomicU64,
+}
+
+impl TurnInner {
+    async fn take(&self) {
+        debug_assert!(!self.held.load(Ordering::Acquire));
+        let queued = self.share.take_or_queue(&self.plugin);
+        let waited = queued.is_err();
+        if let Err(mut queued) = queued {
+            queued.granted().await;
+        }
+        self.held.store(true, Ordering::Release);
+        if waited {
+            tokio::task::yield_now().await;
+        }
+        self.since.store(self.share.now(), Ordering::Release);
+    }
+
+    fn give_up(&self) {
+        if self.held.swap(false, Ordering::AcqRel) {
+            let used = self
+                .share
+                .now()
+                .saturating_sub(self.since.load(Ordering::Acquire));
+            self.share.give_back(&self.plugin, used);
+        }
+    }
+}
+
+/// A place in the queue; leaving it (a call cancelled while waiting)
+/// passes on a turn granted but never used.
+struct Queued<'a> {
+    share: &'a CpuShare,
+    plugin: Arc<str>,
+    ticket: u64,
+    granted: Option<oneshot::Receiver<()>>,
+}
+
+impl Queued<'_> {
+    async fn granted(&mut self) {
+        if let Some(granted) = &mut self.granted {
+            // The sender lives in the queue until it is used, and the
+            // share outlives every queued call.
+            let _ = granted.await;
+        }
+        self.granted = None;
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let Some(mut granted) = self.granted.take() else {
+            return;
+        };
+        let mut turns = self.share.lock();
+        if let Some(p) = turns.plugins.get_mut(&self.plugin)
+            && let Some(i) = p.waiting.iter().position(|w| w.ticket == self.ticket)
+        {
+            p.waiting.remove(i);
+            self.share.waiting.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        // Not in the queue, so it was granted under this lock's watch, and
+        // the turn is this waiter's to pass on.
+        if granted.try_recv().is_ok() {
+            if let Some(p) = turns.plugins.get_mut(&self.plugin) {
+                p.held -= 1;
+            }
+            turns.free += 1;
+            self.share.hand_on(&mut turns);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::CpuShare;
+
+    fn name(s: &str) -> Arc<str> {
+        Arc::from(s)
+    }
+
+    #[tokio::test]
+    async fn a_freed_turn_goes_to_the_plugin_that_used_least() {
+        let share = CpuShare::new(2);
+        let (spin, fraud) = (name("spin"), name("fraud"));
+        let a = share.turn(&spin).await;
+        let b = share.turn(&spin).await;
+        // Sixteen more spinning calls queue first, then one fraud call.
+        let mut spinners = Vec::new();
+        for _ in 0..16 {
+            let (share, spin) = (share.clone(), spin.clone());
+            spinners.push(tokio::spawn(async move { share.turn(&spin).await }));
+        }
+        let fraud_call = {
+            let (share, fraud) = (share.clone(), fraud.clone());
+            tokio::spawn(async move { share.turn(&fraud).await })
+        };
+        while share.waiting.load(std::sync::atomic::Ordering::Acquire) < 17 {
+            tokio::task::yield_now().await;
+        }
+        assert!(share.contended());
+        drop(a);
+        // The first freed turn goes to fraud, which has used none, even
+        // though sixteen spinning calls asked before it.
+        let fraud_turn = fraud_call.await.unwrap();
+        assert_eq!(share.lock().plugins[&fraud].held, 1);
+        assert_eq!(share.lock().plugins[&spin].held, 1);
+        drop(fraud_turn);
+        drop(b);
+        let mut turns = Vec::new();
+        for s in spinners {
+            let t = s.await.unwrap();
+            turns.push(t);
+            if turns.len() == 2 {
+                // Two running; the rest wait for these.
+                turns.clear();
+            }
+        }
+        drop(turns);
+        assert!(!share.contended());
+        assert_eq!(share.lock().free, 2);
+        assert!(share.lock().plugins.is_empty());
+    }
+
+    #[tokio::test]
+    async fn one_turn_alternates_between_plugins() {
+        let share = CpuShare::new(1);
+        let (spin, fraud) = (name("spin"), name("fraud"));
+        let running = share.turn(&spin).await;
+        let mut spinners = Vec::new();
+        for _ in 0..4 {
+            let (share, spin) = (share.clone(), spin.clone());
+            spinners.push(tokio::spawn(async move { share.turn(&spin).await }));
+        }
+        let fraud_call = {
+            let (share, fraud) = (share.clone(), fraud.clone());
+            tokio::spawn(async move { share.turn(&fraud).await })
+        };
+        while share.waiting.load(std::sync::atomic::Ordering::Acquire) < 5 {
+            tokio::task::yield_now().await;
+        }
+        // The running spinner passes its turn at a tick: fraud, which has
+        // used no CPU, goes before the spinners that queued first.
+        let handle = running.handle();
+        let pass = tokio::spawn(handle.pass());
+        let fraud_turn = fraud_call.await.unwrap();
+        assert_eq!(share.lock().plugins[&fraud].held, 1);
+        drop(fraud_turn);
+        for s in spinners {
+            drop(s.await.unwrap());
+        }
+        pass.await.unwrap();
+        drop(running);
+        assert_eq!(share.lock().free, 1);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_waiter_loses_no_turn() {
+        let share = CpuShare::new(1);
+        let p = name("p");
+        let held = share.turn(&p).await;
+        let waiter = {
+            let (share, p) = (share.clone(), p.clone());
+            tokio::spawn(async move { share.turn(&p).await })
+        };
+        while !share.contended() {
+            tokio::task::yield_now().await;
+        }
+        waiter.abort();
+        let _ = waiter.await;
+        assert!(!share.contended());
+        drop(held);
+        // The only turn is free again, so this does not wait.
+        let again = share.turn(&p).await;
+        drop(again);
+        assert_eq!(share.lock().free, 1);
+    }
+
+    #[tokio::test]
+    async fn passing_hands_the_turn_to_a_waiting_plugin() {
+        let share = CpuShare::new(1);
+        let (spin, other) = (name("spin"), name("other"));
+        let spinning = share.turn(&spin).await;
+        let handle = spinning.handle();
+        let other_call = {
+            let (share, other) = (share.clone(), other.clone());
+            tokio::spawn(async move { share.turn(&other).await })
+        };
+        while !handle.wanted() {
+            tokio::task::yield_now().await;
+        }
+        let pass = tokio::spawn(handle.pass());
+        let other_turn = other_call.await.unwrap();
+        assert!(!pass.is_finished());
+        drop(other_turn);
+        pass.await.unwrap();
+        assert_eq!(share.lock().plugins[&spin].held, 1);
+        drop(spinning);
+        assert_eq!(share.lock().free, 1);
+    }
+}
