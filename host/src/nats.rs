@@ -80,26 +80,32 @@ pub async fn ensure_stream(js: &jetstream::Context, spec: &StreamConfig) -> anyh
         num_replicas: spec.replicas,
         ..Default::default()
     };
-    // A cluster electing a leader, or busy, times out requests for a while;
-    // that is no reason to give up starting.
+    // A cluster electing a leader, or busy, times out requests for a while,
+    // and one still forming has too few peers to place replicas on; that is
+    // no reason to give up starting.
     let deadline = tokio::time::Instant::now() + STREAM_SETUP_PATIENCE;
     let mut pause = Duration::from_millis(250);
     loop {
         match js.get_or_create_stream(config.clone()).await {
             Ok(_) => return Ok(()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    jetstream::context::CreateStreamErrorKind::TimedOut
-                        | jetstream::context::CreateStreamErrorKind::JetStreamUnavailable
-                ) && tokio::time::Instant::now() + pause < deadline =>
-            {
+            Err(e) if cluster_not_ready(&e) && tokio::time::Instant::now() + pause < deadline => {
                 tracing::warn!(stream = %spec.name, "creating the stream: {e}; retrying in {pause:?}");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
             Err(e) => return Err(e).with_context(|| format!("creating stream {}", spec.name)),
         }
+    }
+}
+
+/// Whether creating a stream failed only because the server or cluster is
+/// not ready yet.
+fn cluster_not_ready(e: &jetstream::context::CreateStreamError) -> bool {
+    use jetstream::context::CreateStreamErrorKind as Kind;
+    match e.kind() {
+        Kind::TimedOut | Kind::JetStreamUnavailable => true,
+        Kind::JetStream(e) => e.error_code() == jetstream::ErrorCode::CLUSTER_NO_PEERS,
+        _ => false,
     }
 }
 
