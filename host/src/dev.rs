@@ -1,4 +1,5 @@
-//! A private nats-server for `weir dev`, the demo and the tests.
+//! A private nats-server, or a cluster of them, for `weir dev`, the demo
+//! and the tests.
 //!
 //! Started from the `nats-server` binary on PATH with JetStream on and its
 //! store in a directory of the caller's choosing; stopped (or killed, for
@@ -165,5 +166,48 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Nodes routed into one JetStream cluster on loopback.
+pub struct NatsCluster {
+    /// Node `i` is `n{i}`, its store under `dir/n{i}`.
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Start one node per client port, each routed to all the others.
+    /// JetStream elects its meta leader a moment after they are up.
+    pub fn start(dir: &Path, client_ports: &[u16]) -> anyhow::Result<Self> {
+        let routes = client_ports
+            .iter()
+            .map(|_| free_port())
+            .collect::<anyhow::Result<Vec<u16>>>()?;
+        let nodes = client_ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let others: Vec<String> = (0..routes.len())
+                    .filter(|j| *j != i)
+                    .map(|j| format!("nats-route://127.0.0.1:{}", routes[j]))
+                    .collect();
+                let conf = format!(
+                    "server_name: n{i}\ncluster {{ name: weir, listen: \"127.0.0.1:{}\", routes: [{}] }}\n",
+                    routes[i],
+                    others.join(", ")
+                );
+                NatsServer::start_with_conf(&dir.join(format!("n{i}")), *port, &conf)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(NatsCluster { nodes })
+    }
+
+    /// Every node's client URL, comma-separated, as `nats.url` takes them.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }

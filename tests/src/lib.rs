@@ -274,14 +274,21 @@ pub struct WeirProcess {
 
 impl WeirProcess {
     pub fn start(config: &Path, log: &Path) -> Self {
+        Self::start_with(
+            &["run".as_ref(), "--config".as_ref(), config.as_os_str()],
+            log,
+        )
+    }
+
+    /// Run `weir` with `args`, logging to `log`.
+    pub fn start_with(args: &[&std::ffi::OsStr], log: &Path) -> Self {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
         let child = Command::new(weir_binary())
-            .args(["run", "--config"])
-            .arg(config)
+            .args(args)
             .env("WEIR_LOG", "info,weir=debug")
             .stdout(Stdio::null())
             .stderr(log_file)

@@ -10,46 +10,21 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use weir::dev::{NatsServer, free_port};
+use weir::dev::{NatsCluster, NatsServer, free_port};
 use weir_integration_tests::{WeirProcess, count, dist, publish_all, wait_until};
 
 /// Three nats-servers routed into one cluster; their client URLs.
 fn cluster(dir: &std::path::Path) -> (Vec<NatsServer>, String) {
-    let client: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
-    let routes: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
-    let servers = (0..3)
-        .map(|i| {
-            let others: Vec<String> = (0..3)
-                .filter(|j| *j != i)
-                .map(|j| format!("nats-route://127.0.0.1:{}", routes[j]))
-                .collect();
-            let conf = format!(
-                "server_name: n{i}\ncluster {{ name: weir-test, listen: \"127.0.0.1:{}\", routes: [{}] }}\n",
-                routes[i],
-                others.join(", ")
-            );
-            NatsServer::start_with_conf(&dir.join(format!("n{i}")), client[i], &conf).unwrap()
-        })
-        .collect();
-    let urls: Vec<String> = client
-        .iter()
-        .map(|p| format!("nats://127.0.0.1:{p}"))
-        .collect();
-    (servers, urls.join(","))
+    let ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
+    let cluster = NatsCluster::start(dir, &ports).unwrap();
+    let urls = cluster.urls();
+    (cluster.nodes, urls)
 }
 
 /// The tally guest as plugin `tally` and a config with everything R3;
 /// returns the config's path.
 fn host_config(dir: &std::path::Path, urls: &str) -> std::path::PathBuf {
-    let plugins = dir.join("plugins");
-    std::fs::create_dir_all(&plugins).unwrap();
-    let wasm = dist("test-guests/hostile.wasm");
-    std::fs::copy(&wasm, plugins.join("tally.wasm")).unwrap();
-    let manifest = std::fs::read_to_string(wasm.with_extension("toml"))
-        .unwrap()
-        .replace("start = \"all\"", "start = \"all\"\nconcurrency = 4")
-        .replace("max-deliveries = 3", "max-deliveries = 50");
-    std::fs::write(plugins.join("tally.toml"), manifest).unwrap();
+    install_tally(dir);
     let config = dir.join("weir.toml");
     std::fs::write(
         &config,
@@ -61,6 +36,19 @@ fn host_config(dir: &std::path::Path, urls: &str) -> std::path::PathBuf {
     )
     .unwrap();
     config
+}
+
+/// The tally guest as plugin `tally` in `dir/plugins`.
+fn install_tally(dir: &std::path::Path) {
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let wasm = dist("test-guests/hostile.wasm");
+    std::fs::copy(&wasm, plugins.join("tally.wasm")).unwrap();
+    let manifest = std::fs::read_to_string(wasm.with_extension("toml"))
+        .unwrap()
+        .replace("start = \"all\"", "start = \"all\"\nconcurrency = 4")
+        .replace("max-deliveries = 3", "max-deliveries = 50");
+    std::fs::write(plugins.join("tally.toml"), manifest).unwrap();
 }
 
 /// A client of the cluster, once it has a JetStream meta leader.
@@ -110,6 +98,60 @@ async fn replicated_streams_and_state_on_a_three_node_cluster() {
     for k in 0..3 {
         let value = kv.get(format!("s.tally.k{k}")).await.unwrap().unwrap();
         assert_eq!(value.as_ref(), b"100", "k{k}");
+    }
+}
+
+/// `weir dev --cluster 3` with a config that asks for no replication:
+/// a private three-node cluster, everything Weir creates on it R3, and the
+/// plugin served.
+#[tokio::test(flavor = "multi_thread")]
+async fn weir_dev_starts_a_replicated_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    install_tally(dir.path());
+    let port = free_port().unwrap();
+    let config = dir.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[nats]\nurl = \"nats://127.0.0.1:{port}\"\n[plugins]\ndir = \"plugins\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[streams]]\nname = \"HOSTILE\"\nsubjects = [\"hostile.>\"]\n"
+        ),
+    )
+    .unwrap();
+    let state_dir = dir.path().join("state");
+    let mut host = WeirProcess::start_with(
+        &[
+            "dev".as_ref(),
+            "--cluster".as_ref(),
+            "3".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--state-dir".as_ref(),
+            state_dir.as_os_str(),
+        ],
+        &dir.path().join("weir.log"),
+    );
+    host.wait_ready();
+    assert_eq!(host.log_text().matches("cluster node started").count(), 3);
+    // The first node took the configured port.
+    let js = cluster_client(&format!("nats://127.0.0.1:{port}")).await;
+    let events: Vec<String> = (0..100).map(|i| format!("tally k{}", i % 5)).collect();
+    publish_all(&js, "hostile.in", &events, None).await;
+    wait_until(Duration::from_secs(60), "100 outputs", || async {
+        count(&js, "HOSTILE", "hostile.out").await >= 100
+    })
+    .await;
+    for stream in ["HOSTILE", "KV_weir_state_tally", "WEIR_DLQ"] {
+        let mut handle = js.get_stream(stream).await.unwrap();
+        let info = handle.info().await.unwrap();
+        assert_eq!(info.config.num_replicas, 3, "{stream}");
+        let cluster = info.cluster.as_ref().expect("cluster info");
+        assert_eq!(
+            cluster.replicas.len(),
+            2,
+            "{stream}: a leader and two replicas"
+        );
     }
 }
 

@@ -1,6 +1,8 @@
 //! `weir dev`: the batteries-included way to run locally. Uses the
 //! configured NATS server when one answers; otherwise starts a private
-//! nats-server with its store under `.weir/`.
+//! nats-server with its store under `.weir/`. With `--cluster N` it always
+//! starts a private N-node JetStream cluster, with everything Weir creates
+//! replicated three ways, so fail-over can be tried by killing a node.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,7 +10,7 @@ use std::time::Duration;
 
 use super::LogFormat;
 use crate::config::HostConfig;
-use crate::dev::NatsServer;
+use crate::dev::{NatsCluster, NatsServer};
 
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
@@ -21,7 +23,14 @@ pub struct DevArgs {
     /// Where the private server keeps its data.
     #[arg(long, default_value = ".weir")]
     state_dir: PathBuf,
+    /// Start a private JetStream cluster of N nodes (3 to 5) instead of one
+    /// server, with streams, state and dead letters replicated three ways.
+    #[arg(long, value_name = "N")]
+    cluster: Option<usize>,
 }
+
+/// The replication `weir dev --cluster` gives what Weir creates.
+const CLUSTER_REPLICAS: usize = 3;
 
 pub fn run(args: DevArgs, log_format: LogFormat) -> anyhow::Result<ExitCode> {
     let config = super::run_cmd::load_config(&args.config, &args.plugins)?;
@@ -33,6 +42,11 @@ pub fn run(args: DevArgs, log_format: LogFormat) -> anyhow::Result<ExitCode> {
 
 fn serve(args: DevArgs, mut config: HostConfig) -> anyhow::Result<ExitCode> {
     let runtime = super::runtime()?;
+    if let Some(nodes) = args.cluster {
+        let _cluster = start_cluster(nodes, &args.state_dir, &mut config)?;
+        runtime.block_on(super::run_cmd::serve(config))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let reachable = runtime.block_on(async {
         tokio::time::timeout(Duration::from_secs(2), crate::nats::connect(&config)).await
     });
@@ -55,6 +69,46 @@ fn serve(args: DevArgs, mut config: HostConfig) -> anyhow::Result<ExitCode> {
     };
     runtime.block_on(super::run_cmd::serve(config))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Start the private cluster and point `config` at it, replicated.
+fn start_cluster(
+    nodes: usize,
+    state_dir: &std::path::Path,
+    config: &mut HostConfig,
+) -> anyhow::Result<NatsCluster> {
+    if !(3..=5).contains(&nodes) {
+        anyhow::bail!(
+            "--cluster takes 3 to 5 nodes (JetStream needs three for replicas = 3), not {nodes}"
+        );
+    }
+    // The first node takes the configured loopback port, so clients
+    // configured the same way find the cluster.
+    let mut ports = vec![match local_port(&config.nats_url()) {
+        Some(port) if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() => port,
+        _ => crate::dev::free_port()?,
+    }];
+    for _ in 1..nodes {
+        ports.push(crate::dev::free_port()?);
+    }
+    let cluster = NatsCluster::start(&state_dir.join("cluster"), &ports)?;
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        tracing::info!(
+            node = format!("n{i}"),
+            url = %node.url(),
+            pid = node.pid().unwrap_or_default(),
+            "cluster node started; `kill -9` it to try fail-over"
+        );
+    }
+    tracing::info!(urls = %cluster.urls(), "started a private nats-server cluster");
+    config.nats.url = Some(cluster.urls());
+    let replicas = CLUSTER_REPLICAS;
+    config.state.replicas = config.state.replicas.max(replicas);
+    config.dead_letter.replicas = config.dead_letter.replicas.max(replicas);
+    for stream in &mut config.streams {
+        stream.replicas = stream.replicas.max(replicas);
+    }
+    Ok(cluster)
 }
 
 /// The port of a loopback URL like `nats://127.0.0.1:4333`: the private
