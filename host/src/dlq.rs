@@ -86,11 +86,7 @@ fn header_safe(text: &str) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     if clean.len() > MAX_ERROR_LEN {
-        let cut = (0..=MAX_ERROR_LEN)
-            .rev()
-            .find(|&i| clean.is_char_boundary(i))
-            .unwrap_or(0);
-        clean.truncate(cut);
+        clean.truncate(clean.floor_char_boundary(MAX_ERROR_LEN));
         clean.push_str("...");
     }
     clean

@@ -403,7 +403,10 @@ pub async fn run(
     // Events that never started go straight back, in order.
     let queued = lanes.take_queued();
     for message in &queued {
-        let _ = message.ack_with(AckKind::Nak(Some(RELEASE_DELAY))).await;
+        if let Err(e) = message.ack_with(AckKind::Nak(Some(RELEASE_DELAY))).await {
+            // It comes back after its ack wait instead of at once.
+            tracing::debug!(plugin = %name, "releasing a queued event: {e}");
+        }
     }
     let running = lanes.running();
     if running > 0 || !queued.is_empty() {
@@ -470,7 +473,9 @@ async fn recover(
 /// expire behind a busy lane. A lost one is sent again at the next tick.
 async fn still_ours(queued: Vec<jetstream::Message>) {
     for message in queued {
-        let _ = message.ack_with(AckKind::Progress).await;
+        if let Err(e) = message.ack_with(AckKind::Progress).await {
+            tracing::debug!("progress ack for a queued event: {e}; sent again at the next tick");
+        }
     }
 }
 

@@ -222,10 +222,7 @@ fn classify_trap(error: &wasmtime::Error, data: &CallState, timeout: Duration) -
     let stderr = String::from_utf8_lossy(&stderr);
     let stderr = stderr.trim();
     if !stderr.is_empty() {
-        let tail_start = stderr.len().saturating_sub(STDERR_IN_MESSAGE);
-        let tail_start = (tail_start..stderr.len())
-            .find(|&i| stderr.is_char_boundary(i))
-            .unwrap_or(0);
+        let tail_start = stderr.ceil_char_boundary(stderr.len().saturating_sub(STDERR_IN_MESSAGE));
         message.push_str("; guest stderr: ");
         message.push_str(&stderr[tail_start..]);
     }
