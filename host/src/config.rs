@@ -155,7 +155,8 @@ pub struct RuntimeConfig {
     /// many plugins at their caps cannot take the host's memory.
     pub max_guest_memory_mb: u64,
     /// Guest calls that may run at once, across all plugins; a freed turn
-    /// goes to the plugin running the fewest. Default: one per core.
+    /// goes to the waiting plugin that has used the least guest CPU.
+    /// Default: one per core.
     pub max_running_guest_calls: Option<usize>,
 }
 

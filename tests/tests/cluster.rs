@@ -51,6 +51,22 @@ fn install_tally(dir: &std::path::Path) {
     std::fs::write(plugins.join("tally.toml"), manifest).unwrap();
 }
 
+/// The input stream, the dead letters and the tally's state bucket each
+/// have a leader and two replicas.
+async fn assert_replicated_three_ways(js: &jetstream::Context) {
+    for stream in ["HOSTILE", "WEIR_DLQ", "KV_weir_state_tally"] {
+        let mut handle = js.get_stream(stream).await.unwrap();
+        let info = handle.info().await.unwrap();
+        assert_eq!(info.config.num_replicas, 3, "{stream}");
+        let cluster = info.cluster.as_ref().expect("cluster info");
+        assert_eq!(
+            cluster.replicas.len(),
+            2,
+            "{stream}: a leader and two replicas"
+        );
+    }
+}
+
 /// A client of the cluster, once it has a JetStream meta leader.
 async fn cluster_client(urls: &str) -> jetstream::Context {
     let client = async_nats::ConnectOptions::new()
@@ -83,17 +99,7 @@ async fn replicated_streams_and_state_on_a_three_node_cluster() {
     })
     .await;
 
-    for stream in ["HOSTILE", "WEIR_DLQ", "KV_weir_state_tally"] {
-        let mut handle = js.get_stream(stream).await.unwrap();
-        let info = handle.info().await.unwrap();
-        assert_eq!(info.config.num_replicas, 3, "{stream}");
-        let cluster = info.cluster.as_ref().expect("cluster info");
-        assert_eq!(
-            cluster.replicas.len(),
-            2,
-            "{stream}: a leader and two replicas"
-        );
-    }
+    assert_replicated_three_ways(&js).await;
     let kv = js.get_key_value("weir_state_tally").await.unwrap();
     for k in 0..3 {
         let value = kv.get(format!("s.tally.k{k}")).await.unwrap().unwrap();
@@ -142,17 +148,7 @@ async fn weir_dev_starts_a_replicated_cluster() {
         count(&js, "HOSTILE", "hostile.out").await >= 100
     })
     .await;
-    for stream in ["HOSTILE", "KV_weir_state_tally", "WEIR_DLQ"] {
-        let mut handle = js.get_stream(stream).await.unwrap();
-        let info = handle.info().await.unwrap();
-        assert_eq!(info.config.num_replicas, 3, "{stream}");
-        let cluster = info.cluster.as_ref().expect("cluster info");
-        assert_eq!(
-            cluster.replicas.len(),
-            2,
-            "{stream}: a leader and two replicas"
-        );
-    }
+    assert_replicated_three_ways(&js).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -44,7 +44,6 @@ const SLICE_NS: u64 = SLICE.as_nanos() as u64;
 /// The host's guest-CPU turns, shared by every plugin.
 #[derive(Debug)]
 pub struct CpuShare {
-    slots: usize,
     /// Origin of the nanosecond clock turns are timed with.
     origin: Instant,
     /// Calls waiting for a turn, readable without the lock by the epoch
@@ -81,7 +80,12 @@ impl Turns {
     /// plugin that has used least: it is neither owed for an idle spell
     /// nor made to repay the others'.
     fn plugin(&mut self, plugin: &Arc<str>) -> &mut PluginTurns {
-        let level = self.plugins.values().map(|p| p.used).min().unwrap_or(0);
+        // Only a plugin not yet busy needs the level; every call asks.
+        let level = if self.plugins.contains_key(plugin) {
+            0
+        } else {
+            self.plugins.values().map(|p| p.used).min().unwrap_or(0)
+        };
         self.plugins
             .entry(plugin.clone())
             .or_insert_with(|| PluginTurns {
@@ -91,12 +95,18 @@ impl Turns {
     }
 }
 
+impl Turns {
+    fn forget_idle(&mut self) {
+        self.plugins
+            .retain(|_, p| p.held > 0 || !p.waiting.is_empty());
+    }
+}
+
 impl CpuShare {
     /// `slots` guest calls may run at once; at least one.
     pub fn new(slots: usize) -> Arc<Self> {
         let slots = slots.max(1);
         Arc::new(CpuShare {
-            slots,
             origin: Instant::now(),
             waiting: AtomicUsize::new(0),
             turns: Mutex::new(Turns {
@@ -109,10 +119,6 @@ impl CpuShare {
     /// The default number of turns: one per core.
     pub fn default_slots() -> usize {
         std::thread::available_parallelism().map_or(1, |n| n.get())
-    }
-
-    pub fn slots(&self) -> usize {
-        self.slots
     }
 
     /// Whether some call is waiting for a turn.
@@ -176,16 +182,19 @@ impl CpuShare {
 
     /// Give back a turn of `plugin`'s that ran guest code for `used` ns.
     fn give_back(&self, plugin: &Arc<str>, used: u64) {
-        let mut turns = self.lock();
+        self.return_turn(&mut self.lock(), plugin, used);
+    }
+
+    /// A turn of `plugin`'s that ran guest code for `used` ns is free:
+    /// count it, pass it on, and forget plugins gone idle.
+    fn return_turn(&self, turns: &mut Turns, plugin: &Arc<str>, used: u64) {
         if let Some(p) = turns.plugins.get_mut(plugin) {
             p.held -= 1;
             p.used = p.used.saturating_add(used);
         }
         turns.free += 1;
-        self.hand_on(&mut turns);
-        turns
-            .plugins
-            .retain(|_, p| p.held > 0 || !p.waiting.is_empty());
+        self.hand_on(turns);
+        turns.forget_idle();
     }
 
     /// Grant free turns to waiters: each to the waiting plugin that has
@@ -348,16 +357,13 @@ impl Drop for Queued<'_> {
         {
             p.waiting.remove(i);
             self.share.waiting.fetch_sub(1, Ordering::AcqRel);
+            turns.forget_idle();
             return;
         }
         // Not in the queue, so it was granted under this lock's watch, and
         // the turn is this waiter's to pass on.
         if granted.try_recv().is_ok() {
-            if let Some(p) = turns.plugins.get_mut(&self.plugin) {
-                p.held -= 1;
-            }
-            turns.free += 1;
-            self.share.hand_on(&mut turns);
+            self.share.return_turn(&mut turns, &self.plugin, 0);
         }
     }
 }
@@ -372,6 +378,12 @@ mod tests {
         Arc::from(s)
     }
 
+    /// A call of `plugin` waiting for a turn in a task of its own.
+    fn queue(share: &Arc<CpuShare>, plugin: &Arc<str>) -> tokio::task::JoinHandle<super::Turn> {
+        let (share, plugin) = (share.clone(), plugin.clone());
+        tokio::spawn(async move { share.turn(&plugin).await })
+    }
+
     #[tokio::test]
     async fn a_freed_turn_goes_to_the_plugin_that_used_least() {
         let share = CpuShare::new(2);
@@ -381,13 +393,9 @@ mod tests {
         // Sixteen more spinning calls queue first, then one fraud call.
         let mut spinners = Vec::new();
         for _ in 0..16 {
-            let (share, spin) = (share.clone(), spin.clone());
-            spinners.push(tokio::spawn(async move { share.turn(&spin).await }));
+            spinners.push(queue(&share, &spin));
         }
-        let fraud_call = {
-            let (share, fraud) = (share.clone(), fraud.clone());
-            tokio::spawn(async move { share.turn(&fraud).await })
-        };
+        let fraud_call = queue(&share, &fraud);
         while share.waiting.load(std::sync::atomic::Ordering::Acquire) < 17 {
             tokio::task::yield_now().await;
         }
@@ -422,13 +430,9 @@ mod tests {
         let running = share.turn(&spin).await;
         let mut spinners = Vec::new();
         for _ in 0..4 {
-            let (share, spin) = (share.clone(), spin.clone());
-            spinners.push(tokio::spawn(async move { share.turn(&spin).await }));
+            spinners.push(queue(&share, &spin));
         }
-        let fraud_call = {
-            let (share, fraud) = (share.clone(), fraud.clone());
-            tokio::spawn(async move { share.turn(&fraud).await })
-        };
+        let fraud_call = queue(&share, &fraud);
         while share.waiting.load(std::sync::atomic::Ordering::Acquire) < 5 {
             tokio::task::yield_now().await;
         }
@@ -452,10 +456,7 @@ mod tests {
         let share = CpuShare::new(1);
         let p = name("p");
         let held = share.turn(&p).await;
-        let waiter = {
-            let (share, p) = (share.clone(), p.clone());
-            tokio::spawn(async move { share.turn(&p).await })
-        };
+        let waiter = queue(&share, &p);
         while !share.contended() {
             tokio::task::yield_now().await;
         }
@@ -475,10 +476,7 @@ mod tests {
         let (spin, other) = (name("spin"), name("other"));
         let spinning = share.turn(&spin).await;
         let handle = spinning.handle();
-        let other_call = {
-            let (share, other) = (share.clone(), other.clone());
-            tokio::spawn(async move { share.turn(&other).await })
-        };
+        let other_call = queue(&share, &other);
         while !handle.wanted() {
             tokio::task::yield_now().await;
         }

@@ -125,11 +125,6 @@ impl Sandbox {
         &self.engine
     }
 
-    /// Guest calls that may run at once.
-    pub fn running_guest_calls(&self) -> usize {
-        self.cpu.slots()
-    }
-
     /// Guest linear memory held by live instances now, in bytes.
     pub fn guest_memory(&self) -> u64 {
         self.budget.held()
