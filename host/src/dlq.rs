@@ -30,6 +30,9 @@ pub mod headers {
     pub const SUBJECT: &str = "Weir-Dlq-Subject";
     pub const STREAM: &str = "Weir-Dlq-Stream";
     pub const SEQUENCE: &str = "Weir-Dlq-Sequence";
+    /// The plugin's [generation](crate::generation) when it gave up, when
+    /// not 0: a replay commits in that generation's scope.
+    pub const GENERATION: &str = "Weir-Dlq-Generation";
     /// When the host dead-lettered it (RFC 3339, UTC).
     pub const TIME: &str = "Weir-Dlq-Time";
     /// Set when the dead letter does not carry the whole event (it would
@@ -59,6 +62,7 @@ pub struct DeadLetter<'a> {
     pub plugin: &'a str,
     pub version: &'a str,
     pub stream: &'a str,
+    pub generation: u64,
     pub event: &'a Event,
     pub outcome: &'a Outcome,
     /// Trace-context headers continuing the event's trace.
@@ -184,6 +188,9 @@ pub async fn publish(
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
+    if letter.generation > 0 {
+        weir.push((headers::GENERATION.to_owned(), letter.generation.to_string()));
+    }
     if let Some(raw) = letter.raw_headers {
         weir.push((headers::RAW_HEADERS.to_owned(), BASE64.encode(raw)));
     }
@@ -197,7 +204,11 @@ pub async fn publish(
     let publish = PublishMessage::build()
         .headers(headers)
         .payload(payload.into())
-        .message_id(format!("weir-dlq:{}:{}", letter.plugin, event.id));
+        .message_id(format!(
+            "weir-dlq:{}:{}",
+            crate::generation::Tagged(letter.plugin, letter.generation),
+            event.id
+        ));
     let subject = subject(prefix, letter.plugin, &event.subject);
     let ack = js.send_publish(subject.clone(), publish).await?;
     crate::outbox::await_stored(ack, timeout)

@@ -29,6 +29,9 @@ pub struct Letter {
     pub subject: String,
     pub stream: String,
     pub sequence: u64,
+    /// The plugin's generation when it gave up (see [`crate::generation`]).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub generation: u64,
     pub truncated: bool,
     /// The event's own headers (the `Weir-Dlq-*` ones left out).
     pub headers: Vec<(String, String)>,
@@ -36,6 +39,10 @@ pub struct Letter {
     pub payload: bytes::Bytes,
     #[serde(skip)]
     stored_at: time::OffsetDateTime,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Letter {
@@ -74,6 +81,7 @@ impl Letter {
             subject: get(headers::SUBJECT),
             stream: get(headers::STREAM),
             sequence: get(headers::SEQUENCE).parse().unwrap_or(0),
+            generation: get(headers::GENERATION).parse().unwrap_or(0),
             truncated: !get(headers::TRUNCATED).is_empty(),
             headers: own,
             payload,

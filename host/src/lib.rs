@@ -14,6 +14,7 @@ pub mod dev;
 pub mod dlq;
 pub mod dlq_store;
 pub mod event;
+pub mod generation;
 pub mod manifest;
 pub mod names;
 pub mod nats;

@@ -1,7 +1,7 @@
 //! Publishing what a plugin emitted, once its call succeeded.
 //!
-//! Every emitted event carries a `Nats-Msg-Id` derived from (plugin, input
-//! event id, index). If the host dies after publishing but before the input
+//! Every emitted event carries a `Nats-Msg-Id` derived from (plugin and
+//! its [generation](crate::generation), input event id, index). If the host dies after publishing but before the input
 //! is acknowledged, the re-run publishes the same ids and JetStream drops
 //! them as duplicates within the target stream's duplicate window.
 
@@ -23,8 +23,10 @@ pub mod headers {
     pub const CAUSE_ID: &str = "Weir-Cause-Id";
 }
 
-/// The deterministic message id of output `index` of `event` by `plugin`.
-pub fn message_id(plugin: &str, event_id: &str, index: usize) -> String {
+/// The deterministic message id of output `index` of `event` by `plugin`
+/// in generation `generation`.
+pub fn message_id(plugin: &str, generation: u64, event_id: &str, index: usize) -> String {
+    let plugin = crate::generation::Tagged(plugin, generation);
     format!("weir:{plugin}:{event_id}:{index}")
 }
 
@@ -53,6 +55,7 @@ pub async fn publish(
     js: &jetstream::Context,
     plugin: &str,
     version: &str,
+    generation: u64,
     outgoing: &[Outgoing<'_>],
     timeout: Duration,
 ) -> Result<(), PublishError> {
@@ -75,7 +78,7 @@ pub async fn publish(
             let publish = PublishMessage::build()
                 .headers(headers)
                 .payload(emitted.payload.clone().into())
-                .message_id(message_id(plugin, &event.id, index));
+                .message_id(message_id(plugin, generation, &event.id, index));
             let error = |message: String| PublishError {
                 index,
                 subject: emitted.subject.clone(),

@@ -131,7 +131,8 @@ impl Replayer {
             );
             match self.store.commit(request).await? {
                 Commit::Committed => {
-                    self.publish(&scope, &event, &invocation.emitted).await?;
+                    self.publish(&scope, letter.generation, &event, &invocation.emitted)
+                        .await?;
                     return Ok(Replayed::Processed);
                 }
                 Commit::AlreadyDone(done) => {
@@ -140,7 +141,8 @@ impl Replayer {
                         .find(|(seq, _)| *seq == event.sequence)
                         .map(|(_, outbox)| outbox)
                         .unwrap_or_default();
-                    self.publish(&scope, &event, &outbox).await?;
+                    self.publish(&scope, letter.generation, &event, &outbox)
+                        .await?;
                     return Ok(Replayed::AlreadyDone);
                 }
                 Commit::Conflict => continue,
@@ -166,8 +168,12 @@ impl Replayer {
             .and_then(|rest| rest.split_once(':'))
             .filter(|(_, seq)| *seq == letter.sequence.to_string())
             .and_then(|(created, _)| created.parse::<i128>().ok());
+        let generation = crate::generation::Generation {
+            number: letter.generation,
+            ..Default::default()
+        };
         if let Some(created) = made_by_host {
-            return Ok((Scope::new(&letter.stream, created), None));
+            return Ok((Scope::new(&letter.stream, created, generation.number), None));
         }
         let mut stream = self
             .js
@@ -176,14 +182,15 @@ impl Replayer {
             .with_context(|| format!("opening the event's stream {}", letter.stream))?;
         let created = stream.info().await?.created.unix_timestamp_nanos();
         Ok((
-            Scope::new(&letter.stream, created),
-            Some(letter.event_id.clone()),
+            Scope::new(&letter.stream, created, generation.number),
+            Some(generation.scoped_id(letter.event_id.clone())),
         ))
     }
 
     async fn publish(
         &self,
         scope: &Scope,
+        generation: u64,
         event: &Event,
         outbox: &[Emitted],
     ) -> anyhow::Result<()> {
@@ -199,6 +206,7 @@ impl Replayer {
             &self.js,
             self.plugin.name(),
             self.version(),
+            generation,
             &outgoing,
             self.publish_timeout,
         )

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_nats::jetstream;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -45,8 +45,11 @@ struct Running {
     stats: Arc<PluginStats>,
     task: JoinHandle<()>,
     lag_poller: JoinHandle<()>,
+    /// Asks for a restart when the plugin moves to a newer generation.
+    generation_watch: JoinHandle<()>,
     stop: CancellationToken,
     fingerprint: Fingerprint,
+    generation: u64,
 }
 
 /// A plugin file the host could not serve, and why.
@@ -80,6 +83,9 @@ pub struct PluginInfo {
     pub version: String,
     pub subjects: Vec<String>,
     pub stream: String,
+    /// The generation it consumes in (see [`crate::generation`]).
+    #[serde(default)]
+    pub generation: u64,
     /// `running`; `stalled` when its stream or consumer is gone (it
     /// resumes when they are back); `failed` when no version of it could
     /// be loaded.
@@ -111,6 +117,9 @@ struct Inner {
     scanner: Mutex<Scanner>,
     registry: Mutex<Registry>,
     metrics: Arc<Metrics>,
+    /// Plugins to restart in a newer generation, with the generation they
+    /// run in now.
+    restarts: mpsc::UnboundedSender<(String, u64)>,
 }
 
 /// A running host.
@@ -158,6 +167,7 @@ impl Host {
             control: config.control.token()?,
             admin: config.admin.bearer_token()?,
         };
+        let (restarts, mut restart_requests) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             config,
             client,
@@ -167,9 +177,29 @@ impl Host {
             scanner: Mutex::new(scanner),
             registry: Mutex::new(Registry::default()),
             metrics: Arc::new(Metrics::new()),
+            restarts,
         });
         inner.reconcile().await?;
+        let restarter = {
+            // Weak: the channel's sender lives in `inner`, so a strong
+            // reference here would keep both alive forever.
+            let (weak, shutdown) = (Arc::downgrade(&inner), inner.shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    let (name, from) = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        next = restart_requests.recv() => match next {
+                            Some(request) => request,
+                            None => return,
+                        },
+                    };
+                    let Some(inner) = weak.upgrade() else { return };
+                    inner.restart(&name, from).await;
+                }
+            })
+        };
         let mut background = vec![
+            restarter,
             crate::control::spawn_responder(
                 inner.handle(),
                 inner.config.control.subject(),
@@ -373,6 +403,7 @@ impl Inner {
                 version: plugin.version().to_string(),
                 subjects: plugin.manifest().subjects.clone(),
                 stream: plugin.manifest().stream.clone(),
+                generation: r.generation,
                 status: if stalled.is_some() {
                     "stalled"
                 } else {
@@ -392,6 +423,7 @@ impl Inner {
                 version: String::new(),
                 subjects: Vec::new(),
                 stream: String::new(),
+                generation: 0,
                 status: "failed".into(),
                 counters: StatsSnapshot::default(),
                 error: Some(failure.error.clone()),
@@ -600,15 +632,21 @@ impl Inner {
     async fn serve(&self, plugin: Plugin, fingerprint: Fingerprint) -> anyhow::Result<Running> {
         let config = &self.config;
         let name = plugin.name().to_owned();
-        let (consumer, incarnation) =
-            crate::source::ensure_consumer(&self.js, &name, plugin.manifest(), config.ack_wait())
-                .await?;
         let store = Arc::new(PluginStore::open(&self.js, &config.state, &name).await?);
+        let (generation, _) = crate::generation::read(store.bucket()).await?;
+        let (consumer, incarnation) = crate::source::ensure_consumer(
+            &self.js,
+            &name,
+            plugin.manifest(),
+            &generation,
+            config.ack_wait(),
+        )
+        .await?;
         let ctx = Arc::new(PipelineContext::new(
             self.js.clone(),
             incarnation,
             config.dead_letter.subject_prefix.clone(),
-            store,
+            store.clone(),
             PUBLISH_TIMEOUT,
             config.ack_wait(),
             plugin.manifest().concurrency,
@@ -620,7 +658,8 @@ impl Inner {
             version = %plugin.version(),
             subjects = ?plugin.manifest().subjects,
             stream = %plugin.manifest().stream,
-            start = %plugin.manifest().start,
+            start = %generation.start.as_ref().map_or_else(|| plugin.manifest().start.to_string(), |s| s.to_string()),
+            generation = generation.number,
             compile_cache = %plugin.cache_status(),
             "plugin started"
         );
@@ -634,6 +673,18 @@ impl Inner {
             Duration::from_millis(config.telemetry.lag_poll_ms),
             stop.clone(),
         ));
+        let generation_watch = {
+            let (store, stop, restarts) = (store.clone(), stop.clone(), self.restarts.clone());
+            let (name, ours) = (name.clone(), generation.number);
+            tokio::spawn(async move {
+                if let Some(newer) =
+                    crate::generation::newer_than(store.bucket(), ours, &stop).await
+                {
+                    tracing::info!(plugin = %name, from = ours, to = newer.number, why = %newer.why, "plugin moved to a new generation; restarting its pipeline");
+                    let _ = restarts.send((name, ours));
+                }
+            })
+        };
         let (sender, receiver) = watch::channel(plugin);
         let task = tokio::spawn(pipeline::run(
             ctx,
@@ -647,9 +698,52 @@ impl Inner {
             stats,
             task,
             lag_poller,
+            generation_watch,
             stop,
             fingerprint,
+            generation: generation.number,
         })
+    }
+
+    /// Restart `name`'s pipeline in its newest generation, if it still
+    /// runs in generation `from`: in-flight events finish first, as when
+    /// it is removed.
+    async fn restart(&self, name: &str, from: u64) {
+        // No reconcile may start or swap it meanwhile.
+        let _scanning = self.scanner.lock().await;
+        let running = {
+            let mut registry = self.registry.lock().await;
+            match registry.running.get(name) {
+                Some(r) if r.generation == from => registry.running.remove(name),
+                _ => None,
+            }
+        };
+        let Some(running) = running else { return };
+        let plugin = running.plugin.borrow().clone();
+        let fingerprint = running.fingerprint.clone();
+        stop(name, running).await;
+        let served = self.serve(plugin, fingerprint.clone()).await;
+        let mut registry = self.registry.lock().await;
+        match served {
+            Ok(running) => {
+                registry.running.insert(name.to_owned(), running);
+            }
+            Err(e) => {
+                // Tried again by the reconcile's retries, as a failed start is.
+                tracing::error!(plugin = %name, "plugin not restarted in its new generation, retrying in {RETRY_FIRST:?}: {e:#}");
+                self.metrics.load_failure(name);
+                registry.failures.insert(
+                    name.to_owned(),
+                    LoadFailure {
+                        path: self.config.plugins.dir.join(format!("{name}.wasm")),
+                        error: format!("{e:#}"),
+                        fingerprint: Some(fingerprint),
+                        retry: Some((Instant::now() + RETRY_FIRST, RETRY_FIRST)),
+                    },
+                );
+            }
+        }
+        self.metrics.set_plugins_running(registry.running.len());
     }
 }
 
@@ -661,6 +755,7 @@ async fn stop(name: &str, running: Running) {
         tracing::error!(plugin = %name, "pipeline task failed: {e}");
     }
     let _ = running.lag_poller.await;
+    let _ = running.generation_watch.await;
 }
 
 /// Resolves on SIGINT or SIGTERM.

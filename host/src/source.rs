@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
 
 use crate::event::{Event, Header};
+use crate::generation::Generation;
 use crate::manifest::{Manifest, StartPosition, start_time};
 
 /// The priority group exclusive plugins pull in.
@@ -17,11 +19,6 @@ pub const PRIORITY_GROUP: &str = "weir";
 
 /// How long a pinned host may go without pulling before another takes over.
 pub const PIN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The durable consumer name of a plugin.
-pub fn durable_name(plugin: &str) -> String {
-    format!("weir-{plugin}")
-}
 
 /// Most events of one lane handled, and committed, as one run.
 pub const MAX_RUN: usize = 128;
@@ -41,24 +38,20 @@ pub fn flow_limits(manifest: &Manifest) -> (usize, i64) {
     (batch, max_ack_pending as i64)
 }
 
-/// The consumer configuration a manifest asks for.
+/// The consumer configuration a manifest asks for in `generation`, which
+/// may start somewhere else than the manifest says.
 pub fn consumer_config(
     plugin: &str,
     manifest: &Manifest,
+    generation: &Generation,
     ack_wait: Duration,
 ) -> anyhow::Result<consumer::pull::Config> {
-    let deliver_policy = match &manifest.start {
-        StartPosition::New => consumer::DeliverPolicy::New,
-        StartPosition::All => consumer::DeliverPolicy::All,
-        StartPosition::Sequence(start_sequence) => consumer::DeliverPolicy::ByStartSequence {
-            start_sequence: *start_sequence,
-        },
-        StartPosition::Time(t) => consumer::DeliverPolicy::ByStartTime {
-            start_time: start_time(t).map_err(anyhow::Error::msg)?,
-        },
+    let deliver_policy = match (&generation.start, &manifest.start) {
+        (Some(reset), _) => reset.deliver_policy()?,
+        (None, start) => manifest_policy(start)?,
     };
     let (_, max_ack_pending) = flow_limits(manifest);
-    let name = durable_name(plugin);
+    let name = generation.durable_name(plugin);
     let mut config = consumer::pull::Config {
         durable_name: Some(name.clone()),
         name: Some(name),
@@ -87,14 +80,30 @@ pub fn consumer_config(
     Ok(config)
 }
 
-/// One life of a stream: its name and when it was created. A stream that
-/// is deleted and created again under the same name starts its sequences
-/// over, so a sequence only names an event together with the incarnation.
+fn manifest_policy(start: &StartPosition) -> anyhow::Result<consumer::DeliverPolicy> {
+    Ok(match start {
+        StartPosition::New => consumer::DeliverPolicy::New,
+        StartPosition::All => consumer::DeliverPolicy::All,
+        StartPosition::Sequence(start_sequence) => consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: *start_sequence,
+        },
+        StartPosition::Time(t) => consumer::DeliverPolicy::ByStartTime {
+            start_time: start_time(t).map_err(anyhow::Error::msg)?,
+        },
+    })
+}
+
+/// One life of a stream, as consumed in one generation: the stream's name
+/// and when it was created (a stream deleted and created again under the
+/// same name starts its sequences over, so a sequence only names an event
+/// together with the stream's creation time), and the plugin's
+/// [`Generation`], which scopes what counts as done.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Incarnation {
     pub stream: String,
     /// Creation time, nanoseconds since the Unix epoch.
     pub created_ns: i128,
+    pub generation: Generation,
 }
 
 impl Incarnation {
@@ -105,14 +114,16 @@ impl Incarnation {
     }
 }
 
-/// Create the plugin's durable consumer, or bind to it if it exists. An
-/// existing consumer keeps its position; settings that may change (filters,
-/// flow limits, ack wait) are updated. Fails when the stream does not
-/// exist or none of its subjects overlaps the plugin's.
+/// Create the plugin's durable consumer of `generation`, or bind to it if
+/// it exists. An existing consumer keeps its position; settings that may
+/// change (filters, flow limits, ack wait) are updated. Fails when the
+/// stream does not exist or none of its subjects overlaps the plugin's.
+/// Consumers of older generations are deleted.
 pub async fn ensure_consumer(
     js: &jetstream::Context,
     plugin: &str,
     manifest: &Manifest,
+    generation: &Generation,
     ack_wait: Duration,
 ) -> anyhow::Result<(consumer::PullConsumer, Incarnation)> {
     let mut stream = js.get_stream(&manifest.stream).await.with_context(|| {
@@ -149,9 +160,10 @@ pub async fn ensure_consumer(
     let incarnation = Incarnation {
         stream: manifest.stream.clone(),
         created_ns: info.created.unix_timestamp_nanos(),
+        generation: generation.clone(),
     };
-    let config = consumer_config(plugin, manifest, ack_wait)?;
-    let name = durable_name(plugin);
+    let config = consumer_config(plugin, manifest, generation, ack_wait)?;
+    let name = generation.durable_name(plugin);
     let consumer = match stream.get_consumer::<consumer::pull::Config>(&name).await {
         Ok(existing) => {
             // The start position only applies at creation; keep the one it has.
@@ -167,12 +179,43 @@ pub async fn ensure_consumer(
             .await
             .with_context(|| format!("plugin {plugin}: creating consumer {name}"))?,
     };
+    if generation.number > 0 {
+        retire_older_consumers(&stream, plugin, generation.number).await;
+    }
     Ok((consumer, incarnation))
 }
 
-/// Whether the plugin's consumer (or its whole stream) no longer exists on
+/// Delete `plugin`'s consumers of generations before `number`. Every host
+/// that starts the plugin in a new generation tries, so one that fails
+/// here (the server away for a moment) is made up for by the next.
+async fn retire_older_consumers(stream: &jetstream::stream::Stream, plugin: &str, number: u64) {
+    let mut names = stream.consumer_names();
+    let mut older = Vec::new();
+    while let Some(name) = names.next().await {
+        match name {
+            Ok(name) if crate::generation::is_older_durable(&name, plugin, number) => {
+                older.push(name)
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(%plugin, "listing consumers to delete older generations': {e}");
+                return;
+            }
+        }
+    }
+    for name in older {
+        match stream.delete_consumer(&name).await {
+            Ok(_) => {
+                tracing::info!(%plugin, consumer = %name, generation = number, "deleted the consumer of an older generation")
+            }
+            Err(e) => tracing::debug!(%plugin, consumer = %name, "deleting an older generation's consumer: {e}"),
+        }
+    }
+}
+
+/// Whether the consumer `durable` (or its whole stream) no longer exists on
 /// the server, as opposed to being out of reach for a moment.
-pub async fn consumer_gone(js: &jetstream::Context, stream: &str, plugin: &str) -> bool {
+pub async fn consumer_gone(js: &jetstream::Context, stream: &str, durable: &str) -> bool {
     use jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
     match js.get_stream(stream).await {
         Err(e) => matches!(
@@ -182,7 +225,7 @@ pub async fn consumer_gone(js: &jetstream::Context, stream: &str, plugin: &str) 
         ),
         Ok(stream) => matches!(
             stream
-                .consumer_info(durable_name(plugin))
+                .consumer_info(durable)
                 .await
                 .map_err(|e| e.kind()),
             Err(ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound)

@@ -658,7 +658,7 @@ pub async fn wait_drained(js: &jetstream::Context, plugin: &str, outputs: u64, t
 pub async fn consumer_backlog(js: &jetstream::Context, stream: &str, plugin: &str) -> (u64, usize) {
     let stream = js.get_stream(stream).await.unwrap();
     let info = stream
-        .consumer_info(weir::source::durable_name(plugin))
+        .consumer_info(weir::generation::durable_name(plugin, 0))
         .await
         .unwrap();
     (info.num_pending, info.num_ack_pending)
@@ -672,7 +672,56 @@ pub async fn incarnation(js: &jetstream::Context, stream: &str) -> weir::source:
     weir::source::Incarnation {
         stream: stream.to_owned(),
         created_ns: created.unix_timestamp_nanos(),
+        generation: Default::default(),
     }
+}
+
+/// Committed `tally.*` counters of a plugin's state bucket.
+pub async fn tallies(
+    js: &jetstream::Context,
+    plugin: &str,
+) -> std::collections::BTreeMap<String, u64> {
+    let kv = js
+        .get_key_value(format!("weir_state_{plugin}"))
+        .await
+        .unwrap();
+    let keys: Vec<String> = kv.keys().await.unwrap().map(|k| k.unwrap()).collect().await;
+    let mut out = std::collections::BTreeMap::new();
+    for key in keys.into_iter().filter(|k| k.starts_with("s.tally.")) {
+        let value = kv.get(&key).await.unwrap().unwrap();
+        out.insert(
+            key,
+            String::from_utf8(value.to_vec()).unwrap().parse().unwrap(),
+        );
+    }
+    out
+}
+
+/// `weir ARGS --config config`, fed `stdin`: (success, stdout, stderr).
+pub fn weir_cli(config: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(weir_binary())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env_remove("WEIR_CONTROL_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Header value of a message.

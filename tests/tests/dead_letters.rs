@@ -3,42 +3,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use weir_integration_tests::{
     TestEnv, count, custom_section, dist, header, one_delivery, publish_all, read_stream,
-    version_of, wait_until, weir_binary,
+    version_of, wait_until, weir_cli,
 };
 
 const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
 
 /// `weir dlq ARGS --config config`, with `stdin`: (success, stdout, stderr).
 fn dlq(config: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
-    let mut child = Command::new(weir_binary())
-        .arg("dlq")
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let args: Vec<&str> = std::iter::once("dlq").chain(args.iter().copied()).collect();
+    weir_cli(config, &args, stdin)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,14 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use futures::StreamExt;
 use weir_integration_tests::{
     TestEnv, consumer_backlog, count, header, hostile_stream_with_short_dedup, publish_all,
-    read_stream, wait_drained, wait_until,
+    read_stream, tallies, wait_drained, wait_until,
 };
 
 const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
@@ -29,24 +28,6 @@ fn tally_plugin(manifest: String) -> String {
 
 fn tally_events(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("tally k{}", i % KEYS)).collect()
-}
-
-/// Committed `tally.*` counters of a plugin's state bucket.
-async fn tallies(js: &jetstream::Context, plugin: &str) -> BTreeMap<String, u64> {
-    let kv = js
-        .get_key_value(format!("weir_state_{plugin}"))
-        .await
-        .unwrap();
-    let keys: Vec<String> = kv.keys().await.unwrap().map(|k| k.unwrap()).collect().await;
-    let mut out = BTreeMap::new();
-    for key in keys.into_iter().filter(|k| k.starts_with("s.tally.")) {
-        let value = kv.get(&key).await.unwrap().unwrap();
-        out.insert(
-            key,
-            String::from_utf8(value.to_vec()).unwrap().parse().unwrap(),
-        );
-    }
-    out
 }
 
 /// Kill host `victim` with SIGKILL each time the output count passes one of

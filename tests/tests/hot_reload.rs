@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use weir_integration_tests::{
     TestEnv, consumer_backlog, count, custom_section, dist, header, publish_all, read_stream,
-    version_of, wait_drained, wait_until, weir_binary,
+    version_of, wait_drained, wait_until, weir_binary, weir_cli,
 };
 
 const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
@@ -252,18 +252,7 @@ async fn plugin_removed_and_readded_resumes_without_reprocessing() {
 
 /// `weir` with `args` and `--config config`: (success, stdout, stderr).
 fn weir(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(weir_binary())
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env_remove("WEIR_CONTROL_TOKEN")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    weir_cli(config, args, "")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -314,6 +303,16 @@ async fn cli_lists_and_removes_plugins_of_a_running_host() {
         !ok && stderr.contains("no running host serves a plugin named listed"),
         "{stderr}"
     );
+
+    // Added back, it runs its history again, with effects: the deleted
+    // consumer started its next generation.
+    assert!(stdout.contains("listed moved to generation 1"), "{stdout}");
+    env.deploy("test-guests/hostile", "listed", Some("v7"), |m| m);
+    wait_until(WAIT, "the five events again", || async {
+        count(&js, "HOSTILE", "hostile.out").await == 10
+    })
+    .await;
+    assert!(stream.consumer_info("weir-listed@gen1").await.is_ok());
 }
 
 /// Control requests over NATS change nothing without the control token,

@@ -298,7 +298,7 @@ async fn wait_caught_up(js: &jetstream::Context, plugin: &str) -> anyhow::Result
     let started = Instant::now();
     loop {
         let info = stream
-            .consumer_info(weir::source::durable_name(plugin))
+            .consumer_info(weir::generation::durable_name(plugin, 0))
             .await?;
         if info.num_pending == 0 && info.num_ack_pending == 0 {
             return Ok(());

@@ -1,6 +1,5 @@
 //! `weir dlq`: look at the dead-letter stream, and clear it.
 
-use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -154,7 +153,7 @@ pub fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
                     println!("no dead letter matches");
                     return Ok(ExitCode::SUCCESS);
                 }
-                if !yes && !confirm(&format!("delete {} dead letters for good?", chosen.len()))? {
+                if !yes && !super::confirm(&format!("delete {} dead letters for good?", chosen.len()))? {
                     println!("nothing deleted");
                     return Ok(ExitCode::FAILURE);
                 }
@@ -280,10 +279,3 @@ fn full(l: &Letter) -> String {
     out
 }
 
-fn confirm(question: &str) -> anyhow::Result<bool> {
-    print!("{question} [y/N] ");
-    std::io::stdout().flush()?;
-    let mut answer = String::new();
-    std::io::stdin().lock().read_line(&mut answer)?;
-    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
-}

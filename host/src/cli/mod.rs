@@ -58,6 +58,16 @@ fn init_logs(default_filter: &str, format: LogFormat) {
 }
 
 /// A multi-threaded runtime for the long-running commands.
+/// Ask `question` on the terminal; only an explicit yes is a yes.
+fn confirm(question: &str) -> anyhow::Result<bool> {
+    use std::io::{BufRead, Write};
+    print!("{question} [y/N] ");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()

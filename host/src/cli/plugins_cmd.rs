@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::control::{self, Request};
+use crate::generation::{self, ResetTo};
 
 #[derive(Debug, clap::Args)]
 pub struct PluginsArgs {
@@ -39,10 +40,33 @@ enum PluginsCommand {
     /// resumes where it stopped) unless --delete-consumer is given.
     Remove {
         name: String,
-        /// Also delete the plugin's durable consumer: a re-added plugin then
-        /// starts from its manifest's start position again.
+        /// Also delete the plugin's durable consumer and start its next
+        /// generation: a re-added plugin starts from its manifest's start
+        /// position again and runs those events again, with effects.
         #[arg(long)]
         delete_consumer: bool,
+    },
+    /// Re-run a plugin's history, with effects: its outputs are published
+    /// again and its state updated again (state is kept, not cleared).
+    ///
+    /// The plugin moves to a new generation: a new durable consumer starting
+    /// at --to, and done records of its own, so every event from there runs
+    /// once more; within the generation exactly-once holds as always.
+    /// Running hosts switch within about a second (events in flight finish
+    /// first); hosts started later start in the new generation. Restarts and
+    /// new versions never re-run anything.
+    Reset {
+        name: String,
+        /// Where the re-run starts: `all` (all the stream holds),
+        /// `sequence N` or `time T` (RFC 3339, e.g. 2026-01-31T00:00:00Z).
+        #[arg(long, num_args = 1..=2, value_names = ["WHERE", "VALUE"], required = true)]
+        to: Vec<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        /// How long to wait for running hosts to switch, in seconds.
+        #[arg(long, default_value = "30")]
+        converge_s: u64,
     },
 }
 
@@ -77,10 +101,11 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                     }
                     println!("host {}", answer.host);
                     println!(
-                        "  {:<20} {:<13} {:<9} {:>10} {:>8} {:>8} {:>8} {:>8}  subjects",
+                        "  {:<20} {:<13} {:<9} {:>4} {:>10} {:>8} {:>8} {:>8} {:>8}  subjects",
                         "plugin",
                         "version",
                         "status",
+                        "gen",
                         "processed",
                         "retried",
                         "dead",
@@ -89,10 +114,11 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                     );
                     for p in &answer.plugins {
                         println!(
-                            "  {:<20} {:<13} {:<9} {:>10} {:>8} {:>8} {:>8} {:>8}  {} ({})",
+                            "  {:<20} {:<13} {:<9} {:>4} {:>10} {:>8} {:>8} {:>8} {:>8}  {} ({})",
                             p.name,
                             p.version,
                             p.status,
+                            p.generation,
                             p.counters.processed,
                             p.counters.retried,
                             p.counters.dead_lettered,
@@ -143,7 +169,21 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                 };
                 if delete_consumer {
                     let js = async_nats::jetstream::new(client);
-                    let durable = crate::source::durable_name(&name);
+                    let mut number = 0;
+                    if let Some(bucket) = store_bucket(&js, &config, &name).await? {
+                        number = generation::read(&bucket).await?.0.number;
+                        let next = generation::advance(
+                            &bucket,
+                            None,
+                            "weir plugins remove --delete-consumer",
+                        )
+                        .await?;
+                        println!(
+                            "{name} moved to generation {}: re-added, it runs from its manifest's start position again, with effects",
+                            next.number
+                        );
+                    }
+                    let durable = generation::durable_name(&name, number);
                     js.delete_consumer_from_stream(&durable, &stream)
                         .await
                         .with_context(|| format!("deleting consumer {durable} on {stream}"))?;
@@ -151,6 +191,108 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                 }
                 Ok(ExitCode::SUCCESS)
             }
+            PluginsCommand::Reset {
+                name,
+                to,
+                yes,
+                converge_s,
+            } => {
+                let to = ResetTo::parse(&to).map_err(anyhow::Error::msg)?;
+                crate::names::validate_plugin_name(&name).map_err(anyhow::Error::msg)?;
+                let js = async_nats::jetstream::new(client.clone());
+                let Some(bucket) = store_bucket(&js, &config, &name).await? else {
+                    anyhow::bail!(
+                        "plugin {name} has no store bucket ({}) on this NATS: it never ran here, so there is no history to re-run",
+                        crate::store::bucket_name(&config.state, &name)
+                    );
+                };
+                let question = format!(
+                    "re-run {name}'s history from {to} with effects (outputs published again, state updated again)?"
+                );
+                if !yes && !super::confirm(&question)? {
+                    println!("nothing changed");
+                    return Ok(ExitCode::FAILURE);
+                }
+                let next =
+                    generation::advance(&bucket, Some(to.clone()), &format!("weir plugins reset --to {to}"))
+                        .await?;
+                println!("{name} moved to generation {} starting at {to}", next.number);
+                let ask = || control::ask(&client, &subject, &Request::List, token.as_deref(), wait);
+                converge(ask, &name, next.number, Duration::from_secs(converge_s)).await
+            }
         }
     })
+}
+
+/// The plugin's store bucket, if it was ever created.
+async fn store_bucket(
+    js: &async_nats::jetstream::Context,
+    config: &crate::config::HostConfig,
+    name: &str,
+) -> anyhow::Result<Option<async_nats::jetstream::kv::Store>> {
+    use async_nats::jetstream::ErrorCode;
+    use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind, KeyValueErrorKind};
+    let missing = |e: &async_nats::jetstream::context::KeyValueError| {
+        e.kind() == KeyValueErrorKind::GetBucket
+            && std::error::Error::source(e)
+                .and_then(|s| s.downcast_ref::<GetStreamError>())
+                .is_some_and(|g| {
+                    matches!(g.kind(), GetStreamErrorKind::JetStream(j)
+                        if j.error_code() == ErrorCode::STREAM_NOT_FOUND)
+                })
+    };
+    let bucket = crate::store::bucket_name(&config.state, name);
+    match js.get_key_value(&bucket).await {
+        Ok(store) => Ok(Some(store)),
+        Err(e) if missing(&e) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("opening {bucket}")),
+    }
+}
+
+/// Wait until every running host serving `name` runs it in generation
+/// `number` or later, reporting each host once it does.
+async fn converge<F, Fut>(
+    ask: F,
+    name: &str,
+    number: u64,
+    limit: Duration,
+) -> anyhow::Result<ExitCode>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Vec<control::Response>>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut reported = std::collections::BTreeSet::new();
+    loop {
+        let mut behind = Vec::new();
+        let mut serving = 0;
+        for answer in ask().await? {
+            let Some(plugin) = answer.plugins.iter().find(|p| p.name == name) else {
+                continue;
+            };
+            serving += 1;
+            if plugin.generation >= number {
+                if reported.insert(answer.host.clone()) {
+                    println!("host {}: {name} runs in generation {}", answer.host, plugin.generation);
+                }
+            } else {
+                behind.push(format!("{} (generation {})", answer.host, plugin.generation));
+            }
+        }
+        if serving == 0 {
+            println!("no running host serves {name}; hosts start it in generation {number}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if behind.is_empty() {
+            return Ok(ExitCode::SUCCESS);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!(
+                "not switched after {limit:?}: {} (they switch once their in-flight events finish; `weir plugins list` shows each host's generation)",
+                behind.join(", ")
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

@@ -440,12 +440,25 @@ async fn recover(
             _ = tokio::time::sleep(delay) => true,
         }
     };
-    if !crate::source::consumer_gone(&ctx.js, &manifest.stream, name).await {
+    let generation = ctx.incarnation().generation.clone();
+    let durable = generation.durable_name(name);
+    if !crate::source::consumer_gone(&ctx.js, &manifest.stream, &durable).await {
         return pause(RESUBSCRIBE_DELAY).await;
     }
     let mut delay = RESUBSCRIBE_DELAY;
     loop {
-        match crate::source::ensure_consumer(&ctx.js, name, manifest, ctx.ack_wait).await {
+        // A consumer deleted because the plugin moved to a newer generation
+        // stays deleted: the host restarts the pipeline in the new one.
+        if let Ok((newest, _)) = crate::generation::read(ctx.store.bucket()).await
+            && newest.number > generation.number
+        {
+            tracing::info!(plugin = %name, "consumer of generation {} deleted by generation {}", generation.number, newest.number);
+            shutdown.cancelled().await;
+            return false;
+        }
+        match crate::source::ensure_consumer(&ctx.js, name, manifest, &generation, ctx.ack_wait)
+            .await
+        {
             Ok((recreated, incarnation)) => {
                 let new_life = *ctx.incarnation() != incarnation;
                 tracing::warn!(plugin = %name, stream = %manifest.stream, new_stream = new_life, "consumer was gone; created it again");

@@ -60,7 +60,8 @@ struct Delivery {
     event: Event,
     /// The consumer span everything done for this event runs in.
     span: tracing::Span,
-    /// The producer's `Nats-Msg-Id`, when it gave one.
+    /// The producer's `Nats-Msg-Id`, when it gave one, scoped by the
+    /// generation: what its done record is kept under.
     msg_id: Option<String>,
     stream: String,
     /// When the stream stored it.
@@ -98,7 +99,8 @@ pub async fn process_run(
 ) {
     let release = ends.release;
     let incarnation = ctx.incarnation();
-    let scope = Scope::new(&incarnation.stream, incarnation.created_ns);
+    let generation = incarnation.generation.number;
+    let scope = Scope::new(&incarnation.stream, incarnation.created_ns, generation);
     // Where to send progress and releases for each message of the run.
     let held: Vec<(u64, async_nats::Subject)> = messages
         .iter()
@@ -123,6 +125,7 @@ pub async fn process_run(
         ctx: &ctx,
         plugin: &plugin,
         scope,
+        generation,
         ordered: plugin.manifest().ordering_key.is_some(),
         shared: shape == Shape::Shared,
         stopping: ends.stopping,
@@ -184,8 +187,15 @@ fn delivery(
         .info()
         .map(|i| (i.stream.to_owned(), i.published))
         .unwrap_or((String::new(), time::OffsetDateTime::UNIX_EPOCH));
-    let span = spans::consumer(plugin.name(), plugin.version().as_str(), &event, &stream);
-    let msg_id = source::producer_id(&message);
+    let span = spans::consumer(
+        plugin.name(),
+        plugin.version().as_str(),
+        incarnation.generation.number,
+        &event,
+        &stream,
+    );
+    let msg_id =
+        source::producer_id(&message).map(|id| incarnation.generation.scoped_id(id));
     Some(Delivery {
         message,
         lane,
@@ -204,6 +214,7 @@ struct Run<'a> {
     ctx: &'a PipelineContext,
     plugin: &'a Plugin,
     scope: Scope,
+    generation: u64,
     /// Retries hold the run's place in its key's lane.
     ordered: bool,
     /// Taken from the shared queue of an unordered plugin.
@@ -480,6 +491,7 @@ impl Run<'_> {
             &self.ctx.js,
             self.plugin.name(),
             self.plugin.version().as_str(),
+            self.generation,
             &outgoing,
             self.ctx.publish_timeout,
         )
@@ -539,6 +551,7 @@ impl Run<'_> {
             &self.ctx.js,
             self.plugin.name(),
             self.plugin.version().as_str(),
+            self.generation,
             &outgoing,
             self.ctx.publish_timeout,
         )
@@ -640,6 +653,7 @@ impl Run<'_> {
             plugin: self.plugin.name(),
             version: self.plugin.version().as_str(),
             stream: &delivery.stream,
+            generation: self.generation,
             event,
             outcome,
             trace: propagation::outgoing(&delivery.span, event),

@@ -138,8 +138,14 @@ impl Block {
 pub struct Scope(pub String);
 
 impl Scope {
-    pub fn new(stream: &str, created_ns: i128) -> Self {
-        let digest = Sha256::digest(format!("{stream}\n{created_ns}").as_bytes());
+    /// Generation 0 hashes as before generations existed, so done records
+    /// written by older hosts keep their meaning.
+    pub fn new(stream: &str, created_ns: i128, generation: u64) -> Self {
+        let named = match generation {
+            0 => format!("{stream}\n{created_ns}"),
+            n => format!("{stream}\n{created_ns}\n{n}"),
+        };
+        let digest = Sha256::digest(named.as_bytes());
         Scope(hex::encode(&digest[..8]))
     }
 
@@ -206,12 +212,21 @@ mod tests {
 
     #[test]
     fn keys_are_valid_kv_keys_and_stable() {
-        let scope = Scope::new("ORDERS with odd ✓ name", 1_764_520_000_123_456_789);
+        let scope = Scope::new("ORDERS with odd ✓ name", 1_764_520_000_123_456_789, 0);
         assert_eq!(
             scope,
-            Scope::new("ORDERS with odd ✓ name", 1_764_520_000_123_456_789)
+            Scope::new("ORDERS with odd ✓ name", 1_764_520_000_123_456_789, 0)
         );
-        assert_ne!(scope, Scope::new("ORDERS with odd ✓ name", 1));
+        assert_eq!(
+            scope.0,
+            hex::encode(&Sha256::digest("ORDERS with odd ✓ name\n1764520000123456789")[..8]),
+            "generation 0 names what hosts before generations named"
+        );
+        assert_ne!(scope, Scope::new("ORDERS with odd ✓ name", 1, 0));
+        assert_ne!(
+            scope,
+            Scope::new("ORDERS with odd ✓ name", 1_764_520_000_123_456_789, 1)
+        );
         for key in [scope.block_key(42), id_key("ORDERS:42")] {
             assert!(
                 key.chars().all(|c| c.is_ascii_alphanumeric() || c == '.'),

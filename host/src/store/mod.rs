@@ -252,6 +252,12 @@ impl PluginStore {
         })
     }
 
+    /// The bucket itself, for records kept beside the plugin's effects
+    /// (its [generation](crate::generation)).
+    pub fn bucket(&self) -> &kv::Store {
+        &self.kv
+    }
+
     /// Whether done marks are kept (see `StateConfig::idempotency`).
     pub fn idempotency(&self) -> bool {
         self.idempotency

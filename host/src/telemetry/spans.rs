@@ -11,7 +11,13 @@ use crate::event::Event;
 /// `plugin`, `version` and `event_id` fields also tag every log line
 /// written while handling the event, the plugin's own included. Record
 /// `otel.status_code = "ERROR"` on it when the event fails for good.
-pub fn consumer(plugin: &str, version: &str, event: &Event, stream: &str) -> tracing::Span {
+pub fn consumer(
+    plugin: &str,
+    version: &str,
+    generation: u64,
+    event: &Event,
+    stream: &str,
+) -> tracing::Span {
     let span = tracing::info_span!(
         "event",
         otel.name = %format_args!("process {}", event.subject),
@@ -36,7 +42,7 @@ pub fn consumer(plugin: &str, version: &str, event: &Event, stream: &str) -> tra
         ("messaging.destination.name", event.subject.clone()),
         (
             "messaging.consumer.group.name",
-            crate::source::durable_name(plugin),
+            crate::generation::durable_name(plugin, generation),
         ),
         ("messaging.message.id", event.id.clone()),
         ("weir.stream", stream.to_owned()),
