@@ -63,6 +63,10 @@ pub struct DeadLetter<'a> {
     pub version: &'a str,
     pub stream: &'a str,
     pub generation: u64,
+    /// Set when a replay of dead letter N failed again and this letter
+    /// takes its place: its message id must differ from the first one's,
+    /// or the stream's duplicate window would drop it.
+    pub replaces: Option<u64>,
     pub event: &'a Event,
     pub outcome: &'a Outcome,
     /// Trace-context headers continuing the event's trace.
@@ -156,7 +160,7 @@ pub async fn publish(
     prefix: &str,
     letter: &DeadLetter<'_>,
     timeout: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u64> {
     let event = letter.event;
     let mut own = Vec::new();
     for h in &event.headers {
@@ -189,7 +193,10 @@ pub async fn publish(
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     if letter.generation > 0 {
-        weir.push((headers::GENERATION.to_owned(), letter.generation.to_string()));
+        weir.push((
+            headers::GENERATION.to_owned(),
+            letter.generation.to_string(),
+        ));
     }
     if let Some(raw) = letter.raw_headers {
         weir.push((headers::RAW_HEADERS.to_owned(), BASE64.encode(raw)));
@@ -205,9 +212,13 @@ pub async fn publish(
         .headers(headers)
         .payload(payload.into())
         .message_id(format!(
-            "weir-dlq:{}:{}",
+            "weir-dlq:{}:{}{}",
             crate::generation::Tagged(letter.plugin, letter.generation),
-            event.id
+            event.id,
+            letter
+                .replaces
+                .map(|id| format!(":replaces-{id}"))
+                .unwrap_or_default()
         ));
     let subject = subject(prefix, letter.plugin, &event.subject);
     let ack = js.send_publish(subject.clone(), publish).await?;

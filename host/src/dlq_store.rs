@@ -3,12 +3,9 @@
 //! A dead letter is named by its sequence in the dead-letter stream. Its
 //! story is in its `Weir-Dlq-*` headers (see [`crate::dlq::headers`]).
 
-use std::time::Duration;
-
 use anyhow::{Context, bail};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer};
-use futures::StreamExt;
 use serde::Serialize;
 
 use crate::dlq::headers;
@@ -157,48 +154,28 @@ impl DeadLetters {
             Some(start_time) => consumer::DeliverPolicy::ByStartTime { start_time },
             None => consumer::DeliverPolicy::All,
         };
-        let mut reader = self
-            .stream
-            .create_consumer(consumer::pull::Config {
-                filter_subject: filter,
-                ack_policy: consumer::AckPolicy::None,
-                deliver_policy,
-                inactive_threshold: Duration::from_secs(30),
-                ..Default::default()
-            })
-            .await
-            .with_context(|| format!("reading {}", self.name))?;
+        let config = consumer::pull::Config {
+            filter_subject: filter,
+            deliver_policy,
+            ..Default::default()
+        };
         let mut out = Vec::new();
-        while reader
-            .info()
-            .await
-            .context("reading the reader's position")?
-            .num_pending
-            > 0
-        {
-            let mut batch = reader
-                .fetch()
-                .max_messages(1000)
-                .expires(Duration::from_secs(1))
-                .messages()
-                .await
-                .with_context(|| format!("reading {}", self.name))?;
-            while let Some(message) = batch.next().await {
-                let message = message.map_err(|e| anyhow::anyhow!("reading {}: {e}", self.name))?;
-                let info = message
-                    .info()
-                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", self.name))?;
-                let letter = Letter::from_parts(
-                    info.stream_sequence,
-                    info.published,
-                    message.headers.as_ref(),
-                    message.payload.clone(),
-                );
-                if selection.matches(&letter) {
-                    out.push(letter);
-                }
+        crate::source::read_history(&self.stream, config, |message| {
+            let info = message
+                .info()
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", self.name))?;
+            let letter = Letter::from_parts(
+                info.stream_sequence,
+                info.published,
+                message.headers.as_ref(),
+                message.payload.clone(),
+            );
+            if selection.matches(&letter) {
+                out.push(letter);
             }
-        }
+            Ok(true)
+        })
+        .await?;
         Ok(out)
     }
 

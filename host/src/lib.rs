@@ -6,12 +6,14 @@
 
 pub mod admin;
 pub mod bindings;
+pub mod candidate;
 pub mod cli;
 pub mod compile_cache;
 pub mod config;
 pub mod control;
 pub mod dev;
 pub mod dlq;
+pub mod dlq_replay;
 pub mod dlq_store;
 pub mod event;
 pub mod generation;
@@ -22,7 +24,6 @@ pub mod outbox;
 pub mod outcome;
 pub mod pipeline;
 pub mod plugin;
-pub mod replay;
 pub mod runtime;
 pub mod sandbox;
 pub mod scan;

@@ -104,12 +104,13 @@ pub async fn publish(
 }
 
 /// Wait for JetStream to confirm it stored a publish, up to `timeout`.
+/// Returns the stream sequence it was stored at.
 pub(crate) async fn await_stored(
     ack: jetstream::context::PublishAckFuture,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     match tokio::time::timeout(timeout, ack).await {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(ack)) => Ok(ack.sequence),
         Ok(Err(e)) => Err(describe_publish_error(&e)),
         Err(_) => Err(format!("no acknowledgement within {timeout:?}")),
     }

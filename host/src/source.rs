@@ -208,9 +208,58 @@ async fn retire_older_consumers(stream: &jetstream::stream::Stream, plugin: &str
             Ok(_) => {
                 tracing::info!(%plugin, consumer = %name, generation = number, "deleted the consumer of an older generation")
             }
-            Err(e) => tracing::debug!(%plugin, consumer = %name, "deleting an older generation's consumer: {e}"),
+            Err(e) => {
+                tracing::debug!(%plugin, consumer = %name, "deleting an older generation's consumer: {e}")
+            }
         }
     }
+}
+
+/// Read `stream` oldest first, from where `config` starts and through its
+/// filters, with an ephemeral consumer that acknowledges nothing: each
+/// message goes to `take` until it returns false or none is left.
+pub async fn read_history(
+    stream: &jetstream::stream::Stream,
+    mut config: consumer::pull::Config,
+    mut take: impl FnMut(jetstream::Message) -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    config.ack_policy = consumer::AckPolicy::None;
+    config.inactive_threshold = Duration::from_secs(30);
+    let name = stream.cached_info().config.name.clone();
+    let mut reader = stream
+        .create_consumer(config)
+        .await
+        .with_context(|| format!("reading {name}"))?;
+    let mut pending = reader
+        .info()
+        .await
+        .with_context(|| format!("reading {name}"))?
+        .num_pending;
+    while pending > 0 {
+        let mut batch = reader
+            .fetch()
+            .max_messages(1000)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .with_context(|| format!("reading {name}"))?;
+        let mut got = false;
+        while let Some(message) = batch.next().await {
+            let message = message.map_err(|e| anyhow::anyhow!("reading {name}: {e}"))?;
+            got = true;
+            pending = message
+                .info()
+                .map_err(|e| anyhow::anyhow!("reading {name}: {e}"))?
+                .pending;
+            if !take(message)? {
+                return Ok(());
+            }
+        }
+        if !got {
+            pending = reader.info().await?.num_pending;
+        }
+    }
+    Ok(())
 }
 
 /// Whether the consumer `durable` (or its whole stream) no longer exists on
@@ -224,10 +273,7 @@ pub async fn consumer_gone(js: &jetstream::Context, stream: &str, durable: &str)
                 if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
         ),
         Ok(stream) => matches!(
-            stream
-                .consumer_info(durable)
-                .await
-                .map_err(|e| e.kind()),
+            stream.consumer_info(durable).await.map_err(|e| e.kind()),
             Err(ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound)
         ),
     }

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use weir_integration_tests::{
-    TestEnv, count, custom_section, dist, header, one_delivery, publish_all, read_stream,
+    TestEnv, count, custom_section, dist, header, one_delivery, publish_all, read_stream, tallies,
     version_of, wait_until, weir_cli,
 };
 
@@ -138,6 +138,27 @@ async fn a_dead_letter_is_replayed_once_through_the_fixed_version_and_nowhere_el
         || async { count(&js, "HOSTILE", "hostile.out").await == 1 },
     )
     .await;
+    let first = read_stream(&js, "WEIR_DLQ", ">").await.remove(0);
+    let config = env.config_path();
+
+    // Replayed before the fix, it fails again: a letter with the new
+    // attempt and reason takes its place.
+    let first_id = first.info().unwrap().stream_sequence;
+    let (ok, stdout, _) = dlq(&config, &["replay", &first_id.to_string()], "");
+    assert!(!ok, "{stdout}");
+    assert!(
+        stdout.contains("failed again") && stdout.contains("replaces it with the new reason"),
+        "{stdout}"
+    );
+    let (_, listed, _) = dlq(&config, &["list", "--json"], "");
+    let letters: Vec<serde_json::Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 1, "{listed}");
+    assert_ne!(letters[0]["id"], first_id, "{listed}");
+    assert_eq!(letters[0]["reason"], "deadline", "{listed}");
+    assert_eq!(letters[0]["attempts"], 2, "{listed}");
     let letter = read_stream(&js, "WEIR_DLQ", ">").await.remove(0);
 
     // The fix: a version with a longer deadline.
@@ -152,7 +173,6 @@ async fn a_dead_letter_is_replayed_once_through_the_fixed_version_and_nowhere_el
         version_of(&wasm)
     };
 
-    let config = env.config_path();
     let id = letter.info().unwrap().stream_sequence.to_string();
     let (ok, stdout, _) = dlq(&config, &["replay", &id, "--dry-run"], "");
     assert!(
@@ -237,4 +257,66 @@ async fn a_dead_letter_is_replayed_once_through_the_fixed_version_and_nowhere_el
         !ok && stderr.contains("not in the plugin directory"),
         "{stderr}"
     );
+}
+
+/// A thousand dead letters replayed by a fixed version, the replaying
+/// process killed partway: replaying again finishes the rest, and every
+/// event has one output and one state update.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_replay_of_many_dead_letters_has_each_effect_once() {
+    const LETTERS: usize = 1_000;
+    const KEYS: usize = 5;
+    let mut env = TestEnv::new(STREAMS);
+    env.install("test-guests/hostile", "gate", |m| {
+        format!("{}\n[config]\nblocked = true\n", one_delivery(m))
+    });
+    env.start_host();
+    let js = env.jetstream().await;
+    let events: Vec<String> = (0..LETTERS)
+        .map(|i| format!("gated-tally k{}", i % KEYS))
+        .collect();
+    publish_all(&js, "hostile.in", &events, None).await;
+    wait_until(
+        Duration::from_secs(60),
+        "every event dead-lettered",
+        || async { count(&js, "WEIR_DLQ", ">").await == LETTERS as u64 },
+    )
+    .await;
+    env.deploy("test-guests/hostile", "gate", Some("fixed"), one_delivery);
+    env.host(0).wait_for_log("plugin updated", 1);
+
+    let config = env.config_path();
+    let mut replaying = std::process::Command::new(weir_integration_tests::weir_binary())
+        .args(["dlq", "replay", "--plugin", "gate", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(60), "the replay under way", || async {
+        count(&js, "HOSTILE", "hostile.out").await >= 100
+    })
+    .await;
+    replaying.kill().unwrap();
+    replaying.wait().unwrap();
+    let before = count(&js, "HOSTILE", "hostile.out").await;
+    assert!(
+        before < LETTERS as u64,
+        "the replay was killed partway ({before} outputs)"
+    );
+
+    let (ok, stdout, stderr) = dlq(&config, &["replay", "--plugin", "gate"], "");
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("failed again 0"), "{stdout}");
+    assert_eq!(count(&js, "WEIR_DLQ", ">").await, 0);
+    let outputs = read_stream(&js, "HOSTILE", "hostile.out").await;
+    assert_eq!(outputs.len(), LETTERS, "one output per event");
+    let distinct: std::collections::HashSet<&[u8]> =
+        outputs.iter().map(|m| m.payload.as_ref()).collect();
+    assert_eq!(distinct.len(), LETTERS);
+    let state = tallies(&js, "gate").await;
+    assert_eq!(state.len(), KEYS);
+    for (key, n) in &state {
+        assert_eq!(*n, (LETTERS / KEYS) as u64, "{key}: state applied once");
+    }
 }

@@ -1,5 +1,6 @@
-//! Re-running history on purpose, against a real nats-server with real
-//! plugins and hosts killed for real: `weir plugins reset`. Needs `cargo
+//! Re-running history, against a real nats-server with real plugins and
+//! hosts killed for real: `weir plugins reset` re-runs it with effects,
+//! `weir replay` runs a candidate version over it with none. Needs `cargo
 //! xtask build` first.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use weir_integration_tests::{
-    TestEnv, count, header, publish_all, read_stream, tallies, wait_until, weir_cli,
+    TestEnv, count, dist, header, publish_all, read_stream, tallies, wait_until, weir_cli,
 };
 
 const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
@@ -43,8 +44,12 @@ async fn consumer_exists(js: &jetstream::Context, name: &str) -> bool {
 
 /// Wait until `name` has nothing pending or unacknowledged.
 async fn wait_consumer_idle(js: &jetstream::Context, name: &str) {
+    wait_consumer_idle_on(js, "HOSTILE", name).await;
+}
+
+async fn wait_consumer_idle_on(js: &jetstream::Context, stream: &str, name: &str) {
     wait_until(WAIT, &format!("consumer {name} idle"), || async {
-        let stream = js.get_stream("HOSTILE").await.unwrap();
+        let stream = js.get_stream(stream).await.unwrap();
         match stream.consumer_info(name).await {
             Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
             Err(_) => false,
@@ -67,7 +72,9 @@ async fn a_reset_reruns_history_once_with_effects_on_every_host() {
     env.start_host();
     env.start_host();
     let js = env.jetstream().await;
-    let events: Vec<String> = (0..EVENTS).map(|i| format!("tally k{}", i % KEYS)).collect();
+    let events: Vec<String> = (0..EVENTS)
+        .map(|i| format!("tally k{}", i % KEYS))
+        .collect();
     // Half carry producer ids, whose done records are kept by id.
     publish_all(&js, "hostile.in", &events[..EVENTS / 2], Some("order")).await;
     publish_all(&js, "hostile.in", &events[EVENTS / 2..], None).await;
@@ -132,13 +139,24 @@ async fn a_reset_reruns_history_once_with_effects_on_every_host() {
     let state = tallies(&js, "tally").await;
     assert_eq!(state.len(), KEYS);
     for (key, n) in &state {
-        assert_eq!(*n, 2 * (EVENTS / KEYS) as u64, "{key}: state kept and updated again");
+        assert_eq!(
+            *n,
+            2 * (EVENTS / KEYS) as u64,
+            "{key}: state kept and updated again"
+        );
     }
     for (key, n) in &tallies(&js, "bystander").await {
         assert_eq!(*n, (EVENTS / KEYS) as u64, "{key}");
     }
-    assert!(!consumer_exists(&js, "weir-tally").await, "generation 0's consumer deleted");
-    assert_eq!(count(&js, "WEIR_DLQ", ">").await, 0, "nothing dead-lettered");
+    assert!(
+        !consumer_exists(&js, "weir-tally").await,
+        "generation 0's consumer deleted"
+    );
+    assert_eq!(
+        count(&js, "WEIR_DLQ", ">").await,
+        0,
+        "nothing dead-lettered"
+    );
 
     // From a sequence, only the events from there run again: the last 100
     // inputs (outputs share the stream, so its sequences interleave).
@@ -155,7 +173,9 @@ async fn a_reset_reruns_history_once_with_effects_on_every_host() {
     );
     assert!(ok, "{stdout}{stderr}");
     assert!(
-        stdout.contains(&format!("tally moved to generation 2 starting at sequence {from}")),
+        stdout.contains(&format!(
+            "tally moved to generation 2 starting at sequence {from}"
+        )),
         "{stdout}"
     );
     wait_until(WAIT, "the last 100 events again", || async {
@@ -194,4 +214,174 @@ async fn a_reset_reruns_history_once_with_effects_on_every_host() {
         count(&js, "HOSTILE", "hostile.out").await,
         3 * EVENTS as u64 + 100
     );
+}
+
+/// Orders of five kinds, by `i % 5`, scored by the fraud plugin's default
+/// rules (high-risk countries XX and ZZ, large above 100,000 cents, more
+/// than 20 units suspicious, flagged at 0.7):
+/// 0: large, from ZZ: flagged (0.9);
+/// 1: small: passes;
+/// 2: large, 25 units: flagged (0.8);
+/// 3: 90,000 cents from XX: flagged (0.84);
+/// 4: large, from ZZ, 25 units: flagged (1.0).
+fn orders(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let (amount, country, qty) = match i % 5 {
+                0 => (250_000, "ZZ", 1),
+                1 => (4_599, "NL", 2),
+                2 => (250_000, "NL", 25),
+                3 => (90_000, "XX", 1),
+                _ => (250_000, "ZZ", 25),
+            };
+            serde_json::json!({
+                "order_id": i.to_string(),
+                "customer_id": format!("c-{i}"),
+                "amount_cents": amount,
+                "country": country,
+                "items": [{"sku": "thing", "qty": qty}],
+            })
+            .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_candidate_replays_history_with_no_effects_and_is_diffed_against_the_live_plugin() {
+    const ORDERS: usize = 50;
+    let mut env = TestEnv::new(&[("ORDERS", &["orders.>"])]);
+    env.install("plugins/fraud", "fraud", |m| m);
+    env.start_host();
+    let js = env.jetstream().await;
+    publish_all(&js, "orders.placed", &orders(ORDERS), Some("order")).await;
+    let flagged = (ORDERS / 5 * 4) as u64;
+    wait_until(WAIT, "the live plugin's flags", || async {
+        count(&js, "ORDERS", "orders.flagged").await == flagged
+    })
+    .await;
+    wait_consumer_idle_on(&js, "ORDERS", "weir-fraud").await;
+    let config = env.config_path();
+    let replay = |args: &[&str]| {
+        let args: Vec<&str> = std::iter::once("replay")
+            .chain(args.iter().copied())
+            .collect();
+        weir_cli(&config, &args, "")
+    };
+    let before = js
+        .get_stream("ORDERS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .clone();
+
+    // The same version: every event the same.
+    let same = dist("plugins/fraud.wasm");
+    let same = same.to_str().unwrap();
+    let (ok, stdout, stderr) = replay(&[same, "--against", "fraud"]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "against fraud: {ORDERS} same, 0 different, 0 only in candidate, 0 only in live"
+        )),
+        "{stdout}"
+    );
+
+    // A version with one rule changed: ZZ is no longer high-risk.
+    let candidate_dir = env.dir.path().join("candidate");
+    std::fs::create_dir_all(&candidate_dir).unwrap();
+    std::fs::copy(dist("plugins/fraud.wasm"), candidate_dir.join("fraud.wasm")).unwrap();
+    let manifest = std::fs::read_to_string(dist("plugins/fraud.toml")).unwrap();
+    assert!(manifest.contains(r#"high-risk-countries = ["XX", "ZZ"]"#));
+    std::fs::write(
+        candidate_dir.join("fraud.toml"),
+        manifest.replace(r#"["XX", "ZZ"]"#, r#"["XX"]"#),
+    )
+    .unwrap();
+    let candidate = candidate_dir.join("fraud.wasm");
+    let candidate = candidate.to_str().unwrap();
+    let (ok, stdout, stderr) = replay(&[candidate, "--against", "fraud"]);
+    assert!(!ok, "differences exit with status 1: {stdout}{stderr}");
+    assert!(
+        stdout
+            .contains("against fraud: 30 same, 10 different, 0 only in candidate, 10 only in live"),
+        "{stdout}"
+    );
+    let (_, stdout, _) = replay(&[candidate, "--against", "fraud", "--json"]);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let summary = &lines.last().unwrap()["summary"];
+    assert_eq!(summary["different"], 10, "{summary}");
+    assert_eq!(summary["events"], ORDERS, "{summary}");
+    for line in &lines[..ORDERS] {
+        let i: usize = line["id"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("order-")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let expected = match i % 5 {
+            0 => "only-in-live",
+            4 => "different",
+            _ => "same",
+        };
+        assert_eq!(line["verdict"], expected, "{line}");
+        if expected == "different" {
+            assert_eq!(line["emitted"][0]["payload"]["score"], 0.8, "{line}");
+            assert_eq!(line["live"][0]["payload"]["score"], 1.0, "{line}");
+        }
+    }
+
+    // A range: only those events run.
+    let (ok, stdout, _) = replay(&[candidate, "--from", "1", "--to", "5", "--against", "fraud"]);
+    assert!(!ok);
+    assert!(
+        stdout.contains("ran 5 events of ORDERS (sequences 1..=5)"),
+        "{stdout}"
+    );
+
+    // Nothing was published, committed or acked.
+    let after = js
+        .get_stream("ORDERS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .clone();
+    assert_eq!(after.messages, before.messages);
+    assert_eq!(after.last_sequence, before.last_sequence);
+    assert_eq!(count(&js, "WEIR_DLQ", ">").await, 0);
+    let live = js
+        .get_stream("ORDERS")
+        .await
+        .unwrap()
+        .consumer_info("weir-fraud")
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(
+        live.delivered.stream_sequence,
+        live.ack_floor.stream_sequence
+    );
+
+    // Bad input is named.
+    let (ok, _, stderr) = replay(&["nothing.wasm"]);
+    assert!(!ok && stderr.contains("does not exist"), "{stderr}");
+    let notplugin = dist("test-guests/notplugin.wasm");
+    let (ok, _, stderr) = replay(&[notplugin.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("is not a plugin"), "{stderr}");
+    let (ok, _, stderr) = replay(&[same, "--stream", "NOPE"]);
+    assert!(
+        !ok && stderr.contains("stream NOPE does not exist"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = replay(&[same, "--from", "yesterday"]);
+    assert!(!ok && stderr.contains("RFC 3339"), "{stderr}");
 }

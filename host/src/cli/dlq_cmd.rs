@@ -176,7 +176,7 @@ async fn replay(
     chosen: Vec<Letter>,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
-    use crate::replay::{Replayed, Replayer};
+    use crate::dlq_replay::{Replayed, Replayer};
     let mut by_plugin: std::collections::BTreeMap<String, Vec<Letter>> = Default::default();
     for letter in chosen {
         by_plugin
@@ -204,7 +204,18 @@ async fn replay(
             match replayer.replay(&letter).await? {
                 Replayed::Failed(why) => {
                     failed += 1;
-                    println!("dead letter {} failed again and stays: {why}", letter.id);
+                    println!(
+                        "dead letter {} cannot be replayed and stays: {why}",
+                        letter.id
+                    );
+                }
+                Replayed::FailedAgain { why, new_letter } => {
+                    failed += 1;
+                    letters.delete(letter.id).await?;
+                    println!(
+                        "dead letter {} failed again: {why}; dead letter {new_letter} replaces it with the new reason",
+                        letter.id
+                    );
                 }
                 outcome => {
                     letters.delete(letter.id).await?;
@@ -278,4 +289,3 @@ fn full(l: &Letter) -> String {
     }
     out
 }
-

@@ -3,6 +3,7 @@
 mod dev_cmd;
 mod dlq_cmd;
 mod plugins_cmd;
+mod replay_cmd;
 mod run_cmd;
 mod test_cmd;
 
@@ -38,10 +39,14 @@ enum Command {
     Dev(dev_cmd::DevArgs),
     /// Run a plugin against events from a file, with no broker.
     Test(test_cmd::TestArgs),
-    /// List or remove the plugins of running hosts.
+    /// List, remove or reset the plugins of running hosts.
     Plugins(plugins_cmd::PluginsArgs),
-    /// List, show and purge dead letters.
+    /// List, show, replay and purge dead letters.
     Dlq(dlq_cmd::DlqArgs),
+    /// Run a candidate version over a range of history with no effects at
+    /// all, and compare its outputs with a live plugin's (exit status 1 on
+    /// any difference).
+    Replay(replay_cmd::ReplayArgs),
 }
 
 impl LogFormat {
@@ -112,6 +117,10 @@ pub fn main() -> ExitCode {
         Command::Dlq(args) => {
             init_logs("warn", cli.log_format);
             dlq_cmd::run(args).unwrap_or_else(|e| fail("dlq", e))
+        }
+        Command::Replay(args) => {
+            init_logs("warn", cli.log_format);
+            replay_cmd::run(args)
         }
         Command::Test(args) => {
             init_logs("warn", cli.log_format);

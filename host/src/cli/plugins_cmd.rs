@@ -273,10 +273,16 @@ where
             serving += 1;
             if plugin.generation >= number {
                 if reported.insert(answer.host.clone()) {
-                    println!("host {}: {name} runs in generation {}", answer.host, plugin.generation);
+                    println!(
+                        "host {}: {name} runs in generation {}",
+                        answer.host, plugin.generation
+                    );
                 }
             } else {
-                behind.push(format!("{} (generation {})", answer.host, plugin.generation));
+                behind.push(format!(
+                    "{} (generation {})",
+                    answer.host, plugin.generation
+                ));
             }
         }
         if serving == 0 {

@@ -194,8 +194,7 @@ fn delivery(
         &event,
         &stream,
     );
-    let msg_id =
-        source::producer_id(&message).map(|id| incarnation.generation.scoped_id(id));
+    let msg_id = source::producer_id(&message).map(|id| incarnation.generation.scoped_id(id));
     Some(Delivery {
         message,
         lane,
@@ -654,6 +653,7 @@ impl Run<'_> {
             version: self.plugin.version().as_str(),
             stream: &delivery.stream,
             generation: self.generation,
+            replaces: None,
             event,
             outcome,
             trace: propagation::outgoing(&delivery.span, event),
@@ -678,7 +678,7 @@ impl Run<'_> {
         }
         tracing::warn!(parent: &delivery.span, attempts = event.attempt, "dead-lettered: {outcome}");
         match message.double_ack_with(AckKind::Term).await {
-            Ok(()) => Disposition::DeadLettered(outcome.kind()),
+            Ok(_) => Disposition::DeadLettered(outcome.kind()),
             Err(e) => {
                 // Redelivered later; the dead letter's message id keeps it single.
                 tracing::warn!(parent: &delivery.span, "terminate not confirmed: {e}");

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::event::{Event, Header};
+use crate::event::{Emitted, Event, Header};
 use crate::sandbox::Invocation;
 use crate::state::StateChange;
 
@@ -84,16 +84,9 @@ fn headers_json(headers: &[Header]) -> Value {
     Value::Object(map)
 }
 
-/// One result line of `weir test`.
-pub fn result_json(event: &Event, invocation: &Invocation) -> Value {
-    let mut out = serde_json::Map::new();
-    out.insert("id".into(), Value::String(event.id.clone()));
-    if let Value::Object(outcome) = serde_json::to_value(&invocation.outcome).unwrap_or(Value::Null)
-    {
-        out.extend(outcome);
-    }
-    let emitted = invocation
-        .emitted
+/// Emitted events as JSON: subject, headers, payload (see `payload_fields`).
+pub fn emitted_json(emitted: &[Emitted]) -> Value {
+    emitted
         .iter()
         .map(|e| {
             let mut m = serde_json::Map::new();
@@ -104,8 +97,18 @@ pub fn result_json(event: &Event, invocation: &Invocation) -> Value {
             payload_fields(&e.payload, &mut m);
             Value::Object(m)
         })
-        .collect();
-    out.insert("emitted".into(), Value::Array(emitted));
+        .collect()
+}
+
+/// One result line of `weir test`.
+pub fn result_json(event: &Event, invocation: &Invocation) -> Value {
+    let mut out = serde_json::Map::new();
+    out.insert("id".into(), Value::String(event.id.clone()));
+    if let Value::Object(outcome) = serde_json::to_value(&invocation.outcome).unwrap_or(Value::Null)
+    {
+        out.extend(outcome);
+    }
+    out.insert("emitted".into(), emitted_json(&invocation.emitted));
     let mut state = serde_json::Map::new();
     for change in &invocation.state_changes {
         let value = match change {

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use weir_guest::{Event, Plugin, Result, emit, reject, retry, retry_after, state};
+use weir_guest::{Event, Plugin, Result, config, emit, reject, retry, retry_after, state};
 
 pub struct Hostile;
 
@@ -150,6 +150,18 @@ impl Plugin for Hostile {
                 let n = state::get_json::<u64>("count")?.unwrap_or(0) + 1;
                 state::set_json("count", &n)?;
                 emit::publish("hostile.out", n.to_string().as_bytes())?;
+                Ok(())
+            }
+            gated if gated.starts_with("gated-tally ") => {
+                // A tally the manifest can switch off: `blocked = true`
+                // rejects every event, the fixed version counts them.
+                if config::parse::<bool>("blocked")?.unwrap_or(false) {
+                    return Err(reject("blocked by the manifest"));
+                }
+                let key = format!("tally.{}", &gated["gated-tally ".len()..]);
+                let n = state::get_json::<u64>(&key)?.unwrap_or(0) + 1;
+                state::set_json(&key, &n)?;
+                emit::publish("hostile.out", event.id.as_bytes())?;
                 Ok(())
             }
             tally if tally.starts_with("tally ") => {

@@ -37,13 +37,17 @@ pub enum Replayed {
     /// Its effects had been committed before (an earlier replay): they were
     /// published again, nothing ran.
     AlreadyDone,
-    /// It failed again, for this reason; the dead letter stays.
+    /// The plugin failed on it again: a new dead letter (this id) with the
+    /// new reason replaces it. The caller removes the old one.
+    FailedAgain { why: String, new_letter: u64 },
+    /// It could not be run, for this reason; the dead letter stays as it is.
     Failed(String),
 }
 
 /// One plugin's current version and store, for replays.
 pub struct Replayer {
     js: jetstream::Context,
+    dlq_prefix: String,
     plugin: Plugin,
     store: Arc<PluginStore>,
     publish_timeout: Duration,
@@ -75,6 +79,7 @@ impl Replayer {
         let store = PluginStore::open(js, &config.state, name).await?;
         Ok(Replayer {
             js: js.clone(),
+            dlq_prefix: config.dead_letter.subject_prefix.clone(),
             plugin,
             store: Arc::new(store),
             publish_timeout: Duration::from_secs(10),
@@ -112,7 +117,7 @@ impl Replayer {
             let state: Arc<dyn StateStore> = self.store.clone();
             let invocation = self.plugin.invoke(&event, state).await;
             if !invocation.outcome.is_ok() {
-                return Ok(Replayed::Failed(invocation.outcome.to_string()));
+                return self.supersede(letter, &event, &invocation.outcome).await;
             }
             let reads = invocation
                 .state_reads
@@ -156,6 +161,36 @@ impl Replayer {
         Ok(Replayed::Failed(format!(
             "its state keys kept changing under it ({MAX_CONFLICTS} tries)"
         )))
+    }
+
+    /// Store a dead letter saying how the replay of `letter` failed (the
+    /// version that ran, the new reason, one more attempt) to take its
+    /// place: stream messages cannot be edited.
+    async fn supersede(
+        &self,
+        letter: &Letter,
+        event: &Event,
+        outcome: &crate::outcome::Outcome,
+    ) -> anyhow::Result<Replayed> {
+        let again = crate::dlq::DeadLetter {
+            plugin: self.plugin.name(),
+            version: self.version(),
+            stream: &letter.stream,
+            generation: letter.generation,
+            replaces: Some(letter.id),
+            event,
+            outcome,
+            trace: Vec::new(),
+            raw_headers: None,
+        };
+        let new_letter =
+            crate::dlq::publish(&self.js, &self.dlq_prefix, &again, self.publish_timeout)
+                .await
+                .context("storing the dead letter with its new reason")?;
+        Ok(Replayed::FailedAgain {
+            why: outcome.to_string(),
+            new_letter,
+        })
     }
 
     /// The done-mark scope of the original event, and its producer id if
