@@ -85,6 +85,14 @@ pub struct PluginsConfig {
     /// without being read.
     #[serde(default = "defaults::max_wasm_mb")]
     pub max_wasm_mb: u64,
+    /// A NATS Object Store bucket of plugin releases (`weir plugins
+    /// deploy`): the host writes each deployed plugin's current release
+    /// into `dir` and serves it from there. Created if missing.
+    #[serde(default)]
+    pub bucket: Option<String>,
+    /// Replicas of the bucket's stream when the host creates it.
+    #[serde(default = "defaults::replicas")]
+    pub bucket_replicas: usize,
 }
 
 impl Default for PluginsConfig {
@@ -93,6 +101,8 @@ impl Default for PluginsConfig {
             dir: PathBuf::from("plugins"),
             watch: true,
             max_wasm_mb: defaults::max_wasm_mb(),
+            bucket: None,
+            bucket_replicas: defaults::replicas(),
         }
     }
 }
@@ -420,6 +430,10 @@ impl HostConfig {
         self.validate_streams()?;
         names::validate_bucket_prefix(&self.state.bucket_prefix)
             .map_err(|why| format!("`state.bucket-prefix` {:?} {why}", self.state.bucket_prefix))?;
+        if let Some(bucket) = &self.plugins.bucket {
+            names::validate_bucket_prefix(bucket)
+                .map_err(|why| format!("`plugins.bucket` {bucket:?} {why}"))?;
+        }
         if self.state.done_ttl_s == 0 {
             return Err("`state.done-ttl-s` must be at least 1".into());
         }
@@ -436,6 +450,10 @@ impl HostConfig {
             return Err("`runtime.ack-wait-ms` must be at least 1000".into());
         }
         let replicas = std::iter::once(("state.replicas".to_owned(), self.state.replicas))
+            .chain(std::iter::once((
+                "plugins.bucket-replicas".to_owned(),
+                self.plugins.bucket_replicas,
+            )))
             .chain(std::iter::once((
                 "dead-letter.replicas".to_owned(),
                 self.dead_letter.replicas,

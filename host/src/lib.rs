@@ -24,6 +24,7 @@ pub mod outbox;
 pub mod outcome;
 pub mod pipeline;
 pub mod plugin;
+pub mod plugin_bucket;
 pub mod runtime;
 pub mod sandbox;
 pub mod scan;

@@ -179,6 +179,15 @@ impl Host {
             metrics: Arc::new(Metrics::new()),
             restarts,
         });
+        let bucket =
+            crate::plugin_bucket::PluginBucket::open(&inner.js, &inner.config.plugins, true)
+                .await?;
+        if let Some(bucket) = &bucket {
+            // Before the first reconcile, so a new host starts with what is deployed.
+            crate::plugin_bucket::materialize(bucket, &inner.config.plugins.dir)
+                .await
+                .with_context(|| format!("writing the plugins deployed in {}", bucket.name()))?;
+        }
         inner.reconcile().await?;
         let restarter = {
             // Weak: the channel's sender lives in `inner`, so a strong
@@ -209,6 +218,23 @@ impl Host {
         ];
         if inner.config.admin.enabled {
             background.push(crate::admin::spawn(&inner.config.admin, inner.handle()).await?);
+        }
+        if let Some(bucket) = bucket {
+            let handle = inner.handle();
+            background.push(crate::plugin_bucket::spawn_sync(
+                bucket,
+                inner.config.plugins.dir.clone(),
+                RESCAN_INTERVAL,
+                inner.shutdown.clone(),
+                move || {
+                    let handle = handle.clone();
+                    async move {
+                        if let Err(e) = handle.reconcile().await {
+                            tracing::error!("reconciling plugins after a bucket change: {e:#}");
+                        }
+                    }
+                },
+            ));
         }
         if inner.config.plugins.watch {
             background.push(crate::watch::spawn(

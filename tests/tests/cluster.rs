@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use weir::dev::{NatsCluster, NatsServer, free_port};
-use weir_integration_tests::{WeirProcess, count, dist, publish_all, wait_until};
+use weir_integration_tests::{
+    WeirProcess, count, custom_section, dist, header, publish_all, read_stream, version_of,
+    wait_until, weir_cli,
+};
 
 /// Three nats-servers routed into one cluster; their client URLs.
 fn cluster(dir: &std::path::Path) -> (Vec<NatsServer>, String) {
@@ -240,4 +243,165 @@ async fn outputs_while_failing_over(js: &jetstream::Context) -> u64 {
         }
     }
     total
+}
+
+/// Two hosts, each with its own plugin directory, deploy through the plugin
+/// bucket while 20,000 stateful events flow: both converge on each
+/// release, every event has one output and one state update, and events
+/// published after both hosts switched carry the new version. Rollback and
+/// fleet-wide removal go through the bucket too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deploy_through_the_bucket_reaches_both_hosts_while_events_flow() {
+    const EVENTS: usize = 20_000;
+    let dir = tempfile::tempdir().unwrap();
+    let (_servers, urls) = cluster(dir.path());
+    let js = cluster_client(&urls).await;
+    let configs: Vec<std::path::PathBuf> = (0..2)
+        .map(|i| {
+            std::fs::create_dir_all(dir.path().join(format!("plugins-{i}"))).unwrap();
+            let config = dir.path().join(format!("weir-{i}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "[nats]\nurl = \"{urls}\"\n[plugins]\ndir = \"plugins-{i}\"\nbucket = \"weir_plugins\"\nbucket-replicas = 3\n\
+                     [admin]\nlisten = \"127.0.0.1:0\"\n[control]\ntoken = \"c0ntrol\"\n\
+                     [state]\nreplicas = 3\n[dead-letter]\nreplicas = 3\n\
+                     [[streams]]\nname = \"HOSTILE\"\nsubjects = [\"hostile.>\"]\nreplicas = 3\n"
+                ),
+            )
+            .unwrap();
+            config
+        })
+        .collect();
+    let mut hosts: Vec<WeirProcess> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| WeirProcess::start(c, &dir.path().join(format!("weir-{i}.log"))))
+        .collect();
+    for host in &mut hosts {
+        host.wait_ready();
+    }
+
+    // Two releases of the tally plugin: the same code tagged v1 and v2.
+    let release = |tag: &str| {
+        let mut wasm = std::fs::read(dist("test-guests/hostile.wasm")).unwrap();
+        wasm.extend(custom_section("weir-test-version", tag.as_bytes()));
+        let path = dir.path().join(tag).join("tally.wasm");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &wasm).unwrap();
+        let manifest = std::fs::read_to_string(dist("test-guests/hostile.toml"))
+            .unwrap()
+            .replace("start = \"all\"", "start = \"all\"\nconcurrency = 4")
+            .replace("max-deliveries = 3", "max-deliveries = 50");
+        std::fs::write(path.with_extension("toml"), manifest).unwrap();
+        (path, version_of(&wasm))
+    };
+    let (v1_path, v1) = release("v1");
+    let (v2_path, v2) = release("v2");
+    let plugins = |args: &[&str]| {
+        let args: Vec<&str> = std::iter::once("plugins")
+            .chain(args.iter().copied())
+            .collect();
+        weir_cli(&configs[0], &args, "")
+    };
+
+    // Bad releases are refused before upload.
+    let notplugin = dist("test-guests/notplugin.wasm");
+    let (ok, _, stderr) = plugins(&["deploy", notplugin.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("is not a plugin"), "{stderr}");
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(&broken, "subjects = 3\n").unwrap();
+    let (ok, _, stderr) = plugins(&[
+        "deploy",
+        v1_path.to_str().unwrap(),
+        "--manifest",
+        broken.to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("broken.toml"), "{stderr}");
+
+    let (ok, stdout, stderr) = plugins(&["deploy", v1_path.to_str().unwrap()]);
+    assert!(ok, "{stdout}{stderr}");
+    assert_eq!(
+        stdout.matches(&format!("version {v1}")).count(),
+        3,
+        "deployed, and both hosts serve it: {stdout}"
+    );
+
+    let half: Vec<String> = (0..EVENTS / 2)
+        .map(|i| format!("tally k{}", i % 20))
+        .collect();
+    publish_all(&js, "hostile.in", &half, Some("a")).await;
+    wait_until(
+        Duration::from_secs(120),
+        "part of the first half",
+        || async { count(&js, "HOSTILE", "hostile.out").await >= (EVENTS / 8) as u64 },
+    )
+    .await;
+    let (ok, stdout, stderr) = plugins(&["deploy", v2_path.to_str().unwrap()]);
+    assert!(ok, "{stdout}{stderr}");
+    assert_eq!(
+        stdout.matches(&format!("version {v2}")).count(),
+        3,
+        "{stdout}"
+    );
+    // Both hosts serve v2 now: what is published from here runs on it.
+    publish_all(&js, "hostile.in", &half, Some("b")).await;
+    wait_until(Duration::from_secs(300), "every output", || async {
+        count(&js, "HOSTILE", "hostile.out").await >= EVENTS as u64
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let outputs = read_stream(&js, "HOSTILE", "hostile.out").await;
+    assert_eq!(outputs.len(), EVENTS, "no output lost or duplicated");
+    let mut versions_of_first_half = std::collections::BTreeSet::new();
+    for output in &outputs {
+        let version = header(output, "Weir-Plugin-Version").unwrap();
+        let cause = header(output, "Weir-Cause-Id").unwrap();
+        if cause.starts_with("b-") {
+            assert_eq!(version, v2, "{cause} ran after both hosts switched");
+        } else {
+            assert!(version == v1 || version == v2, "{cause}: {version}");
+            versions_of_first_half.insert(version.to_owned());
+        }
+    }
+    assert_eq!(
+        versions_of_first_half.len(),
+        2,
+        "the deploy landed while the first half flowed"
+    );
+    let kv = js.get_key_value("weir_state_tally").await.unwrap();
+    for k in 0..20 {
+        let value = kv.get(format!("s.tally.k{k}")).await.unwrap().unwrap();
+        assert_eq!(value.as_ref(), b"1000", "k{k}: state exact");
+    }
+    assert_eq!(count(&js, "WEIR_DLQ", ">").await, 0);
+
+    let (ok, stdout, stderr) = plugins(&["rollback", "tally"]);
+    assert!(ok, "{stdout}{stderr}");
+    assert_eq!(
+        stdout.matches(&format!("version {v1}")).count(),
+        3,
+        "{stdout}"
+    );
+    let (ok, stdout, _) = plugins(&["list"]);
+    assert!(ok);
+    assert!(
+        stdout.contains("bucket weir_plugins") && stdout.contains("served by 2 of 2 hosts"),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = plugins(&["rollback", "tally"]);
+    assert!(!ok && stderr.contains("no earlier release"), "{stderr}");
+
+    let (ok, stdout, stderr) = plugins(&["remove", "tally"]);
+    assert!(ok, "{stdout}{stderr}");
+    for i in 0..2 {
+        let wasm = dir.path().join(format!("plugins-{i}/tally.wasm"));
+        wait_until(Duration::from_secs(30), "files removed", || async {
+            !wasm.exists()
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, stdout, _) = plugins(&["list"]);
+    assert!(!stdout.contains("tally"), "removed everywhere: {stdout}");
 }

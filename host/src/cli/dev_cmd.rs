@@ -105,6 +105,7 @@ fn start_cluster(
     let replicas = CLUSTER_REPLICAS;
     config.state.replicas = config.state.replicas.max(replicas);
     config.dead_letter.replicas = config.dead_letter.replicas.max(replicas);
+    config.plugins.bucket_replicas = config.plugins.bucket_replicas.max(replicas);
     for stream in &mut config.streams {
         stream.replicas = stream.replicas.max(replicas);
     }

@@ -8,6 +8,8 @@ use anyhow::Context;
 
 use crate::control::{self, Request};
 use crate::generation::{self, ResetTo};
+use crate::plugin_bucket::PluginBucket;
+use crate::runtime::PluginInfo;
 
 #[derive(Debug, clap::Args)]
 pub struct PluginsArgs {
@@ -36,8 +38,9 @@ enum PluginsCommand {
         json: bool,
     },
     /// Stop a plugin on every host and remove its files from their plugin
-    /// directories. Its durable consumer is kept (re-adding the plugin
-    /// resumes where it stopped) unless --delete-consumer is given.
+    /// directories, and its deployment from the plugin bucket if it has
+    /// one. Its durable consumer is kept (re-adding the plugin resumes
+    /// where it stopped) unless --delete-consumer is given.
     Remove {
         name: String,
         /// Also delete the plugin's durable consumer and start its next
@@ -45,6 +48,28 @@ enum PluginsCommand {
         /// position again and runs those events again, with effects.
         #[arg(long)]
         delete_consumer: bool,
+    },
+    /// Deploy a plugin version to every host configured with `[plugins]
+    /// bucket`: validated (a component of the plugin world with a valid
+    /// manifest), uploaded once, and served by each host through its usual
+    /// safe swap. Waits until every running host serves it.
+    Deploy {
+        /// The component; the plugin is named after its file stem.
+        wasm: PathBuf,
+        /// Its manifest (default: NAME.toml beside it).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// How long to wait for running hosts to serve it, in seconds.
+        #[arg(long, default_value = "60")]
+        converge_s: u64,
+    },
+    /// Return a plugin deployed through the bucket to its previous release,
+    /// on every host.
+    Rollback {
+        name: String,
+        /// How long to wait for running hosts to serve it, in seconds.
+        #[arg(long, default_value = "60")]
+        converge_s: u64,
     },
     /// Re-run a plugin's history, with effects: its outputs are published
     /// again and its state updated again (state is kept, not cleared).
@@ -132,6 +157,23 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                         }
                     }
                 }
+                let js = async_nats::jetstream::new(client.clone());
+                if !json && let Some(bucket) = PluginBucket::open(&js, &config.plugins, false).await? {
+                    println!("bucket {}", bucket.name());
+                    for (name, d) in bucket.deployments().await? {
+                        let serving = answers
+                            .iter()
+                            .filter(|a| a.plugins.iter().any(|p| p.name == name && p.version == d.version))
+                            .count();
+                        println!(
+                            "  {name:<20} {:<13} deployed {}, served by {serving} of {} hosts{}",
+                            d.version,
+                            d.deployed_at,
+                            answers.len(),
+                            if d.previous.is_empty() { String::new() } else { format!(" ({} earlier releases)", d.previous.len()) }
+                        );
+                    }
+                }
                 Ok(if refused == 0 {
                     ExitCode::SUCCESS
                 } else {
@@ -142,6 +184,15 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                 name,
                 delete_consumer,
             } => {
+                let js = async_nats::jetstream::new(client.clone());
+                // First, or a host would write the files back from the bucket.
+                let undeployed = match PluginBucket::open(&js, &config.plugins, false).await? {
+                    Some(bucket) if bucket.remove(&name).await? => {
+                        println!("removed {name}'s deployment from bucket {}", bucket.name());
+                        true
+                    }
+                    _ => false,
+                };
                 let answers = control::ask(
                     &client,
                     &subject,
@@ -165,10 +216,12 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                     if let Some(refusal) = answers.iter().find_map(|a| a.error.as_ref()) {
                         anyhow::bail!("{name} was not removed: {refusal}");
                     }
+                    if undeployed {
+                        return Ok(ExitCode::SUCCESS);
+                    }
                     anyhow::bail!("no running host serves a plugin named {name}");
                 };
                 if delete_consumer {
-                    let js = async_nats::jetstream::new(client);
                     let mut number = 0;
                     if let Some(bucket) = store_bucket(&js, &config, &name).await? {
                         number = generation::read(&bucket).await?.0.number;
@@ -218,9 +271,104 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                         .await?;
                 println!("{name} moved to generation {} starting at {to}", next.number);
                 let ask = || control::ask(&client, &subject, &Request::List, token.as_deref(), wait);
-                converge(ask, &name, next.number, Duration::from_secs(converge_s)).await
+                let reached = |p: &PluginInfo| p.generation >= next.number;
+                converge(ask, &name, false, reached, Duration::from_secs(converge_s)).await
+            }
+            PluginsCommand::Deploy {
+                wasm,
+                manifest,
+                converge_s,
+            } => {
+                let js = async_nats::jetstream::new(client.clone());
+                let bucket = open_bucket(&js, &config).await?;
+                let release = validate_release(&config, &client, &wasm, manifest).await?;
+                let name = release.name;
+                let deployment = bucket
+                    .deploy(&name, &release.version, &release.manifest, &release.wasm)
+                    .await?;
+                println!(
+                    "deployed {name} version {} (release {}) to bucket {}",
+                    deployment.version,
+                    deployment.release,
+                    bucket.name()
+                );
+                let ask = || control::ask(&client, &subject, &Request::List, token.as_deref(), wait);
+                let reached = |p: &PluginInfo| p.version == deployment.version;
+                converge(ask, &name, true, reached, Duration::from_secs(converge_s)).await
+            }
+            PluginsCommand::Rollback { name, converge_s } => {
+                let js = async_nats::jetstream::new(client.clone());
+                let bucket = open_bucket(&js, &config).await?;
+                let deployment = bucket.rollback(&name).await?;
+                println!(
+                    "{name} rolled back to version {} (release {})",
+                    deployment.version, deployment.release
+                );
+                let ask = || control::ask(&client, &subject, &Request::List, token.as_deref(), wait);
+                let reached = |p: &PluginInfo| p.version == deployment.version;
+                converge(ask, &name, true, reached, Duration::from_secs(converge_s)).await
             }
         }
+    })
+}
+
+/// The deployment's plugin bucket; an error when the config names none.
+async fn open_bucket(
+    js: &async_nats::jetstream::Context,
+    config: &crate::config::HostConfig,
+) -> anyhow::Result<PluginBucket> {
+    PluginBucket::open(js, &config.plugins, true).await?.context(
+        "the config names no plugin bucket: set `bucket` under [plugins] (the hosts need it too)",
+    )
+}
+
+/// A release checked as a host would check it before upload.
+struct Release {
+    name: String,
+    version: crate::plugin::PluginVersion,
+    manifest: String,
+    wasm: Vec<u8>,
+}
+
+async fn validate_release(
+    config: &crate::config::HostConfig,
+    client: &async_nats::Client,
+    wasm: &std::path::Path,
+    manifest: Option<PathBuf>,
+) -> anyhow::Result<Release> {
+    let name = wasm
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .with_context(|| format!("{} has no file name to name the plugin by", wasm.display()))?
+        .to_owned();
+    crate::names::validate_plugin_name(&name).map_err(anyhow::Error::msg)?;
+    let manifest_path = manifest.unwrap_or_else(|| crate::manifest::Manifest::path_for(wasm));
+    let text = std::fs::read_to_string(&manifest_path)
+        .with_context(|| format!("reading the manifest {}", manifest_path.display()))?;
+    let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
+    let invalid = |why: String| anyhow::anyhow!("{}: {why}", manifest_path.display());
+    let parsed = crate::manifest::Manifest::parse(&text).map_err(invalid)?;
+    parsed
+        .limits
+        .check_fits(client.server_info().max_payload)
+        .map_err(invalid)?;
+    let mut sandbox_config = crate::sandbox::SandboxConfig::with_default_cache();
+    if let Some(dir) = &config.runtime.cache_dir {
+        sandbox_config.cache_dir = Some(dir.clone());
+    }
+    let (path, plugin_name, component) = (wasm.to_owned(), name.clone(), bytes.clone());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let sandbox = crate::sandbox::Sandbox::new(sandbox_config)?;
+        sandbox.load_bytes(plugin_name, &path, &component, parsed)?;
+        Ok(())
+    })
+    .await?
+    .with_context(|| format!("{} is not a plugin Weir can run", wasm.display()))?;
+    Ok(Release {
+        version: crate::plugin::PluginVersion::of(&bytes),
+        name,
+        manifest: text,
+        wasm: bytes,
     })
 }
 
@@ -249,12 +397,15 @@ async fn store_bucket(
     }
 }
 
-/// Wait until every running host serving `name` runs it in generation
-/// `number` or later, reporting each host once it does.
+/// Wait until every running host's `name` has `reached` the goal,
+/// reporting each host once it has. With `every_host`, a host that does
+/// not serve `name` has not reached it (a deploy); without, it is left out
+/// (a reset only concerns the hosts running the plugin).
 async fn converge<F, Fut>(
     ask: F,
     name: &str,
-    number: u64,
+    every_host: bool,
+    reached: impl Fn(&PluginInfo) -> bool,
     limit: Duration,
 ) -> anyhow::Result<ExitCode>
 where
@@ -265,28 +416,35 @@ where
     let mut reported = std::collections::BTreeSet::new();
     loop {
         let mut behind = Vec::new();
-        let mut serving = 0;
+        let mut counted = 0;
         for answer in ask().await? {
-            let Some(plugin) = answer.plugins.iter().find(|p| p.name == name) else {
-                continue;
-            };
-            serving += 1;
-            if plugin.generation >= number {
-                if reported.insert(answer.host.clone()) {
-                    println!(
-                        "host {}: {name} runs in generation {}",
-                        answer.host, plugin.generation
-                    );
+            let plugin = answer.plugins.iter().find(|p| p.name == name);
+            match plugin {
+                None if !every_host => continue,
+                None => behind.push(format!("{} (not serving {name})", answer.host)),
+                Some(p) if reached(p) => {
+                    if reported.insert(answer.host.clone()) {
+                        println!(
+                            "host {}: {name} runs in generation {}, version {}",
+                            answer.host, p.generation, p.version
+                        );
+                    }
                 }
-            } else {
-                behind.push(format!(
-                    "{} (generation {})",
-                    answer.host, plugin.generation
-                ));
+                Some(p) => behind.push(format!(
+                    "{} (version {}, generation {}{})",
+                    answer.host,
+                    p.version,
+                    p.generation,
+                    p.error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                )),
             }
+            counted += 1;
         }
-        if serving == 0 {
-            println!("no running host serves {name}; hosts start it in generation {number}");
+        if counted == 0 {
+            println!("no running host serves {name}; hosts pick the change up when they start it");
             return Ok(ExitCode::SUCCESS);
         }
         if behind.is_empty() {
@@ -294,7 +452,7 @@ where
         }
         if tokio::time::Instant::now() >= deadline {
             eprintln!(
-                "not switched after {limit:?}: {} (they switch once their in-flight events finish; `weir plugins list` shows each host's generation)",
+                "not there after {limit:?}: {} (`weir plugins list` shows each host's version and generation)",
                 behind.join(", ")
             );
             return Ok(ExitCode::FAILURE);
