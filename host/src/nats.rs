@@ -22,6 +22,8 @@ pub async fn connect(config: &HostConfig) -> anyhow::Result<async_nats::Client> 
                     tracing::warn!("disconnected from NATS; reconnecting")
                 }
                 async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                // A permissions violation lands here: the operator must see it.
+                async_nats::Event::ServerError(e) => tracing::warn!("NATS server error: {e}"),
                 other => tracing::debug!("NATS event: {other}"),
             }
         });

@@ -16,6 +16,8 @@ use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use weir::dev::{NatsServer, free_port};
 
+pub mod bench;
+
 /// The workspace root.
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
