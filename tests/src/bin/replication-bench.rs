@@ -119,7 +119,12 @@ async fn measure(dir: &Path, url: &str, replicas: usize, events: usize, rate: us
         .unwrap();
     let js = jetstream::new(client.clone());
     // A new cluster answers once it has elected a meta leader.
-    for (name, subject) in [("BASE", "base.>"), ("BENCH", "bench.>")] {
+    // The tally emits on hostile.out.
+    for (name, subject) in [
+        ("BASE", "base.>"),
+        ("BENCH", "bench.>"),
+        ("HOSTILE", "hostile.>"),
+    ] {
         let config = jetstream::stream::Config {
             name: name.into(),
             subjects: vec![subject.into()],
