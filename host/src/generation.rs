@@ -193,6 +193,38 @@ pub async fn read(bucket: &kv::Store) -> anyhow::Result<(Generation, Option<u64>
     }
 }
 
+/// The current generation of `plugin`, from its store bucket; 0 when the
+/// bucket does not exist yet. Cheaper than opening the plugin's store,
+/// which a host does after binding the consumer.
+pub async fn of_plugin(
+    js: &async_nats::jetstream::Context,
+    config: &crate::config::StateConfig,
+    plugin: &str,
+) -> anyhow::Result<Generation> {
+    match js
+        .get_key_value(crate::store::bucket_name(config, plugin))
+        .await
+    {
+        Ok(bucket) => Ok(read(&bucket).await?.0),
+        Err(e) if bucket_missing(&e) => Ok(Generation::default()),
+        Err(e) => Err(e).context("opening the plugin's store bucket"),
+    }
+}
+
+/// Whether opening a KV bucket failed because it does not exist, as
+/// opposed to the server being out of reach.
+pub fn bucket_missing(e: &async_nats::jetstream::context::KeyValueError) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind, KeyValueErrorKind};
+    e.kind() == KeyValueErrorKind::GetBucket
+        && std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<GetStreamError>())
+            .is_some_and(|g| {
+                matches!(g.kind(), GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND)
+            })
+}
+
 /// Start the next generation, beginning at `start` (the manifest's start
 /// position when `None`). Two resets at once each get their own number.
 pub async fn advance(

@@ -637,16 +637,21 @@ impl Inner {
                     // Subjects, stream or concurrency changed: the consumer
                     // and the pipeline are rebuilt (the consumer keeps its
                     // position).
-                    tracing::info!(plugin = %name, from = %old.version(), to = %plugin.version(), "plugin updated with a new consumer shape; restarting its pipeline");
+                    tracing::info!(plugin = %name, from = %old.version(), to = %plugin.version(), "new consumer shape; restarting the plugin's pipeline");
                     registry.running.remove(name)
                 }
                 None => None,
             }
         };
+        let reshaped = replaced.is_some();
         if let Some(running) = replaced {
             stop(name, running).await;
         }
         let running = self.serve(plugin, fingerprint).await?;
+        if reshaped {
+            // Only now: events published from here reach the new shape.
+            tracing::info!(plugin = %name, "plugin updated with a new consumer shape");
+        }
         self.registry
             .lock()
             .await
@@ -658,8 +663,9 @@ impl Inner {
     async fn serve(&self, plugin: Plugin, fingerprint: Fingerprint) -> anyhow::Result<Running> {
         let config = &self.config;
         let name = plugin.name().to_owned();
-        let store = Arc::new(PluginStore::open(&self.js, &config.state, &name).await?);
-        let (generation, _) = crate::generation::read(store.bucket()).await?;
+        // The consumer first: a changed filter takes effect as soon as it can,
+        // since events on a new subject published before it do not reach it.
+        let generation = crate::generation::of_plugin(&self.js, &config.state, &name).await?;
         let (consumer, incarnation) = crate::source::ensure_consumer(
             &self.js,
             &name,
@@ -668,6 +674,7 @@ impl Inner {
             config.ack_wait(),
         )
         .await?;
+        let store = Arc::new(PluginStore::open(&self.js, &config.state, &name).await?);
         let ctx = Arc::new(PipelineContext::new(
             self.js.clone(),
             incarnation,

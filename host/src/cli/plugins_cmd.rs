@@ -378,21 +378,10 @@ async fn store_bucket(
     config: &crate::config::HostConfig,
     name: &str,
 ) -> anyhow::Result<Option<async_nats::jetstream::kv::Store>> {
-    use async_nats::jetstream::ErrorCode;
-    use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind, KeyValueErrorKind};
-    let missing = |e: &async_nats::jetstream::context::KeyValueError| {
-        e.kind() == KeyValueErrorKind::GetBucket
-            && std::error::Error::source(e)
-                .and_then(|s| s.downcast_ref::<GetStreamError>())
-                .is_some_and(|g| {
-                    matches!(g.kind(), GetStreamErrorKind::JetStream(j)
-                        if j.error_code() == ErrorCode::STREAM_NOT_FOUND)
-                })
-    };
     let bucket = crate::store::bucket_name(&config.state, name);
     match js.get_key_value(&bucket).await {
         Ok(store) => Ok(Some(store)),
-        Err(e) if missing(&e) => Ok(None),
+        Err(e) if generation::bucket_missing(&e) => Ok(None),
         Err(e) => Err(e).with_context(|| format!("opening {bucket}")),
     }
 }
