@@ -201,19 +201,29 @@ pub async fn of_plugin(
     config: &crate::config::StateConfig,
     plugin: &str,
 ) -> anyhow::Result<Generation> {
-    match js
-        .get_key_value(crate::store::bucket_name(config, plugin))
-        .await
-    {
-        Ok(bucket) => Ok(read(&bucket).await?.0),
-        Err(e) if bucket_missing(&e) => Ok(Generation::default()),
-        Err(e) => Err(e).context("opening the plugin's store bucket"),
+    match store_bucket(js, config, plugin).await? {
+        Some(bucket) => Ok(read(&bucket).await?.0),
+        None => Ok(Generation::default()),
+    }
+}
+
+/// The plugin's store bucket, if it was ever created.
+pub async fn store_bucket(
+    js: &async_nats::jetstream::Context,
+    config: &crate::config::StateConfig,
+    plugin: &str,
+) -> anyhow::Result<Option<kv::Store>> {
+    let bucket = crate::store::bucket_name(config, plugin);
+    match js.get_key_value(&bucket).await {
+        Ok(store) => Ok(Some(store)),
+        Err(e) if bucket_missing(&e) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("opening {bucket}")),
     }
 }
 
 /// Whether opening a KV bucket failed because it does not exist, as
 /// opposed to the server being out of reach.
-pub fn bucket_missing(e: &async_nats::jetstream::context::KeyValueError) -> bool {
+fn bucket_missing(e: &async_nats::jetstream::context::KeyValueError) -> bool {
     use async_nats::jetstream::ErrorCode;
     use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind, KeyValueErrorKind};
     e.kind() == KeyValueErrorKind::GetBucket

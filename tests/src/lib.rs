@@ -599,33 +599,17 @@ pub async fn read_stream(
     filter: &str,
 ) -> Vec<jetstream::Message> {
     let stream = js.get_stream(stream).await.unwrap();
-    let mut consumer = stream
-        .create_consumer(consumer::pull::Config {
-            filter_subject: filter.to_owned(),
-            ack_policy: consumer::AckPolicy::None,
-            deliver_policy: consumer::DeliverPolicy::All,
-            inactive_threshold: Duration::from_secs(30),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let config = consumer::pull::Config {
+        filter_subject: filter.to_owned(),
+        ..Default::default()
+    };
     let mut out = Vec::new();
-    loop {
-        let pending = consumer.info().await.unwrap().num_pending;
-        if pending == 0 {
-            break;
-        }
-        let mut batch = consumer
-            .fetch()
-            .max_messages(1000)
-            .expires(Duration::from_secs(1))
-            .messages()
-            .await
-            .unwrap();
-        while let Some(message) = batch.next().await {
-            out.push(message.unwrap());
-        }
-    }
+    weir::source::read_history(&stream, config, |message| {
+        out.push(message);
+        Ok(true)
+    })
+    .await
+    .unwrap();
     out
 }
 

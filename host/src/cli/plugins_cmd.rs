@@ -107,10 +107,10 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
 
     super::runtime()?.block_on(async {
         let client = crate::nats::connect(&config).await?;
+        let ask = || control::ask(&client, &subject, &Request::List, token.as_deref(), wait);
         match args.command {
             PluginsCommand::List { json } => {
-                let answers =
-                    control::ask(&client, &subject, &Request::List, token.as_deref(), wait).await?;
+                let answers = ask().await?;
                 if answers.is_empty() {
                     anyhow::bail!("no running weir host answered on {}", config.nats_url());
                 }
@@ -223,7 +223,7 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                 };
                 if delete_consumer {
                     let mut number = 0;
-                    if let Some(bucket) = store_bucket(&js, &config, &name).await? {
+                    if let Some(bucket) = generation::store_bucket(&js, &config.state, &name).await? {
                         number = generation::read(&bucket).await?.0.number;
                         let next = generation::advance(
                             &bucket,
@@ -253,7 +253,7 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                 let to = ResetTo::parse(&to).map_err(anyhow::Error::msg)?;
                 crate::names::validate_plugin_name(&name).map_err(anyhow::Error::msg)?;
                 let js = async_nats::jetstream::new(client.clone());
-                let Some(bucket) = store_bucket(&js, &config, &name).await? else {
+                let Some(bucket) = generation::store_bucket(&js, &config.state, &name).await? else {
                     anyhow::bail!(
                         "plugin {name} has no store bucket ({}) on this NATS: it never ran here, so there is no history to re-run",
                         crate::store::bucket_name(&config.state, &name)
@@ -270,7 +270,6 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                     generation::advance(&bucket, Some(to.clone()), &format!("weir plugins reset --to {to}"))
                         .await?;
                 println!("{name} moved to generation {} starting at {to}", next.number);
-                let ask = || control::ask(&client, &subject, &Request::List, token.as_deref(), wait);
                 let reached = |p: &PluginInfo| p.generation >= next.number;
                 converge(ask, &name, false, reached, Duration::from_secs(converge_s)).await
             }
@@ -292,7 +291,6 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                     deployment.release,
                     bucket.name()
                 );
-                let ask = || control::ask(&client, &subject, &Request::List, token.as_deref(), wait);
                 let reached = |p: &PluginInfo| p.version == deployment.version;
                 converge(ask, &name, true, reached, Duration::from_secs(converge_s)).await
             }
@@ -304,7 +302,6 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                     "{name} rolled back to version {} (release {})",
                     deployment.version, deployment.release
                 );
-                let ask = || control::ask(&client, &subject, &Request::List, token.as_deref(), wait);
                 let reached = |p: &PluginInfo| p.version == deployment.version;
                 converge(ask, &name, true, reached, Duration::from_secs(converge_s)).await
             }
@@ -370,20 +367,6 @@ async fn validate_release(
         manifest: text,
         wasm: bytes,
     })
-}
-
-/// The plugin's store bucket, if it was ever created.
-async fn store_bucket(
-    js: &async_nats::jetstream::Context,
-    config: &crate::config::HostConfig,
-    name: &str,
-) -> anyhow::Result<Option<async_nats::jetstream::kv::Store>> {
-    let bucket = crate::store::bucket_name(&config.state, name);
-    match js.get_key_value(&bucket).await {
-        Ok(store) => Ok(Some(store)),
-        Err(e) if generation::bucket_missing(&e) => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("opening {bucket}")),
-    }
 }
 
 /// Wait until every running host's `name` has `reached` the goal,
