@@ -31,11 +31,35 @@ pub fn weir_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(workspace())
-            .args(["build", "--quiet", "--package", "weir", "--bin", "weir"])
-            .status()
-            .expect("run cargo build");
+        let mut build = Command::new(cargo);
+        build.current_dir(workspace()).args([
+            "build",
+            "--quiet",
+            "--package",
+            "weir",
+            "--bin",
+            "weir",
+        ]);
+        // Cargo gives a test the variables of the crate it belongs to. Some
+        // build scripts (ring's) rerun when CARGO_MANIFEST_DIR changes, so
+        // passing them on rebuilt the TLS stack and the host (20 s) at every
+        // switch between `cargo build` and a test run.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if [
+                "CARGO_MANIFEST_",
+                "CARGO_PKG_",
+                "CARGO_CRATE_",
+                "CARGO_PRIMARY_",
+            ]
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
+                || key == "CARGO_TARGET_TMPDIR"
+            {
+                build.env_remove(&*key);
+            }
+        }
+        let status = build.status().expect("run cargo build");
         assert!(status.success(), "building the weir binary failed");
         // Test binaries live in <target>/<profile>/deps/.
         let exe = std::env::current_exe().unwrap();

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use weir_integration_tests::{
@@ -33,7 +33,13 @@ fn concurrent(m: String) -> String {
 
 /// Publish "echo" events at about `rate` per second for `duration`;
 /// returns how many were published (all acknowledged by JetStream).
-async fn publish_for(js: jetstream::Context, rate: usize, duration: Duration) -> usize {
+/// Publishes `rate` events a second until `stop` fires; returns how many
+/// were acknowledged.
+async fn publish_until(
+    js: jetstream::Context,
+    rate: usize,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> usize {
     let (tx, mut rx) =
         tokio::sync::mpsc::unbounded_channel::<jetstream::context::PublishAckFuture>();
     let waiter = tokio::spawn(async move {
@@ -46,9 +52,11 @@ async fn publish_for(js: jetstream::Context, rate: usize, duration: Duration) ->
     });
     let per_tick = (rate / 100).max(1);
     let mut ticker = tokio::time::interval(Duration::from_millis(10));
-    let started = Instant::now();
-    while started.elapsed() < duration {
-        ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = &mut stop => break,
+        }
         for _ in 0..per_tick {
             tx.send(js.publish("hostile.in", "echo".into()).await.unwrap())
                 .unwrap();
@@ -80,13 +88,19 @@ async fn versions_swapped_under_load_process_every_event_exactly_once() {
     env.deploy("test-guests/hostile", "swap", Some("v1"), concurrent);
     env.start_host();
     let js = env.jetstream().await;
-    let publisher = tokio::spawn(publish_for(js.clone(), 2_000, Duration::from_secs(12)));
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let publisher = tokio::spawn(publish_until(js.clone(), 2_000, stopped));
     let tags = ["v2", "v3", "v4"];
     for (i, tag) in tags.iter().enumerate() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         env.deploy("test-guests/hostile", "swap", Some(tag), concurrent);
         env.host(0).wait_for_log("plugin updated", i + 1);
     }
+    // Load goes on past the last swap, however long the swaps took, so
+    // the last version serves events too (a fixed publishing time could
+    // end before a slow swap under CI load, leaving v4 nothing to do).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.send(()).unwrap();
     let published = publisher.await.unwrap();
     assert!(
         published >= 15_000,
