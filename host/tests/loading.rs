@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use weir::compile_cache::CacheStatus;
+use weir::sandbox::compile_cache::CacheStatus;
 use weir::sandbox::{LoadError, Sandbox, SandboxConfig};
 
 const HOSTILE: &str = "../dist/test-guests/hostile";

@@ -12,7 +12,7 @@ use async_nats::jetstream::{self, AckKind, consumer};
 use futures::StreamExt;
 use weir::config::HostConfig;
 use weir::pipeline::stats::{LatencyHistogram, PluginStats};
-use weir::runtime::Host;
+use weir::supervisor::Supervisor;
 
 use crate::dist;
 
@@ -90,7 +90,7 @@ pub async fn weir_drain(
     subject: &str,
     n: usize,
     replicas: usize,
-) -> (Host, Arc<PluginStats>, f64) {
+) -> (Supervisor, Arc<PluginStats>, f64) {
     let plugins = dir.join(format!("plugins-{index}"));
     std::fs::create_dir_all(&plugins).unwrap();
     let wasm = dist(&format!("{}.wasm", run.guest));
@@ -118,7 +118,7 @@ pub async fn weir_drain(
     config.admin.listen = "127.0.0.1:0".into();
     let started = Instant::now();
     let _ = client;
-    let host = Host::start(config).await.unwrap();
+    let host = Supervisor::start(config).await.unwrap();
     let stats = host.stats(&name).await.unwrap();
     while stats.snapshot().processed < n as u64 {
         tokio::time::sleep(Duration::from_millis(2)).await;

@@ -217,7 +217,7 @@ impl TestEnv {
     /// event handled twice.
     pub fn plugin_counter(&mut self, i: usize, plugin: &str, counter: &str) -> u64 {
         let admin = self.host(i).admin_addr();
-        let (status, body) = weir::admin::http_get(&admin, "/plugins", None).unwrap();
+        let (status, body) = weir::supervisor::admin::http_get(&admin, "/plugins", None).unwrap();
         assert_eq!(status, 200, "{body}");
         let plugins: serde_json::Value = serde_json::from_str(&body).unwrap();
         plugins
@@ -400,14 +400,14 @@ impl WeirProcess {
     /// The address the host's admin endpoint bound (the harness asks for a
     /// free port), from its latest start-up log line.
     pub fn admin_addr(&mut self) -> String {
-        self.wait_for_log(weir::admin::LISTENING, 1);
-        weir::admin::addr_in_log(&self.log_text())
+        self.wait_for_log(weir::supervisor::admin::LISTENING, 1);
+        weir::supervisor::admin::addr_in_log(&self.log_text())
             .unwrap()
             .to_owned()
     }
 }
 
-pub use weir::admin::http_get;
+pub use weir::supervisor::admin::http_get;
 
 /// The sum of every series of metric `name` (as exposed, e.g.
 /// `weir_events_processed_total`) whose labels include all of `labels`.
@@ -628,7 +628,7 @@ pub async fn read_stream(
         ..Default::default()
     };
     let mut out = Vec::new();
-    weir::source::read_history(&stream, config, |message| {
+    weir::jetstream::source::read_history(&stream, config, |message| {
         out.push(message);
         Ok(true)
     })
@@ -668,7 +668,7 @@ pub async fn wait_drained(js: &jetstream::Context, plugin: &str, outputs: u64, t
 pub async fn consumer_backlog(js: &jetstream::Context, stream: &str, plugin: &str) -> (u64, usize) {
     let stream = js.get_stream(stream).await.unwrap();
     let info = stream
-        .consumer_info(weir::generation::durable_name(plugin, 0))
+        .consumer_info(weir::jetstream::generation::durable_name(plugin, 0))
         .await
         .unwrap();
     (info.num_pending, info.num_ack_pending)
@@ -676,10 +676,13 @@ pub async fn consumer_backlog(js: &jetstream::Context, stream: &str, plugin: &st
 
 /// The current life of `stream`, which event ids without a `Nats-Msg-Id`
 /// name.
-pub async fn incarnation(js: &jetstream::Context, stream: &str) -> weir::source::Incarnation {
+pub async fn incarnation(
+    js: &jetstream::Context,
+    stream: &str,
+) -> weir::jetstream::source::Incarnation {
     let mut handle = js.get_stream(stream).await.unwrap();
     let created = handle.info().await.unwrap().created;
-    weir::source::Incarnation {
+    weir::jetstream::source::Incarnation {
         stream: stream.to_owned(),
         created_ns: created.unix_timestamp_nanos(),
         generation: Default::default(),

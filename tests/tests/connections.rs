@@ -31,7 +31,7 @@ fn nats_config(server: &NatsServer, extra: &str) -> String {
 /// created and a message stored, acknowledged by the server.
 async fn round_trip(dir: &Path, config: &str) -> anyhow::Result<()> {
     let config = HostConfig::parse(config, dir).map_err(anyhow::Error::msg)?;
-    let client = weir::nats::connect(&config).await?;
+    let client = weir::jetstream::connection::connect(&config).await?;
     let js = jetstream::new(client);
     js.get_or_create_stream(jetstream::stream::Config {
         name: "CONN".into(),

@@ -102,7 +102,9 @@ async fn a_handler_slower_than_the_ack_wait_is_not_redelivered() {
         Duration::from_secs(5),
         "the lag gauge to show it",
         || async {
-            let text = weir::admin::http_get(&admin, "/metrics", None).unwrap().1;
+            let text = weir::supervisor::admin::http_get(&admin, "/metrics", None)
+                .unwrap()
+                .1;
             metric(
                 &text,
                 "weir_consumer_ack_pending_messages",
@@ -211,7 +213,9 @@ async fn deadline_and_memory_cap_end_in_dead_letters() {
     })
     .await;
     let admin = env.host(0).admin_addr();
-    let metrics = weir::admin::http_get(&admin, "/metrics", None).unwrap().1;
+    let metrics = weir::supervisor::admin::http_get(&admin, "/metrics", None)
+        .unwrap()
+        .1;
     for (limit, reason) in [("deadline", "deadline"), ("memory", "out_of_memory")] {
         assert_eq!(
             metric(
@@ -303,7 +307,9 @@ async fn a_done_mark_expires_after_done_ttl() {
     assert_eq!(env.plugin_counter(0, "brief", "processed"), 2);
     assert_eq!(env.plugin_counter(0, "brief", "skipped_duplicates"), 1);
     let admin = env.host(0).admin_addr();
-    let metrics = weir::admin::http_get(&admin, "/metrics", None).unwrap().1;
+    let metrics = weir::supervisor::admin::http_get(&admin, "/metrics", None)
+        .unwrap()
+        .1;
     assert_eq!(
         metric(
             &metrics,

@@ -236,7 +236,7 @@ async fn traceparent_flows_into_outputs_and_dead_letters_and_spans_are_exported(
     );
     assert_eq!(
         attribute(consumer, "messaging.consumer.group.name").unwrap()["stringValue"],
-        weir::generation::durable_name("hostile", 0)
+        weir::jetstream::generation::durable_name("hostile", 0)
     );
     let call = span_with(&spans, INCOMING_TRACE, "invoke hostile").unwrap();
     assert_eq!(call["parentSpanId"], consumer["spanId"]);

@@ -216,7 +216,7 @@ async fn rush_hour(js: &jetstream::Context, admin: &str) -> anyhow::Result<()> {
 
 /// Each plugin's counters from the admin endpoint's `/plugins`, by name.
 fn plugin_counters(admin: &str) -> anyhow::Result<std::collections::HashMap<String, Value>> {
-    let (status, body) = weir::admin::http_get(admin, "/plugins", None)?;
+    let (status, body) = weir::supervisor::admin::http_get(admin, "/plugins", None)?;
     if status != 200 {
         bail!("GET /plugins answered {status}: {body}");
     }
@@ -230,7 +230,7 @@ fn plugin_counters(admin: &str) -> anyhow::Result<std::collections::HashMap<Stri
 /// The admin endpoint's address, from the host's start-up log line.
 fn admin_addr(log_path: &Path) -> anyhow::Result<String> {
     let log = std::fs::read_to_string(log_path)?;
-    weir::admin::addr_in_log(&log)
+    weir::supervisor::admin::addr_in_log(&log)
         .map(str::to_owned)
         .context("the host log names no admin endpoint")
 }
@@ -298,7 +298,7 @@ async fn wait_caught_up(js: &jetstream::Context, plugin: &str) -> anyhow::Result
     let started = Instant::now();
     loop {
         let info = stream
-            .consumer_info(weir::generation::durable_name(plugin, 0))
+            .consumer_info(weir::jetstream::generation::durable_name(plugin, 0))
             .await?;
         if info.num_pending == 0 && info.num_ack_pending == 0 {
             return Ok(());

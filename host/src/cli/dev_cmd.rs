@@ -48,7 +48,11 @@ fn serve(args: DevArgs, mut config: HostConfig) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let reachable = runtime.block_on(async {
-        tokio::time::timeout(Duration::from_secs(2), crate::nats::connect(&config)).await
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            crate::jetstream::connection::connect(&config),
+        )
+        .await
     });
     let _server = match reachable {
         Ok(Ok(_)) => {

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::control::{self, Request};
-use crate::generation::{self, ResetTo};
-use crate::plugin_bucket::PluginBucket;
-use crate::runtime::PluginInfo;
+use crate::jetstream::generation::{self, ResetTo};
+use crate::jetstream::plugin_bucket::PluginBucket;
+use crate::supervisor::PluginInfo;
+use crate::supervisor::control::{self, Request};
 
 #[derive(Debug, clap::Args)]
 pub struct PluginsArgs {
@@ -106,7 +106,7 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
     };
 
     super::runtime()?.block_on(async {
-        let client = crate::nats::connect(&config).await?;
+        let client = crate::jetstream::connection::connect(&config).await?;
         let ask = || control::ask(&client, &subject, &Request::List, token.as_deref(), wait);
         match args.command {
             PluginsCommand::List { json } => {
@@ -256,7 +256,7 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                 let Some(bucket) = generation::store_bucket(&js, &config.state, &name).await? else {
                     anyhow::bail!(
                         "plugin {name} has no store bucket ({}) on this NATS: it never ran here, so there is no history to re-run",
-                        crate::store::bucket_name(&config.state, &name)
+                        crate::jetstream::store::bucket_name(&config.state, &name)
                     );
                 };
                 let question = format!(
@@ -322,7 +322,7 @@ async fn open_bucket(
 /// A release checked as a host would check it before upload.
 struct Release {
     name: String,
-    version: crate::plugin::PluginVersion,
+    version: crate::sandbox::plugin::PluginVersion,
     manifest: String,
     wasm: Vec<u8>,
 }
@@ -362,7 +362,7 @@ async fn validate_release(
     .await?
     .with_context(|| format!("{} is not a plugin Weir can run", wasm.display()))?;
     Ok(Release {
-        version: crate::plugin::PluginVersion::of(&bytes),
+        version: crate::sandbox::plugin::PluginVersion::of(&bytes),
         name,
         manifest: text,
         wasm: bytes,

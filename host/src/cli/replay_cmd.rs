@@ -10,10 +10,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::candidate::{self, Bound, Overlay, Range, Run, Verdict};
 use crate::event::Emitted;
 use crate::manifest::Manifest;
-use crate::plugin::Plugin;
+use crate::replay::candidate::{self, Bound, Overlay, Range, Run, Verdict};
+use crate::sandbox::plugin::Plugin;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::testing::fixtures;
 
@@ -106,7 +106,7 @@ fn execute(args: ReplayArgs) -> anyhow::Result<bool> {
         limit: args.limit,
     };
     super::runtime()?.block_on(async {
-        let client = crate::nats::connect(&config).await?;
+        let client = crate::jetstream::connection::connect(&config).await?;
         let js = async_nats::jetstream::new(client);
         let events = candidate::read_events(&js, &range).await?;
         let Some(first) = events.first() else {
@@ -115,7 +115,7 @@ fn execute(args: ReplayArgs) -> anyhow::Result<bool> {
         };
         let since = first.published;
         let state_of = args.against.as_deref().unwrap_or(plugin.name());
-        let bucket = crate::store::bucket_name(&config.state, state_of);
+        let bucket = crate::jetstream::store::bucket_name(&config.state, state_of);
         let live_state = js.get_key_value(&bucket).await.ok();
         if live_state.is_none() {
             eprintln!("no state bucket {bucket}: the candidate starts from empty state");

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use super::LogFormat;
 use crate::config::HostConfig;
-use crate::runtime::{Host, shutdown_signal};
+use crate::supervisor::{Supervisor, shutdown_signal};
 use crate::telemetry::subscriber::Telemetry;
 
 #[derive(Debug, clap::Args)]
@@ -53,7 +53,7 @@ pub(super) fn init_telemetry(
 
 /// Run the host until SIGINT/SIGTERM, then shut down gracefully.
 pub(super) async fn serve(config: HostConfig) -> anyhow::Result<()> {
-    let host = Host::start(config).await?;
+    let host = Supervisor::start(config).await?;
     let (plugins, failed) = (host.plugins().await.len(), host.failures().await.len());
     tracing::info!(plugins, failed, "weir is running");
     shutdown_signal().await;

@@ -22,9 +22,9 @@ pub use process::Disposition;
 
 use stats::PluginStats;
 
-use crate::plugin::Plugin;
-use crate::source::Incarnation;
-use crate::store::PluginStore;
+use crate::jetstream::source::Incarnation;
+use crate::jetstream::store::PluginStore;
+use crate::sandbox::plugin::Plugin;
 use crate::telemetry::metrics::VersionSeries;
 use crate::telemetry::{Counted, Metrics};
 
@@ -47,7 +47,7 @@ pub struct PipelineContext {
     executions: tokio::sync::Semaphore,
     contention: contention::Contention,
     /// The metric series of the version that ran last.
-    series: std::sync::Mutex<Option<(crate::plugin::PluginVersion, VersionSeries)>>,
+    series: std::sync::Mutex<Option<(crate::sandbox::plugin::PluginVersion, VersionSeries)>>,
     /// Payload and header bytes of the events this host holds for the
     /// plugin; pulling pauses above `max-in-flight-mb`.
     held: HeldBytes,
@@ -253,7 +253,7 @@ pub async fn run(
     let manifest = plugin.borrow().manifest().clone();
     let name = plugin.borrow().name().to_owned();
     let ordered = manifest.ordering_key.is_some();
-    let (batch, _) = crate::source::flow_limits(&manifest);
+    let (batch, _) = crate::jetstream::source::flow_limits(&manifest);
     let max_held = (manifest.max_in_flight_mb as usize) << 20;
     let release = CancellationToken::new();
     let in_flight = ctx.metrics.in_flight(&name);
@@ -272,7 +272,7 @@ pub async fn run(
         Lanes::new(
             shape,
             2 * manifest.concurrency as usize,
-            crate::source::MAX_RUN,
+            crate::jetstream::source::MAX_RUN,
             move |run: Vec<(String, jetstream::Message)>, keys: lanes::KeyRelease| {
                 let (ctx, release, stopping) = (ctx.clone(), release.clone(), stopping.clone());
                 let in_flight = in_flight.clone();
@@ -302,7 +302,7 @@ pub async fn run(
             // Pulls must come well inside the pin timeout, or the pin is lost.
             consumer
                 .stream()
-                .group(crate::source::PRIORITY_GROUP)
+                .group(crate::jetstream::source::PRIORITY_GROUP)
                 .max_messages_per_batch(batch)
                 .max_bytes_per_batch(PULL_MAX_BYTES)
                 .heartbeat(Duration::from_secs(1))
@@ -368,7 +368,9 @@ pub async fn run(
                     let keyed = arrived.into_iter().map(|message| {
                         ctx.held.add(message.length);
                         let lane = match shape {
-                            lanes::Shape::Keyed => crate::source::lane_of(&message, &manifest),
+                            lanes::Shape::Keyed => {
+                                crate::jetstream::source::lane_of(&message, &manifest)
+                            }
                             lanes::Shape::Shared => String::new(),
                         };
                         (lane, message)
@@ -442,22 +444,28 @@ async fn recover(
     };
     let generation = ctx.incarnation().generation.clone();
     let durable = generation.durable_name(name);
-    if !crate::source::consumer_gone(&ctx.js, &manifest.stream, &durable).await {
+    if !crate::jetstream::source::consumer_gone(&ctx.js, &manifest.stream, &durable).await {
         return pause(RESUBSCRIBE_DELAY).await;
     }
     let mut delay = RESUBSCRIBE_DELAY;
     loop {
         // A consumer deleted because the plugin moved to a newer generation
         // stays deleted: the host restarts the pipeline in the new one.
-        if let Ok((newest, _)) = crate::generation::read(ctx.store.bucket()).await
+        if let Ok((newest, _)) = crate::jetstream::generation::read(ctx.store.bucket()).await
             && newest.number > generation.number
         {
             tracing::info!(plugin = %name, "consumer of generation {} deleted by generation {}", generation.number, newest.number);
             shutdown.cancelled().await;
             return false;
         }
-        match crate::source::ensure_consumer(&ctx.js, name, manifest, &generation, ctx.ack_wait)
-            .await
+        match crate::jetstream::source::ensure_consumer(
+            &ctx.js,
+            name,
+            manifest,
+            &generation,
+            ctx.ack_wait,
+        )
+        .await
         {
             Ok((recreated, incarnation)) => {
                 let new_life = *ctx.incarnation() != incarnation;

@@ -17,16 +17,16 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::dlq::{self, DeadLetter};
 use crate::event::{Emitted, Event};
-use crate::outbox::Outgoing;
+use crate::jetstream::dlq::{self, DeadLetter};
+use crate::jetstream::outbox::Outgoing;
+use crate::jetstream::source;
+use crate::jetstream::store::{Commit, CommitRequest, EventEffects, PluginStore, Read, Scope};
 use crate::outcome::Outcome;
 use crate::pipeline::lanes::{KeyRelease, Shape};
 use crate::pipeline::{PipelineContext, lock};
-use crate::plugin::Plugin;
-use crate::source;
+use crate::sandbox::plugin::Plugin;
 use crate::state::{StateChange, StateStore, Versioned};
-use crate::store::{Commit, CommitRequest, EventEffects, PluginStore, Read, Scope};
 use crate::telemetry::{Counted, propagation, spans};
 
 /// Runs of one event when its commit keeps losing to concurrent writers of
@@ -486,7 +486,7 @@ impl Run<'_> {
                 trace,
             })
             .collect();
-        let published = crate::outbox::publish(
+        let published = crate::jetstream::outbox::publish(
             &self.ctx.js,
             self.plugin.name(),
             self.plugin.version().as_str(),
@@ -546,7 +546,7 @@ impl Run<'_> {
             emitted: &outbox,
             trace: &trace,
         }];
-        let published = crate::outbox::publish(
+        let published = crate::jetstream::outbox::publish(
             &self.ctx.js,
             self.plugin.name(),
             self.plugin.version().as_str(),

@@ -22,7 +22,7 @@ use wasmtime::Store;
 
 use crate::bindings::Plugin as PluginWorld;
 use crate::manifest::{Isolation, Manifest};
-use crate::sandbox::host::CallState;
+use crate::sandbox::imports::CallState;
 
 /// A live instance and its store.
 pub(crate) struct Instance {

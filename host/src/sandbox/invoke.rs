@@ -6,14 +6,14 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{Store, UpdateDeadline};
 
-use crate::bindings::GuestError;
+use super::budget::HostMemoryExhausted;
+use super::cpu::Turn;
+use super::imports::{CallState, LogLevel, LogLine, PluginContext, StateUnavailable};
+use super::instances::{Instance, InstancePool};
+use super::limits::{DeadlineExceeded, MemoryLimitExceeded};
+use crate::bindings::{GuestError, PluginPre};
 use crate::event::{Emitted, Event};
 use crate::outcome::Outcome;
-use crate::plugin::Plugin;
-use crate::sandbox::cpu::Turn;
-use crate::sandbox::host::{CallState, LogLevel, LogLine, StateUnavailable};
-use crate::sandbox::instances::Instance;
-use crate::sandbox::limits::{DeadlineExceeded, MemoryLimitExceeded};
 use crate::state::{StateChange, StateStore};
 
 /// Everything observable about one call.
@@ -40,11 +40,12 @@ const HOST_GRACE: Duration = Duration::from_millis(250);
 /// Keep this much of the guest's stderr in a trap message.
 const STDERR_IN_MESSAGE: usize = 2048;
 
-fn new_store(plugin: &Plugin, state: Arc<dyn StateStore>) -> Store<CallState> {
-    let mut store = Store::new(
-        plugin.pre().engine(),
-        CallState::new(plugin.context().clone(), state),
-    );
+fn new_store(
+    pre: &PluginPre<CallState>,
+    ctx: &Arc<PluginContext>,
+    state: Arc<dyn StateStore>,
+) -> Store<CallState> {
+    let mut store = Store::new(pre.engine(), CallState::new(ctx.clone(), state));
     store.limiter(|s| &mut s.limiter);
     store.epoch_deadline_callback(|ctx| {
         let data = ctx.data();
@@ -81,31 +82,29 @@ fn start_call(
     store.set_epoch_deadline(1);
 }
 
-/// Run `event` in an instance of `plugin`: an idle one from its pool, or a
-/// new one. The call waits for a turn on the guest CPU first; its deadline
+/// Run `event` in an instance of a plugin: an idle one from its pool, or a
+/// new one from `pre`. The call waits for a turn on the guest CPU first; its deadline
 /// starts with the turn and covers instantiation too.
 pub(crate) async fn invoke(
-    plugin: &Plugin,
+    pre: &PluginPre<CallState>,
+    ctx: &Arc<PluginContext>,
+    pool: &InstancePool,
+    timeout: Duration,
     event: &Event,
     state: Arc<dyn StateStore>,
 ) -> Invocation {
-    let ctx = plugin.context();
     let turn = ctx.cpu.turn(&ctx.cpu_key).await;
     let started = Instant::now();
-    let timeout = plugin.manifest().limits.timeout();
     let deadline = started + timeout;
     let hard_stop = tokio::time::Instant::from_std(deadline + HOST_GRACE);
-    let pool = plugin.instances();
     let mut instance = match pool.take() {
         Some(instance) => instance,
         None => {
-            let mut store = new_store(plugin, state.clone());
+            let mut store = new_store(pre, ctx, state.clone());
             start_call(&mut store, event, deadline, &turn, state.clone());
             pool.created();
-            tracing::debug!(plugin = plugin.name(), "new instance");
-            match tokio::time::timeout_at(hard_stop, plugin.pre().instantiate_async(&mut store))
-                .await
-            {
+            tracing::debug!(plugin = %ctx.name, "new instance");
+            match tokio::time::timeout_at(hard_stop, pre.instantiate_async(&mut store)).await {
                 Ok(Ok(world)) => Instance {
                     store,
                     world,
@@ -207,7 +206,7 @@ fn classify_trap(error: &wasmtime::Error, data: &CallState, timeout: Duration) -
             message: e.to_string(),
         };
     }
-    if let Some(e) = error.downcast_ref::<crate::sandbox::HostMemoryExhausted>() {
+    if let Some(e) = error.downcast_ref::<HostMemoryExhausted>() {
         // The plugin kept within its own cap; the host as a whole is full.
         tracing::warn!(plugin = %data.ctx.name, "{e}");
         return Outcome::HostError {

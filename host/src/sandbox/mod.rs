@@ -7,13 +7,14 @@
 //! event alone and discards its instance.
 
 pub(crate) mod budget;
+pub mod compile_cache;
 pub(crate) mod cpu;
 mod engine;
-pub(crate) mod host;
+pub(crate) mod imports;
 pub(crate) mod instances;
 mod invoke;
-pub(crate) use invoke::invoke;
 pub(crate) mod limits;
+pub mod plugin;
 mod stdio;
 
 use std::path::{Path, PathBuf};
@@ -24,9 +25,9 @@ use wasmtime::Engine;
 use wasmtime::component::{HasSelf, Linker};
 
 use crate::bindings::{Plugin as PluginWorld, PluginPre};
-use crate::compile_cache::CompileCache;
 use crate::manifest::{Manifest, ManifestError};
-use crate::plugin::{Plugin, PluginVersion};
+use crate::sandbox::compile_cache::CompileCache;
+use crate::sandbox::plugin::{Plugin, PluginVersion};
 
 pub use engine::EPOCH_TICK;
 
@@ -34,7 +35,7 @@ pub use engine::EPOCH_TICK;
 /// A test checks it against Cargo.lock.
 pub const WASMTIME_VERSION: &str = "48.0.8";
 pub use budget::HostMemoryExhausted;
-pub use host::{CallState, LogLevel, LogLine, PluginContext, StateUnavailable};
+pub use imports::{CallState, LogLevel, LogLine, PluginContext, StateUnavailable};
 pub use instances::InstanceStats;
 pub use invoke::Invocation;
 pub use limits::{DeadlineExceeded, MemoryLimitExceeded};

@@ -42,7 +42,7 @@ pub fn consumer(
         ("messaging.destination.name", event.subject.clone()),
         (
             "messaging.consumer.group.name",
-            crate::generation::durable_name(plugin, generation),
+            crate::jetstream::generation::durable_name(plugin, generation),
         ),
         ("messaging.message.id", event.id.clone()),
         ("weir.stream", stream.to_owned()),

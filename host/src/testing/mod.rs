@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::event::Event;
 use crate::manifest::Manifest;
-use crate::plugin::Plugin;
+use crate::sandbox::plugin::Plugin;
 use crate::sandbox::{Invocation, Sandbox, SandboxConfig};
 use crate::state::{MemoryState, StateStore};
 

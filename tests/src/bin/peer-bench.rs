@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use weir::config::HostConfig;
-use weir::runtime::Host;
+use weir::supervisor::Supervisor;
 use weir_integration_tests::{dist, workspace};
 
 // The allocator the `weir` binary ships with.
@@ -166,7 +166,7 @@ async fn weir_drain(dir: &Path, url: &str, plugin: &str, n: usize) -> f64 {
     config.plugins.dir = plugins;
     config.admin.listen = "127.0.0.1:0".into();
     let started = Instant::now();
-    let host = Host::start(config).await.unwrap();
+    let host = Supervisor::start(config).await.unwrap();
     let stats = host.stats(plugin).await.unwrap();
     while stats.snapshot().processed < n as u64 {
         assert!(

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use weir::pipeline::stats::LatencyHistogram;
-use weir::runtime::Host;
+use weir::supervisor::Supervisor;
 use weir_integration_tests::bench::{
     Run, baseline_consumer_config, baseline_drain, baseline_latency, order, paced_publish,
     publish_keyed, tally, weir_drain, weir_latency,
@@ -186,7 +186,12 @@ async fn main() {
 /// Add the hostile test guest to `host` as a plugin with 16 concurrent
 /// calls, and feed it events that spin until their 1 s deadline, enough to
 /// keep all 16 spinning for `window` and beyond; returns once they spin.
-async fn start_spinners(js: &jetstream::Context, host: &Host, plugins: &Path, window: Duration) {
+async fn start_spinners(
+    js: &jetstream::Context,
+    host: &Supervisor,
+    plugins: &Path,
+    window: Duration,
+) {
     let wasm = dist("test-guests/hostile.wasm");
     std::fs::copy(&wasm, plugins.join("spinners.wasm")).unwrap();
     std::fs::write(

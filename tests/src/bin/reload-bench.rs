@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use weir::config::HostConfig;
-use weir::runtime::Host;
+use weir::supervisor::Supervisor;
 use weir_integration_tests::{custom_section, dist, version_of};
 
 const RATE: usize = 2_000;
@@ -38,7 +38,7 @@ fn deploy(dir: &Path, tag: &str) -> String {
 
 /// Deploy and wait until the host reports the new version: the time from
 /// the file landing to the version serving.
-async fn swap(host: &Host, dir: &Path, tag: &str) -> Duration {
+async fn swap(host: &Supervisor, dir: &Path, tag: &str) -> Duration {
     let landed = Instant::now();
     let version = deploy(dir, tag);
     loop {
@@ -70,7 +70,7 @@ async fn main() {
     .unwrap();
     config.nats.url = Some(server.url());
     config.plugins.dir = plugins.clone();
-    let host = Host::start(config).await.unwrap();
+    let host = Supervisor::start(config).await.unwrap();
     let stats = host.stats("swap").await.unwrap();
     let js = jetstream::new(async_nats::connect(server.url()).await.unwrap());
 

@@ -13,7 +13,7 @@
 //!
 //! The live plugin's outputs are found by the headers every output carries:
 //! `Weir-Plugin` names the plugin and `Weir-Cause-Id` the event. The
-//! message id tells the generation (see [`crate::generation`]); after a
+//! message id tells the generation (see [`crate::jetstream::generation`]); after a
 //! reset only the newest generation's outputs of an event count.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -25,9 +25,9 @@ use futures::future::BoxFuture;
 use time::OffsetDateTime;
 
 use crate::event::{Emitted, Event};
-use crate::plugin::Plugin;
+use crate::jetstream::source::Incarnation;
 use crate::sandbox::Invocation;
-use crate::source::Incarnation;
+use crate::sandbox::plugin::Plugin;
 use crate::state::{StateChange, StateStore, Versioned};
 
 /// One end of the range of history to run over.
@@ -119,7 +119,7 @@ pub async fn read_events(js: &jetstream::Context, range: &Range) -> anyhow::Resu
         many => config.filter_subjects = many.to_vec(),
     }
     let mut events = Vec::new();
-    crate::source::read_history(&stream, config, |message| {
+    crate::jetstream::source::read_history(&stream, config, |message| {
         let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
         let (sequence, published) = (info.stream_sequence, info.published);
         let past = range
@@ -130,7 +130,7 @@ pub async fn read_events(js: &jetstream::Context, range: &Range) -> anyhow::Resu
             return Ok(false);
         }
         events.push(Stored {
-            event: crate::source::to_event(&message, &incarnation)?,
+            event: crate::jetstream::source::to_event(&message, &incarnation)?,
             published,
         });
         Ok(events.len() < range.limit)
@@ -308,10 +308,10 @@ pub async fn live_outputs(
         };
         for stored in read_events(js, &range).await? {
             let event = stored.event;
-            if event.header(crate::outbox::headers::PLUGIN) != Some(plugin) {
+            if event.header(crate::jetstream::outbox::headers::PLUGIN) != Some(plugin) {
                 continue;
             }
-            let Some(cause) = event.header(crate::outbox::headers::CAUSE_ID) else {
+            let Some(cause) = event.header(crate::jetstream::outbox::headers::CAUSE_ID) else {
                 continue;
             };
             if !causes.contains(cause) {
@@ -345,7 +345,7 @@ pub async fn live_outputs(
 
 /// The generation and index an output's message id
 /// (`weir:<plugin>[@genN]:<event id>:<index>`, see
-/// [`crate::outbox::message_id`]) names.
+/// [`crate::jetstream::outbox::message_id`]) names.
 fn output_position(message_id: &str, plugin: &str) -> Option<(u64, usize)> {
     let rest = message_id.strip_prefix("weir:")?.strip_prefix(plugin)?;
     let (tag, rest) = rest.split_once(':')?;

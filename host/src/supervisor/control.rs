@@ -15,7 +15,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use crate::runtime::{HostHandle, PluginInfo};
+use super::{Handle, PluginInfo};
 use crate::secret;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,7 +93,7 @@ fn refused(host: &str, why: String) -> Response {
 }
 
 pub(crate) async fn spawn_responder(
-    host: HostHandle,
+    host: Handle,
     subject: String,
     authority: Authority,
 ) -> anyhow::Result<JoinHandle<()>> {

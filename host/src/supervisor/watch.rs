@@ -14,12 +14,15 @@ use anyhow::Context;
 use notify::{RecursiveMode, Watcher};
 use tokio::task::JoinHandle;
 
-use crate::runtime::{HostHandle, RESCAN_INTERVAL};
+use super::Handle;
+
+/// A full rescan of the plugin directory this often, whatever the watcher says.
+pub const RESCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Quiet time after the last file event before reconciling.
 const DEBOUNCE: Duration = Duration::from_millis(300);
 
-pub(crate) fn spawn(dir: PathBuf, host: HostHandle) -> anyhow::Result<JoinHandle<()>> {
+pub(crate) fn spawn(dir: PathBuf, host: Handle) -> anyhow::Result<JoinHandle<()>> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let relevant = match &event {

@@ -11,7 +11,7 @@ use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 
 use crate::event::{Event, Header};
-use crate::generation::Generation;
+use crate::jetstream::generation::Generation;
 use crate::manifest::{Manifest, StartPosition, start_time};
 
 /// The priority group exclusive plugins pull in.
@@ -193,7 +193,7 @@ async fn retire_older_consumers(stream: &jetstream::stream::Stream, plugin: &str
     let mut older = Vec::new();
     while let Some(name) = names.next().await {
         match name {
-            Ok(name) if crate::generation::is_older_durable(&name, plugin, number) => {
+            Ok(name) if crate::jetstream::generation::is_older_durable(&name, plugin, number) => {
                 older.push(name)
             }
             Ok(_) => {}

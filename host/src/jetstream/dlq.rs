@@ -30,7 +30,7 @@ pub mod headers {
     pub const SUBJECT: &str = "Weir-Dlq-Subject";
     pub const STREAM: &str = "Weir-Dlq-Stream";
     pub const SEQUENCE: &str = "Weir-Dlq-Sequence";
-    /// The plugin's [generation](crate::generation) when it gave up, when
+    /// The plugin's [generation](crate::jetstream::generation) when it gave up, when
     /// not 0: a replay commits in that generation's scope.
     pub const GENERATION: &str = "Weir-Dlq-Generation";
     /// When the host dead-lettered it (RFC 3339, UTC).
@@ -213,7 +213,7 @@ pub async fn publish(
         .payload(payload.into())
         .message_id(format!(
             "weir-dlq:{}:{}{}",
-            crate::generation::Tagged(letter.plugin, letter.generation),
+            crate::jetstream::generation::Tagged(letter.plugin, letter.generation),
             event.id,
             letter
                 .replaces
@@ -222,7 +222,7 @@ pub async fn publish(
         ));
     let subject = subject(prefix, letter.plugin, &event.subject);
     let ack = js.send_publish(subject.clone(), publish).await?;
-    crate::outbox::await_stored(ack, timeout)
+    crate::jetstream::outbox::await_stored(ack, timeout)
         .await
         .map_err(|e| anyhow::anyhow!("dead letter to {subject}: {e}"))
 }

@@ -18,13 +18,13 @@ use anyhow::{Context, bail};
 use async_nats::jetstream;
 
 use crate::config::HostConfig;
-use crate::dlq_store::Letter;
 use crate::event::{Emitted, Event, Header};
-use crate::outbox::Outgoing;
-use crate::plugin::Plugin;
+use crate::jetstream::dlq_store::Letter;
+use crate::jetstream::outbox::Outgoing;
+use crate::jetstream::store::{Commit, CommitRequest, EventEffects, PluginStore, Read, Scope};
+use crate::sandbox::plugin::Plugin;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::state::StateStore;
-use crate::store::{Commit, CommitRequest, EventEffects, PluginStore, Read, Scope};
 
 /// Runs before a replay gives up on state keys that keep moving under it.
 const MAX_CONFLICTS: usize = 5;
@@ -172,7 +172,7 @@ impl Replayer {
         event: &Event,
         outcome: &crate::outcome::Outcome,
     ) -> anyhow::Result<Replayed> {
-        let again = crate::dlq::DeadLetter {
+        let again = crate::jetstream::dlq::DeadLetter {
             plugin: self.plugin.name(),
             version: self.version(),
             stream: &letter.stream,
@@ -183,10 +183,14 @@ impl Replayer {
             trace: Vec::new(),
             raw_headers: None,
         };
-        let new_letter =
-            crate::dlq::publish(&self.js, &self.dlq_prefix, &again, self.publish_timeout)
-                .await
-                .context("storing the dead letter with its new reason")?;
+        let new_letter = crate::jetstream::dlq::publish(
+            &self.js,
+            &self.dlq_prefix,
+            &again,
+            self.publish_timeout,
+        )
+        .await
+        .context("storing the dead letter with its new reason")?;
         Ok(Replayed::FailedAgain {
             why: outcome.to_string(),
             new_letter,
@@ -203,7 +207,7 @@ impl Replayer {
             .and_then(|rest| rest.split_once(':'))
             .filter(|(_, seq)| *seq == letter.sequence.to_string())
             .and_then(|(created, _)| created.parse::<i128>().ok());
-        let generation = crate::generation::Generation {
+        let generation = crate::jetstream::generation::Generation {
             number: letter.generation,
             ..Default::default()
         };
@@ -237,7 +241,7 @@ impl Replayer {
             emitted: outbox,
             trace: &[],
         }];
-        if let Err(e) = crate::outbox::publish(
+        if let Err(e) = crate::jetstream::outbox::publish(
             &self.js,
             self.plugin.name(),
             self.version(),

@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
 use crate::config::PluginsConfig;
-use crate::plugin::PluginVersion;
+use crate::sandbox::plugin::PluginVersion;
 
 /// The metadata key of a pointer object holding its [`Deployment`].
 const DEPLOYMENT_KEY: &str = "weir-deployment";

@@ -6,12 +6,13 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+use super::compile_cache::CacheStatus;
+use super::imports::{CallState, PluginContext};
+use super::instances::{InstancePool, InstanceStats};
+use super::invoke::{Invocation, invoke};
 use crate::bindings::PluginPre;
-use crate::compile_cache::CacheStatus;
 use crate::event::Event;
 use crate::manifest::Manifest;
-use crate::sandbox::instances::InstancePool;
-use crate::sandbox::{CallState, InstanceStats, Invocation, PluginContext};
 use crate::state::StateStore;
 
 /// A plugin version: the first 12 hex digits of the component's SHA-256.
@@ -103,18 +104,6 @@ impl Plugin {
         self.0.cache_status
     }
 
-    pub(crate) fn pre(&self) -> &PluginPre<CallState> {
-        &self.0.pre
-    }
-
-    pub(crate) fn context(&self) -> &Arc<PluginContext> {
-        &self.0.ctx
-    }
-
-    pub(crate) fn instances(&self) -> &InstancePool {
-        &self.0.instances
-    }
-
     /// How this version's instances have been used.
     pub fn instance_stats(&self) -> InstanceStats {
         self.0.instances.stats()
@@ -124,6 +113,14 @@ impl Plugin {
     /// as the manifest's `[instances]` policy says. Never fails: whatever
     /// went wrong is in the outcome.
     pub async fn invoke(&self, event: &Event, state: Arc<dyn StateStore>) -> Invocation {
-        crate::sandbox::invoke(self, event, state).await
+        invoke(
+            &self.0.pre,
+            &self.0.ctx,
+            &self.0.instances,
+            self.0.manifest.limits.timeout(),
+            event,
+            state,
+        )
+        .await
     }
 }

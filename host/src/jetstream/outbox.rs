@@ -1,7 +1,7 @@
 //! Publishing what a plugin emitted, once its call succeeded.
 //!
 //! Every emitted event carries a `Nats-Msg-Id` derived from (plugin and
-//! its [generation](crate::generation), input event id, index). If the host dies after publishing but before the input
+//! its [generation](crate::jetstream::generation), input event id, index). If the host dies after publishing but before the input
 //! is acknowledged, the re-run publishes the same ids and JetStream drops
 //! them as duplicates within the target stream's duplicate window.
 
@@ -26,7 +26,7 @@ pub mod headers {
 /// The deterministic message id of output `index` of `event` by `plugin`
 /// in generation `generation`.
 pub fn message_id(plugin: &str, generation: u64, event_id: &str, index: usize) -> String {
-    let plugin = crate::generation::Tagged(plugin, generation);
+    let plugin = crate::jetstream::generation::Tagged(plugin, generation);
     format!("weir:{plugin}:{event_id}:{index}")
 }
 

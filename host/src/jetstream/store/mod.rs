@@ -253,7 +253,7 @@ impl PluginStore {
     }
 
     /// The bucket itself, for records kept beside the plugin's effects
-    /// (its [generation](crate::generation)).
+    /// (its [generation](crate::jetstream::generation)).
     pub fn bucket(&self) -> &kv::Store {
         &self.kv
     }

@@ -1,14 +1,14 @@
 //! Reading the dead-letter stream: what `weir dlq` lists, shows and purges.
 //!
 //! A dead letter is named by its sequence in the dead-letter stream. Its
-//! story is in its `Weir-Dlq-*` headers (see [`crate::dlq::headers`]).
+//! story is in its `Weir-Dlq-*` headers (see [`crate::jetstream::dlq::headers`]).
 
 use anyhow::{Context, bail};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer};
 use serde::Serialize;
 
-use crate::dlq::headers;
+use crate::jetstream::dlq::headers;
 
 /// One dead letter as stored.
 #[derive(Debug, Clone, Serialize)]
@@ -26,7 +26,7 @@ pub struct Letter {
     pub subject: String,
     pub stream: String,
     pub sequence: u64,
-    /// The plugin's generation when it gave up (see [`crate::generation`]).
+    /// The plugin's generation when it gave up (see [`crate::jetstream::generation`]).
     #[serde(skip_serializing_if = "is_zero")]
     pub generation: u64,
     pub truncated: bool,
@@ -160,7 +160,7 @@ impl DeadLetters {
             ..Default::default()
         };
         let mut out = Vec::new();
-        crate::source::read_history(&self.stream, config, |message| {
+        crate::jetstream::source::read_history(&self.stream, config, |message| {
             let info = message
                 .info()
                 .map_err(|e| anyhow::anyhow!("reading {}: {e}", self.name))?;

@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::task::JoinHandle;
 
+use super::Handle;
 use crate::config::AdminConfig;
-use crate::runtime::HostHandle;
 
 /// What the host logs, with `addr=<address>`, once the endpoint is bound.
 pub const LISTENING: &str = "admin endpoint listening";
@@ -20,17 +20,14 @@ pub const LISTENING: &str = "admin endpoint listening";
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 struct Admin {
-    host: HostHandle,
+    host: Handle,
     token: Option<String>,
 }
 
 /// Bind the endpoint and serve it until the host shuts down. Binding
 /// fails start-up: an operator who configured an endpoint must not find
 /// out from a missing scrape that it never came up.
-pub(crate) async fn spawn(
-    config: &AdminConfig,
-    host: HostHandle,
-) -> anyhow::Result<JoinHandle<()>> {
+pub(crate) async fn spawn(config: &AdminConfig, host: Handle) -> anyhow::Result<JoinHandle<()>> {
     let addr = config.listen_addr().map_err(anyhow::Error::msg)?;
     let token = config.bearer_token()?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
@@ -151,8 +148,8 @@ pub fn http_get(addr: &str, path: &str, token: Option<&str>) -> std::io::Result<
 mod tests {
     #[test]
     fn address_from_the_latest_start() {
-        let log = "INFO weir::admin: admin endpoint listening addr=127.0.0.1:1\n\
-                   INFO weir::admin: admin endpoint listening addr=127.0.0.1:2\n";
+        let log = "INFO weir::supervisor::admin: admin endpoint listening addr=127.0.0.1:1\n\
+                   INFO weir::supervisor::admin: admin endpoint listening addr=127.0.0.1:2\n";
         assert_eq!(super::addr_in_log(log), Some("127.0.0.1:2"));
         assert_eq!(super::addr_in_log("weir is running"), None);
     }

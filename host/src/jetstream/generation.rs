@@ -7,7 +7,7 @@
 //! instead, and everything that says "this event's effects happened" is
 //! scoped by generation:
 //!
-//! - done blocks and producer-id records ([`crate::store::blocks`]);
+//! - done blocks and producer-id records ([`crate::jetstream::store::blocks`]);
 //! - the message ids of its outputs and dead letters, so the output
 //!   stream's duplicate window does not drop the re-run's outputs as
 //!   copies of the first run's;
@@ -213,7 +213,7 @@ pub async fn store_bucket(
     config: &crate::config::StateConfig,
     plugin: &str,
 ) -> anyhow::Result<Option<kv::Store>> {
-    let bucket = crate::store::bucket_name(config, plugin);
+    let bucket = crate::jetstream::store::bucket_name(config, plugin);
     match js.get_key_value(&bucket).await {
         Ok(store) => Ok(Some(store)),
         Err(e) if bucket_missing(&e) => Ok(None),
