@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use weir::manifest::{Isolation, Manifest};
-use weir::state::{MemoryState, StateStore};
+use weir::state::{CommittedState, MemoryState};
 use weir::{Event, Outcome, Plugin, Sandbox, SandboxConfig};
 
 /// `path` loaded twice: pooled instances (the default) and fresh ones.
@@ -38,7 +38,7 @@ fn handle(c: &mut Criterion) {
         .enable_time()
         .build()
         .expect("runtime");
-    let state: Arc<dyn StateStore> = Arc::new(MemoryState::new());
+    let state: Arc<dyn CommittedState> = Arc::new(MemoryState::new());
     let orders = [
         (
             "passes",
@@ -80,7 +80,7 @@ fn languages(c: &mut Criterion) {
         ("c", "analytics"),
     ] {
         let path = format!("../dist/plugins/{name}.wasm");
-        let state: Arc<dyn StateStore> = Arc::new(MemoryState::new());
+        let state: Arc<dyn CommittedState> = Arc::new(MemoryState::new());
         for (isolation, plugin) in both_isolations(&sandbox, &path) {
             let check = runtime.block_on(plugin.invoke(&event, state.clone()));
             assert_eq!(check.outcome, Outcome::Ok, "{name}");

@@ -10,6 +10,7 @@ pub mod config;
 pub mod dev;
 pub mod event;
 pub mod jetstream;
+mod labels;
 pub mod manifest;
 pub mod names;
 pub mod outcome;

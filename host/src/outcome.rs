@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::labels::labelled;
+
 /// The result of handling one event.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
@@ -51,31 +53,69 @@ impl Outcome {
         matches!(self, Outcome::Ok)
     }
 
-    /// The kinds of every outcome but `ok`.
-    pub const FAILURE_KINDS: [&'static str; 8] = [
-        "retry",
-        "reject",
-        "trap",
-        "deadline",
-        "out_of_memory",
-        "host_error",
-        "too_large",
-        "malformed",
-    ];
-
     /// A short stable name, for metrics labels and dead-letter headers.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> OutcomeKind {
         match self {
-            Outcome::Ok => "ok",
-            Outcome::Retry { .. } => "retry",
-            Outcome::Reject { .. } => "reject",
-            Outcome::Trap { .. } => "trap",
-            Outcome::Deadline { .. } => "deadline",
-            Outcome::OutOfMemory { .. } => "out_of_memory",
-            Outcome::HostError { .. } => "host_error",
-            Outcome::TooLarge { .. } => "too_large",
-            Outcome::Malformed { .. } => "malformed",
+            Outcome::Ok => OutcomeKind::Ok,
+            Outcome::Retry { .. } => OutcomeKind::Retry,
+            Outcome::Reject { .. } => OutcomeKind::Reject,
+            Outcome::Trap { .. } => OutcomeKind::Trap,
+            Outcome::Deadline { .. } => OutcomeKind::Deadline,
+            Outcome::OutOfMemory { .. } => OutcomeKind::OutOfMemory,
+            Outcome::HostError { .. } => OutcomeKind::HostError,
+            Outcome::TooLarge { .. } => OutcomeKind::TooLarge,
+            Outcome::Malformed { .. } => OutcomeKind::Malformed,
         }
+    }
+
+    /// The limit that stopped the call, if one did.
+    pub fn limit_hit(&self) -> Option<LimitHit> {
+        match self {
+            Outcome::Deadline { .. } => Some(LimitHit::Deadline),
+            Outcome::OutOfMemory { .. } => Some(LimitHit::Memory),
+            _ => None,
+        }
+    }
+}
+
+labelled! {
+    /// Which [`Outcome`] a call had, without its details.
+    pub enum OutcomeKind {
+        /// [`Outcome::Ok`].
+        Ok => "ok",
+        /// [`Outcome::Retry`].
+        Retry => "retry",
+        /// [`Outcome::Reject`].
+        Reject => "reject",
+        /// [`Outcome::Trap`].
+        Trap => "trap",
+        /// [`Outcome::Deadline`].
+        Deadline => "deadline",
+        /// [`Outcome::OutOfMemory`].
+        OutOfMemory => "out_of_memory",
+        /// [`Outcome::HostError`].
+        HostError => "host_error",
+        /// [`Outcome::TooLarge`].
+        TooLarge => "too_large",
+        /// [`Outcome::Malformed`].
+        Malformed => "malformed",
+    }
+}
+
+impl OutcomeKind {
+    /// Every kind but `ok`: the reasons an event can be dead-lettered.
+    pub fn failures() -> impl Iterator<Item = OutcomeKind> {
+        Self::ALL.iter().copied().filter(|k| *k != OutcomeKind::Ok)
+    }
+}
+
+labelled! {
+    /// A plugin limit that stopped a call.
+    pub enum LimitHit {
+        /// The call ran past `limits.timeout-ms`.
+        Deadline => "deadline",
+        /// The guest tried to grow past `limits.memory-mb`.
+        Memory => "memory",
     }
 }
 
@@ -142,9 +182,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failure_kinds_are_every_kind_but_ok() {
+    fn each_outcome_has_its_own_kind_and_limit() {
         let text = |s: &str| s.to_owned();
-        let kinds = [
+        let outcomes = [
+            Outcome::Ok,
             Outcome::Retry {
                 reason: text("r"),
                 delay: None,
@@ -162,8 +203,16 @@ mod tests {
                 limit: 1,
             },
             Outcome::Malformed { message: text("m") },
-        ]
-        .map(|o| o.kind());
-        assert_eq!(kinds, Outcome::FAILURE_KINDS);
+        ];
+        let kinds: Vec<OutcomeKind> = outcomes.iter().map(Outcome::kind).collect();
+        assert_eq!(kinds, OutcomeKind::ALL);
+        // The serialized tag is the kind's label.
+        for outcome in &outcomes {
+            let json = serde_json::to_value(outcome).unwrap();
+            assert_eq!(json["outcome"], outcome.kind().as_str());
+        }
+        assert_eq!(OutcomeKind::failures().count(), OutcomeKind::ALL.len() - 1);
+        let limits: Vec<_> = outcomes.iter().filter_map(Outcome::limit_hit).collect();
+        assert_eq!(limits, LimitHit::ALL);
     }
 }

@@ -1,6 +1,6 @@
 //! Per-plugin key-value state as the sandbox sees it.
 //!
-//! A plugin's call reads committed state through a [`StateStore`] and writes
+//! A plugin's call reads committed state through a [`CommittedState`] and writes
 //! into a [`PendingState`] overlay; the pipeline commits the overlay only if
 //! the call succeeded, so a failed event leaves no trace.
 
@@ -20,7 +20,7 @@ pub struct Versioned {
 }
 
 /// Committed state of one plugin.
-pub trait StateStore: Send + Sync + 'static {
+pub trait CommittedState: Send + Sync + 'static {
     /// The committed value of `key`.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Versioned>>;
 }
@@ -124,7 +124,7 @@ impl MemoryState {
     }
 }
 
-impl StateStore for MemoryState {
+impl CommittedState for MemoryState {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Versioned>> {
         // One process, one writer at a time: no revisions to guard.
         let value = self.lock().get(key).cloned();

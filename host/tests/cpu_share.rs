@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use weir::manifest::Manifest;
-use weir::state::{MemoryState, StateStore};
+use weir::state::{CommittedState, MemoryState};
 use weir::testing::event;
 use weir::{Outcome, Plugin, Sandbox, SandboxConfig};
 
@@ -38,7 +38,7 @@ fn spinner(sandbox: &Sandbox) -> Plugin {
         .expect("load the hostile test guest (run `cargo xtask build` first)")
 }
 
-fn memory_state() -> Arc<dyn StateStore> {
+fn memory_state() -> Arc<dyn CommittedState> {
     Arc::new(MemoryState::new())
 }
 

@@ -212,7 +212,7 @@ impl TestEnv {
     }
 
     /// A counter of `plugin` as host `i` reports it on `/plugins`
-    /// (`processed`, `skipped_duplicates`, ...), counted since that host
+    /// (`processed`, `duplicates`, ...), counted since that host
     /// started: unlike outputs, which JetStream deduplicates, these show an
     /// event handled twice.
     pub fn plugin_counter(&mut self, i: usize, plugin: &str, counter: &str) -> u64 {

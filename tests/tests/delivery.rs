@@ -122,7 +122,7 @@ async fn a_handler_slower_than_the_ack_wait_is_not_redelivered() {
     assert_eq!(info.num_redelivered, 0, "progress acks kept it ours");
     assert_eq!(info.num_ack_pending, 0);
     assert_eq!(env.plugin_counter(0, "slow", "processed"), 1);
-    assert_eq!(env.plugin_counter(0, "slow", "skipped_duplicates"), 0);
+    assert_eq!(env.plugin_counter(0, "slow", "duplicates"), 0);
 }
 
 /// How long after `published` the first dead letter arrived, and the
@@ -305,7 +305,7 @@ async fn a_done_mark_expires_after_done_ttl() {
     })
     .await;
     assert_eq!(env.plugin_counter(0, "brief", "processed"), 2);
-    assert_eq!(env.plugin_counter(0, "brief", "skipped_duplicates"), 1);
+    assert_eq!(env.plugin_counter(0, "brief", "duplicates"), 1);
     let admin = env.host(0).admin_addr();
     let metrics = weir::supervisor::admin::http_get(&admin, "/metrics", None)
         .unwrap()

@@ -261,7 +261,7 @@ async fn plugin_removed_and_readded_resumes_without_reprocessing() {
         100,
         "nothing reprocessed"
     );
-    assert_eq!(env.plugin_counter(0, "again", "skipped_duplicates"), 0);
+    assert_eq!(env.plugin_counter(0, "again", "duplicates"), 0);
 }
 
 /// `weir` with `args` and `--config config`: (success, stdout, stderr).

@@ -147,7 +147,7 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                             p.counters.processed,
                             p.counters.retried,
                             p.counters.dead_lettered,
-                            p.counters.skipped_duplicates,
+                            p.counters.duplicates,
                             p.counters.lag.pending,
                             p.subjects.join(", "),
                             p.stream

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use crate::event::Emitted;
 use crate::manifest::Manifest;
+use crate::outcome::OutcomeKind;
 use crate::replay::candidate::{self, Bound, Overlay, Range, Run, Verdict};
 use crate::sandbox::plugin::Plugin;
 use crate::sandbox::{Sandbox, SandboxConfig};
@@ -204,9 +205,9 @@ impl Report {
         self.last = sequence;
         self.ran += 1;
         match run.invocation.outcome.kind() {
-            "ok" => self.ok += 1,
-            "reject" => self.rejected += 1,
-            "retry" => self.retried += 1,
+            OutcomeKind::Ok => self.ok += 1,
+            OutcomeKind::Reject => self.rejected += 1,
+            OutcomeKind::Retry => self.retried += 1,
             _ => self.failed += 1,
         }
         if let Some(v) = verdict {

@@ -180,7 +180,7 @@ pub async fn publish(
     let mut weir: Headers = [
         (headers::PLUGIN, letter.plugin.to_owned()),
         (headers::PLUGIN_VERSION, letter.version.to_owned()),
-        (headers::REASON, letter.outcome.kind().to_owned()),
+        (headers::REASON, letter.outcome.kind().as_str().to_owned()),
         (headers::ERROR, header_safe(&letter.outcome.to_string())),
         (headers::ATTEMPTS, event.attempt.to_string()),
         (headers::EVENT_ID, event.id.clone()),

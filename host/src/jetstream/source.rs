@@ -23,8 +23,7 @@ pub const PIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most events of one lane handled, and committed, as one run.
 pub const MAX_RUN: usize = 128;
 
-/// How many messages one pull request may ask for, and how many may be
-/// delivered but not yet acknowledged.
+/// How much of a plugin's stream a host pulls at once.
 ///
 /// `max_ack_pending` (the manifest's `max-in-flight`) is what bounds the
 /// work a host holds for a plugin: the server delivers no more than that
@@ -32,10 +31,23 @@ pub const MAX_RUN: usize = 128;
 /// consumer, never into host memory. Pull requests ask for at least 32: a
 /// request the server can only partly fill simply waits, whereas tiny
 /// requests make the client re-request after every message.
-pub fn flow_limits(manifest: &Manifest) -> (usize, i64) {
-    let max_ack_pending = manifest.max_in_flight as usize;
-    let batch = max_ack_pending.clamp(32, 256);
-    (batch, max_ack_pending as i64)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowLimits {
+    /// Messages one pull request asks for.
+    pub batch: usize,
+    /// Messages delivered but not yet acknowledged, at most.
+    pub max_ack_pending: i64,
+}
+
+impl FlowLimits {
+    /// The limits `manifest` asks for.
+    pub fn of(manifest: &Manifest) -> Self {
+        let max_ack_pending = manifest.max_in_flight as usize;
+        FlowLimits {
+            batch: max_ack_pending.clamp(32, 256),
+            max_ack_pending: max_ack_pending as i64,
+        }
+    }
 }
 
 /// The consumer configuration a manifest asks for in `generation`, which
@@ -50,7 +62,7 @@ pub fn consumer_config(
         (Some(reset), _) => reset.deliver_policy()?,
         (None, start) => manifest_policy(start)?,
     };
-    let (_, max_ack_pending) = flow_limits(manifest);
+    let max_ack_pending = FlowLimits::of(manifest).max_ack_pending;
     let name = generation.durable_name(plugin);
     let mut config = consumer::pull::Config {
         durable_name: Some(name.clone()),

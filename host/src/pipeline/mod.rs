@@ -24,8 +24,9 @@ use stats::PluginStats;
 
 use crate::jetstream::source::Incarnation;
 use crate::jetstream::store::PluginStore;
+use crate::outcome::OutcomeKind;
 use crate::sandbox::plugin::Plugin;
-use crate::telemetry::metrics::VersionSeries;
+use crate::telemetry::metrics::{TerminationReason, VersionSeries};
 use crate::telemetry::{Counted, Metrics};
 
 /// What every event of one plugin shares.
@@ -107,7 +108,7 @@ impl PipelineContext {
             Counted::Processed => &self.stats.processed,
             Counted::Retried => &self.stats.retried,
             Counted::Rejected => &self.stats.rejected,
-            Counted::Duplicate => &self.stats.skipped_duplicates,
+            Counted::Duplicate => &self.stats.duplicates,
             Counted::HostError => &self.stats.host_errors,
         };
         PluginStats::bump(total);
@@ -136,17 +137,17 @@ impl PipelineContext {
 
     /// Count a dead letter, by the outcome kind that sent it; a rejection
     /// is also counted as such.
-    fn count_dead_letter(&self, plugin: &Plugin, reason: &str) {
+    fn count_dead_letter(&self, plugin: &Plugin, reason: OutcomeKind) {
         PluginStats::bump(&self.stats.dead_lettered);
         self.metrics
             .dead_lettered(plugin.name(), plugin.version().as_str(), reason);
-        if reason == "reject" {
+        if reason == OutcomeKind::Reject {
             self.count(plugin, Counted::Rejected);
         }
     }
 
     /// Count an event ended on purpose without processing or a dead letter.
-    fn count_terminated(&self, plugin: &Plugin, reason: &str) {
+    fn count_terminated(&self, plugin: &Plugin, reason: TerminationReason) {
         PluginStats::bump(&self.stats.terminated);
         self.metrics
             .terminated(plugin.name(), plugin.version().as_str(), reason);
@@ -160,18 +161,15 @@ impl PipelineContext {
         invocation: &crate::sandbox::Invocation,
         span: &tracing::Span,
     ) {
-        span.record("outcome", invocation.outcome.kind());
+        span.record("outcome", invocation.outcome.kind().as_str());
         if !invocation.outcome.is_ok() {
             span.record("otel.status_code", "ERROR");
         }
         self.series(plugin).handler_duration(invocation.duration);
-        let (name, version) = (plugin.name(), plugin.version().as_str());
-        let limit = match invocation.outcome {
-            crate::outcome::Outcome::Deadline { .. } => "deadline",
-            crate::outcome::Outcome::OutOfMemory { .. } => "memory",
-            _ => return,
-        };
-        self.metrics.limit_hit(name, version, limit);
+        if let Some(limit) = invocation.outcome.limit_hit() {
+            self.metrics
+                .limit_hit(plugin.name(), plugin.version().as_str(), limit);
+        }
     }
 }
 
@@ -253,7 +251,7 @@ pub async fn run(
     let manifest = plugin.borrow().manifest().clone();
     let name = plugin.borrow().name().to_owned();
     let ordered = manifest.ordering_key.is_some();
-    let (batch, _) = crate::jetstream::source::flow_limits(&manifest);
+    let batch = crate::jetstream::source::FlowLimits::of(&manifest).batch;
     let max_held = (manifest.max_in_flight_mb as usize) << 20;
     let release = CancellationToken::new();
     let in_flight = ctx.metrics.in_flight(&name);

@@ -22,11 +22,12 @@ use crate::jetstream::dlq::{self, DeadLetter};
 use crate::jetstream::outbox::Outgoing;
 use crate::jetstream::source;
 use crate::jetstream::store::{Commit, CommitRequest, EventEffects, PluginStore, Read, Scope};
-use crate::outcome::Outcome;
+use crate::outcome::{Outcome, OutcomeKind};
 use crate::pipeline::lanes::{KeyRelease, Shape};
 use crate::pipeline::{PipelineContext, lock};
 use crate::sandbox::plugin::Plugin;
-use crate::state::{StateChange, StateStore, Versioned};
+use crate::state::{CommittedState, StateChange, Versioned};
+use crate::telemetry::metrics::TerminationReason;
 use crate::telemetry::{Counted, propagation, spans};
 
 /// Runs of one event when its commit keeps losing to concurrent writers of
@@ -38,16 +39,15 @@ const MAX_CONFLICT_RERUNS: usize = 5;
 pub enum Disposition {
     Acked,
     Retried,
-    /// Moved to the dead-letter stream; the outcome's kind says why.
-    DeadLettered(&'static str),
-    /// Ended on purpose without processing or a dead letter; one of
-    /// [`crate::telemetry::metrics::TERMINATION_REASONS`].
-    Terminated(&'static str),
+    /// Moved to the dead-letter stream, for the outcome of this kind.
+    DeadLettered(OutcomeKind),
+    /// Ended on purpose without processing or a dead letter.
+    Terminated(TerminationReason),
     /// A host-side failure sent it back for another try.
     HostError,
     /// A redelivery of an event already committed: finished without
     /// running the plugin again.
-    Skipped,
+    Duplicate,
 }
 
 /// One delivered message and the event it carries.
@@ -339,7 +339,7 @@ impl Run<'_> {
                 }
             }
             let call = spans::invoke(&delivery.span, self.plugin.name());
-            let view: Arc<dyn StateStore> = state.clone();
+            let view: Arc<dyn CommittedState> = state.clone();
             let invocation = {
                 // Closed only when the pipeline is dropped, which it is not
                 // while a run is in it.
@@ -562,7 +562,7 @@ impl Run<'_> {
                         .store
                         .published(&self.scope, vec![delivery.event.sequence]);
                 }
-                self.ack_all(std::iter::once(&delivery), Disposition::Skipped)
+                self.ack_all(std::iter::once(&delivery), Disposition::Duplicate)
                     .await;
             }
             Err(e) => {
@@ -646,7 +646,9 @@ impl Run<'_> {
             // is in the dead-letter stream already; another one would only
             // start a loop of ever longer subjects.
             tracing::error!(parent: &delivery.span, stream = %delivery.stream, sequence = event.sequence, "a dead letter failed and is not dead-lettered again: {outcome}");
-            return self.terminate(delivery, "dead_letter_loop").await;
+            return self
+                .terminate(delivery, TerminationReason::DeadLetterLoop)
+                .await;
         }
         let letter = DeadLetter {
             plugin: self.plugin.name(),
@@ -669,7 +671,9 @@ impl Run<'_> {
         if let Err(e) = published {
             if event.attempt >= self.plugin.manifest().retry.max_deliveries {
                 tracing::error!(parent: &delivery.span, stream = %delivery.stream, sequence = event.sequence, "dead letter could not be stored on any attempt; the event stays in its stream only: {e:#}");
-                return self.terminate(delivery, "dead_letter_unstorable").await;
+                return self
+                    .terminate(delivery, TerminationReason::DeadLetterUnstorable)
+                    .await;
             }
             let delay = backoff(self.plugin, event.attempt);
             tracing::warn!(parent: &delivery.span, "dead letter not stored, retrying in {delay:?}: {e:#}");
@@ -688,7 +692,7 @@ impl Run<'_> {
     }
 
     /// End an event for good without processing it or storing a dead letter.
-    async fn terminate(&self, delivery: &Delivery, reason: &'static str) -> Disposition {
+    async fn terminate(&self, delivery: &Delivery, reason: TerminationReason) -> Disposition {
         match delivery.message.double_ack_with(AckKind::Term).await {
             Ok(()) => Disposition::Terminated(reason),
             Err(e) => {
@@ -713,7 +717,7 @@ impl Run<'_> {
                 delivery.span.record("otel.status_code", "ERROR");
             }
             Disposition::HostError => ctx.count(self.plugin, Counted::HostError),
-            Disposition::Skipped => ctx.count(self.plugin, Counted::Duplicate),
+            Disposition::Duplicate => ctx.count(self.plugin, Counted::Duplicate),
         }
         self.done_with(delivery);
     }
@@ -803,7 +807,7 @@ impl RunState {
     }
 }
 
-impl StateStore for RunState {
+impl CommittedState for RunState {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Versioned>> {
         Box::pin(async move {
             {

@@ -14,11 +14,12 @@ pub struct PluginStats {
     /// Rejected by the plugin (these are dead-lettered too).
     pub rejected: AtomicU64,
     pub dead_lettered: AtomicU64,
-    pub skipped_duplicates: AtomicU64,
+    /// Redeliveries of events already committed, finished without a call.
+    pub duplicates: AtomicU64,
     /// Host-side failures (publish, commit, ack) that sent an event back.
     pub host_errors: AtomicU64,
     /// Ended on purpose without processing or a dead letter (see
-    /// [`crate::telemetry::metrics::TERMINATION_REASONS`]).
+    /// [`crate::telemetry::metrics::TerminationReason`]).
     pub terminated: AtomicU64,
     pub in_flight: AtomicU64,
     /// The consumer's lag at the last poll.
@@ -38,7 +39,7 @@ pub struct StatsSnapshot {
     #[serde(default)]
     pub rejected: u64,
     pub dead_lettered: u64,
-    pub skipped_duplicates: u64,
+    pub duplicates: u64,
     pub host_errors: u64,
     #[serde(default)]
     pub terminated: u64,
@@ -70,7 +71,7 @@ impl PluginStats {
             retried: get(&self.retried),
             rejected: get(&self.rejected),
             dead_lettered: get(&self.dead_lettered),
-            skipped_duplicates: get(&self.skipped_duplicates),
+            duplicates: get(&self.duplicates),
             host_errors: get(&self.host_errors),
             terminated: get(&self.terminated),
             in_flight: get(&self.in_flight),

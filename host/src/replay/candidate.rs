@@ -28,7 +28,7 @@ use crate::event::{Emitted, Event};
 use crate::jetstream::source::Incarnation;
 use crate::sandbox::Invocation;
 use crate::sandbox::plugin::Plugin;
-use crate::state::{StateChange, StateStore, Versioned};
+use crate::state::{CommittedState, StateChange, Versioned};
 
 /// One end of the range of history to run over.
 #[derive(Debug, Clone, PartialEq)]
@@ -166,7 +166,7 @@ impl Overlay {
     }
 }
 
-impl StateStore for Overlay {
+impl CommittedState for Overlay {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Versioned>> {
         let own = self
             .own

@@ -24,7 +24,7 @@ use crate::jetstream::outbox::Outgoing;
 use crate::jetstream::store::{Commit, CommitRequest, EventEffects, PluginStore, Read, Scope};
 use crate::sandbox::plugin::Plugin;
 use crate::sandbox::{Sandbox, SandboxConfig};
-use crate::state::StateStore;
+use crate::state::CommittedState;
 
 /// Runs before a replay gives up on state keys that keep moving under it.
 const MAX_CONFLICTS: usize = 5;
@@ -114,7 +114,7 @@ impl Replayer {
         };
         let (scope, msg_id) = self.origin(letter).await?;
         for _ in 0..MAX_CONFLICTS {
-            let state: Arc<dyn StateStore> = self.store.clone();
+            let state: Arc<dyn CommittedState> = self.store.clone();
             let invocation = self.plugin.invoke(&event, state).await;
             if !invocation.outcome.is_ok() {
                 return self.supersede(letter, &event, &invocation.outcome).await;

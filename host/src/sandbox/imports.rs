@@ -1,6 +1,6 @@
 //! The host side of the plugin's imports: outbox, state, log and config.
 //!
-//! Everything a call produces is buffered in [`CallState`]; nothing leaves
+//! Everything a call produces is buffered in [`CallContext`]; nothing leaves
 //! the sandbox until the pipeline has seen the call succeed.
 
 use std::collections::BTreeMap;
@@ -19,7 +19,7 @@ use crate::names::validate_publish_subject;
 use crate::sandbox::cpu::TurnHandle;
 use crate::sandbox::limits::Limiter;
 use crate::sandbox::stdio::Capture;
-use crate::state::{PendingState, StateStore};
+use crate::state::{CommittedState, PendingState};
 
 /// What every call of one plugin version shares.
 #[derive(Debug)]
@@ -59,14 +59,14 @@ pub enum LogLevel {
 const RESERVED_HEADER_PREFIXES: [&str; 2] = ["nats-", "weir-"];
 
 /// The store data of one plugin instance. An instance may serve many
-/// calls, one at a time; [`CallState::begin`] starts each.
-pub struct CallState {
+/// calls, one at a time; [`CallContext::begin`] starts each.
+pub struct CallContext {
     wasi: WasiCtx,
     table: ResourceTable,
     pub(crate) limiter: Limiter,
     pub(crate) ctx: Arc<PluginContext>,
     /// Committed state, as the current call's pipeline sees it.
-    pub(crate) store: Arc<dyn StateStore>,
+    pub(crate) committed: Arc<dyn CommittedState>,
     pub(crate) event_id: String,
     pub(crate) deadline: Instant,
     /// The running call's turn on the guest CPU.
@@ -80,8 +80,8 @@ pub struct CallState {
     pub(crate) stdout: Capture,
 }
 
-impl CallState {
-    pub fn new(ctx: Arc<PluginContext>, store: Arc<dyn StateStore>) -> Self {
+impl CallContext {
+    pub fn new(ctx: Arc<PluginContext>, committed: Arc<dyn CommittedState>) -> Self {
         let stderr = Capture::default();
         let stdout = Capture::default();
         // No preopened directories, no environment, no arguments, no
@@ -94,12 +94,12 @@ impl CallState {
             .allow_ip_name_lookup(false)
             .socket_addr_check(|_, _| Box::pin(async { false }))
             .build();
-        CallState {
+        CallContext {
             wasi,
             table: ResourceTable::new(),
             limiter: Limiter::new(ctx.limits.memory_bytes(), ctx.budget.clone()),
             ctx,
-            store,
+            committed,
             event_id: String::new(),
             deadline: Instant::now(),
             turn: None,
@@ -119,13 +119,13 @@ impl CallState {
         event_id: &str,
         deadline: Instant,
         turn: TurnHandle,
-        store: Arc<dyn StateStore>,
+        committed: Arc<dyn CommittedState>,
     ) {
         self.event_id.clear();
         self.event_id.push_str(event_id);
         self.deadline = deadline;
         self.turn = Some(turn);
-        self.store = store;
+        self.committed = committed;
         self.outbox.clear();
         self.pending = PendingState::default();
         self.reads.clear();
@@ -135,7 +135,7 @@ impl CallState {
     }
 }
 
-impl WasiView for CallState {
+impl WasiView for CallContext {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
             ctx: &mut self.wasi,
@@ -201,7 +201,7 @@ fn validate_state_key(key: &str) -> Result<(), LimitError> {
     Ok(())
 }
 
-impl CallState {
+impl CallContext {
     fn check_state_write(&self, key: &str) -> Result<(), LimitError> {
         validate_state_key(key)?;
         let max = self.ctx.limits.max_state_writes;
@@ -212,9 +212,9 @@ impl CallState {
     }
 }
 
-impl types::Host for CallState {}
+impl types::Host for CallContext {}
 
-impl emit::Host for CallState {
+impl emit::Host for CallContext {
     async fn publish(
         &mut self,
         subject: String,
@@ -249,13 +249,13 @@ impl emit::Host for CallState {
     }
 }
 
-impl state::Host for CallState {
+impl state::Host for CallContext {
     async fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
         if let Some(pending) = self.pending.get(&key) {
             return Ok(pending);
         }
         // The store may go to the server: other calls run meanwhile.
-        let read = self.store.get(&key);
+        let read = self.committed.get(&key);
         let read = match &self.turn {
             Some(turn) => turn.without(read).await,
             None => read.await,
@@ -294,7 +294,7 @@ impl state::Host for CallState {
     }
 }
 
-impl log::Host for CallState {
+impl log::Host for CallContext {
     async fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
         let ctx = &self.ctx;
         let (plugin, version, event_id) = (
@@ -332,7 +332,7 @@ impl log::Host for CallState {
     }
 }
 
-impl config::Host for CallState {
+impl config::Host for CallContext {
     async fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
         let config = &self.ctx.config;
         Ok(config

@@ -22,11 +22,11 @@ use wasmtime::Store;
 
 use crate::bindings::Plugin as PluginWorld;
 use crate::manifest::{Isolation, Manifest};
-use crate::sandbox::imports::CallState;
+use crate::sandbox::imports::CallContext;
 
 /// A live instance and its store.
 pub(crate) struct Instance {
-    pub store: Store<CallState>,
+    pub store: Store<CallContext>,
     pub world: PluginWorld,
     /// Events this instance has finished.
     pub served: u64,

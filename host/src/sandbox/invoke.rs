@@ -8,13 +8,13 @@ use wasmtime::{Store, UpdateDeadline};
 
 use super::budget::HostMemoryExhausted;
 use super::cpu::Turn;
-use super::imports::{CallState, LogLevel, LogLine, PluginContext, StateUnavailable};
+use super::imports::{CallContext, LogLevel, LogLine, PluginContext, StateUnavailable};
 use super::instances::{Instance, InstancePool};
 use super::limits::{DeadlineExceeded, MemoryLimitExceeded};
 use crate::bindings::{GuestError, PluginPre};
 use crate::event::{Emitted, Event};
 use crate::outcome::Outcome;
-use crate::state::{StateChange, StateStore};
+use crate::state::{CommittedState, StateChange};
 
 /// Everything observable about one call.
 #[derive(Debug, Clone)]
@@ -35,17 +35,17 @@ pub struct Invocation {
 
 /// Host calls (a state read from a slow store) are not interrupted by the
 /// epoch; this outer timer catches them a little after the guest's deadline.
-const HOST_GRACE: Duration = Duration::from_millis(250);
+const IMPORT_GRACE: Duration = Duration::from_millis(250);
 
 /// Keep this much of the guest's stderr in a trap message.
 const STDERR_IN_MESSAGE: usize = 2048;
 
 fn new_store(
-    pre: &PluginPre<CallState>,
+    pre: &PluginPre<CallContext>,
     ctx: &Arc<PluginContext>,
-    state: Arc<dyn StateStore>,
-) -> Store<CallState> {
-    let mut store = Store::new(pre.engine(), CallState::new(ctx.clone(), state));
+    state: Arc<dyn CommittedState>,
+) -> Store<CallContext> {
+    let mut store = Store::new(pre.engine(), CallContext::new(ctx.clone(), state));
     store.limiter(|s| &mut s.limiter);
     store.epoch_deadline_callback(|ctx| {
         let data = ctx.data();
@@ -70,11 +70,11 @@ fn new_store(
 }
 
 fn start_call(
-    store: &mut Store<CallState>,
+    store: &mut Store<CallContext>,
     event: &Event,
     deadline: Instant,
     turn: &Turn,
-    state: Arc<dyn StateStore>,
+    state: Arc<dyn CommittedState>,
 ) {
     store
         .data_mut()
@@ -86,17 +86,17 @@ fn start_call(
 /// new one from `pre`. The call waits for a turn on the guest CPU first; its deadline
 /// starts with the turn and covers instantiation too.
 pub(crate) async fn invoke(
-    pre: &PluginPre<CallState>,
+    pre: &PluginPre<CallContext>,
     ctx: &Arc<PluginContext>,
     pool: &InstancePool,
     timeout: Duration,
     event: &Event,
-    state: Arc<dyn StateStore>,
+    state: Arc<dyn CommittedState>,
 ) -> Invocation {
     let turn = ctx.cpu.turn(&ctx.cpu_key).await;
     let started = Instant::now();
     let deadline = started + timeout;
-    let hard_stop = tokio::time::Instant::from_std(deadline + HOST_GRACE);
+    let hard_stop = tokio::time::Instant::from_std(deadline + IMPORT_GRACE);
     let mut instance = match pool.take() {
         Some(instance) => instance,
         None => {
@@ -139,7 +139,7 @@ pub(crate) async fn invoke(
 type CallResult = Result<wasmtime::Result<Result<(), GuestError>>, tokio::time::error::Elapsed>;
 
 fn finish(
-    store: &mut Store<CallState>,
+    store: &mut Store<CallContext>,
     result: CallResult,
     timeout: Duration,
     started: Instant,
@@ -192,7 +192,7 @@ fn finish(
     }
 }
 
-fn classify_trap(error: &wasmtime::Error, data: &CallState, timeout: Duration) -> Outcome {
+fn classify_trap(error: &wasmtime::Error, data: &CallContext, timeout: Duration) -> Outcome {
     if error.downcast_ref::<DeadlineExceeded>().is_some() {
         return Outcome::Deadline { limit: timeout };
     }

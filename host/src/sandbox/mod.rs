@@ -35,7 +35,7 @@ pub use engine::EPOCH_TICK;
 /// A test checks it against Cargo.lock.
 pub const WASMTIME_VERSION: &str = "48.0.8";
 pub use budget::HostMemoryExhausted;
-pub use imports::{CallState, LogLevel, LogLine, PluginContext, StateUnavailable};
+pub use imports::{CallContext, LogLevel, LogLine, PluginContext, StateUnavailable};
 pub use instances::InstanceStats;
 pub use invoke::Invocation;
 pub use limits::{DeadlineExceeded, MemoryLimitExceeded};
@@ -93,7 +93,7 @@ pub enum LoadError {
 /// Compiles, links and runs plugins.
 pub struct Sandbox {
     engine: Engine,
-    linker: Linker<CallState>,
+    linker: Linker<CallContext>,
     cache: CompileCache,
     budget: Arc<budget::MemoryBudget>,
     cpu: Arc<cpu::CpuShare>,

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::compile_cache::CacheStatus;
-use super::imports::{CallState, PluginContext};
+use super::imports::{CallContext, PluginContext};
 use super::instances::{InstancePool, InstanceStats};
 use super::invoke::{Invocation, invoke};
 use crate::bindings::PluginPre;
 use crate::event::Event;
 use crate::manifest::Manifest;
-use crate::state::StateStore;
+use crate::state::CommittedState;
 
 /// A plugin version: the first 12 hex digits of the component's SHA-256.
 /// Two files with the same bytes are the same version.
@@ -42,7 +42,7 @@ struct Inner {
     manifest: Manifest,
     path: PathBuf,
     cache_status: CacheStatus,
-    pre: PluginPre<CallState>,
+    pre: PluginPre<CallContext>,
     ctx: Arc<PluginContext>,
     instances: InstancePool,
 }
@@ -68,7 +68,7 @@ impl Plugin {
         manifest: Manifest,
         path: PathBuf,
         cache_status: CacheStatus,
-        pre: PluginPre<CallState>,
+        pre: PluginPre<CallContext>,
         ctx: Arc<PluginContext>,
     ) -> Self {
         Plugin(Arc::new(Inner {
@@ -112,7 +112,7 @@ impl Plugin {
     /// Handle `event`, reading committed state from `state`, in an instance
     /// as the manifest's `[instances]` policy says. Never fails: whatever
     /// went wrong is in the outcome.
-    pub async fn invoke(&self, event: &Event, state: Arc<dyn StateStore>) -> Invocation {
+    pub async fn invoke(&self, event: &Event, state: Arc<dyn CommittedState>) -> Invocation {
         invoke(
             &self.0.pre,
             &self.0.ctx,

@@ -16,6 +16,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Metric, Registry, Unit};
 
+use crate::labels::labelled;
+use crate::outcome::{LimitHit, OutcomeKind};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabels {
     plugin: String,
@@ -49,13 +52,18 @@ pub enum Counted {
     HostError,
 }
 
-/// Why an event may end neither processed nor dead-lettered:
-/// - `dead_letter_loop`: a dead letter (an event on the dead-letter
-///   subjects) failed in a plugin consuming them; dead-lettering it again
-///   would loop, and it is in the dead-letter stream already.
-/// - `dead_letter_unstorable`: its dead letter could not be stored on any
-///   of its allowed attempts; the event is still in its own stream.
-pub const TERMINATION_REASONS: [&str; 2] = ["dead_letter_loop", "dead_letter_unstorable"];
+labelled! {
+    /// Why an event may end neither processed nor dead-lettered.
+    pub enum TerminationReason {
+        /// A dead letter (an event on the dead-letter subjects) failed in a
+        /// plugin consuming them; dead-lettering it again would loop, and it
+        /// is in the dead-letter stream already.
+        DeadLetterLoop => "dead_letter_loop",
+        /// Its dead letter could not be stored on any of its allowed
+        /// attempts; the event is still in its own stream.
+        DeadLetterUnstorable => "dead_letter_unstorable",
+    }
+}
 
 /// The series every event of one plugin version updates.
 #[derive(Debug, Clone)]
@@ -293,20 +301,20 @@ impl Metrics {
         }
         let _ = self.handler_duration.get_or_create(&labels);
         let _ = self.publish_to_ack.get_or_create(&labels);
-        for reason in crate::outcome::Outcome::FAILURE_KINDS {
-            let _ = self
-                .dead_lettered
-                .get_or_create(&reason_labels(plugin, version, reason));
+        for reason in OutcomeKind::failures() {
+            let _ =
+                self.dead_lettered
+                    .get_or_create(&reason_labels(plugin, version, reason.as_str()));
         }
-        for reason in TERMINATION_REASONS {
+        for reason in TerminationReason::ALL {
             let _ = self
                 .terminated
-                .get_or_create(&reason_labels(plugin, version, reason));
+                .get_or_create(&reason_labels(plugin, version, reason.as_str()));
         }
-        for limit in ["deadline", "memory"] {
+        for limit in LimitHit::ALL {
             let _ = self
                 .limit_hits
-                .get_or_create(&reason_labels(plugin, version, limit));
+                .get_or_create(&reason_labels(plugin, version, limit.as_str()));
         }
         let _ = self.in_flight.get_or_create(&plugin_labels(plugin));
         let _ = self.load_failures.get_or_create(&plugin_labels(plugin));
@@ -338,24 +346,24 @@ impl Metrics {
         family.get_or_create(&version_labels(plugin, version)).inc();
     }
 
-    /// `reason` is the outcome's kind (`reject`, `trap`, `deadline`, ...).
-    pub fn dead_lettered(&self, plugin: &str, version: &str, reason: &str) {
+    /// Count a dead letter, by the outcome that sent it.
+    pub fn dead_lettered(&self, plugin: &str, version: &str, reason: OutcomeKind) {
         self.dead_lettered
-            .get_or_create(&reason_labels(plugin, version, reason))
+            .get_or_create(&reason_labels(plugin, version, reason.as_str()))
             .inc();
     }
 
-    /// `reason` is one of [`TERMINATION_REASONS`].
-    pub fn terminated(&self, plugin: &str, version: &str, reason: &str) {
+    /// Count an event ended on purpose without processing or a dead letter.
+    pub fn terminated(&self, plugin: &str, version: &str, reason: TerminationReason) {
         self.terminated
-            .get_or_create(&reason_labels(plugin, version, reason))
+            .get_or_create(&reason_labels(plugin, version, reason.as_str()))
             .inc();
     }
 
-    /// `limit` is `deadline` or `memory`.
-    pub fn limit_hit(&self, plugin: &str, version: &str, limit: &str) {
+    /// Count a call stopped by one of its plugin's limits.
+    pub fn limit_hit(&self, plugin: &str, version: &str, limit: LimitHit) {
         self.limit_hits
-            .get_or_create(&reason_labels(plugin, version, limit))
+            .get_or_create(&reason_labels(plugin, version, limit.as_str()))
             .inc();
     }
 
@@ -469,7 +477,7 @@ mod tests {
         let m = Metrics::new();
         m.count(Counted::Processed, "fraud", "abc");
         m.count(Counted::Processed, "fraud", "abc");
-        m.dead_lettered("fraud", "abc", "reject");
+        m.dead_lettered("fraud", "abc", OutcomeKind::Reject);
         m.handler_duration("fraud", "abc", Duration::from_millis(3));
         m.set_lag(
             "fraud",

@@ -28,7 +28,7 @@ use crate::event::Event;
 use crate::manifest::Manifest;
 use crate::sandbox::plugin::Plugin;
 use crate::sandbox::{Invocation, Sandbox, SandboxConfig};
-use crate::state::{MemoryState, StateStore};
+use crate::state::{CommittedState, MemoryState};
 
 fn shared_sandbox() -> anyhow::Result<&'static Sandbox> {
     static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
@@ -96,7 +96,7 @@ impl TestPlugin {
     /// sequence get the next one.
     pub fn handle(&mut self, event: Event) -> Invocation {
         let event = self.number(event);
-        let state: Arc<dyn StateStore> = Arc::new(self.state.clone());
+        let state: Arc<dyn CommittedState> = Arc::new(self.state.clone());
         let invocation = self.runtime.block_on(self.plugin.invoke(&event, state));
         self.state.commit(&invocation.state_changes);
         invocation

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use weir::state::{MemoryState, StateStore};
+use weir::state::{CommittedState, MemoryState};
 use weir::{Event, Outcome, Sandbox, SandboxConfig};
 use weir_integration_tests::dist;
 
@@ -64,7 +64,7 @@ fn main() {
             let plugin = warm.load(&wasm).unwrap();
             hits.push(started.elapsed());
 
-            let state: Arc<dyn StateStore> = Arc::new(MemoryState::new());
+            let state: Arc<dyn CommittedState> = Arc::new(MemoryState::new());
             let started = Instant::now();
             let report = runtime.block_on(plugin.invoke(&event, state));
             first_calls.push(started.elapsed());

@@ -38,7 +38,7 @@ use committer::Command;
 
 use crate::config::StateConfig;
 use crate::event::Emitted;
-use crate::state::{StateChange, StateStore, Versioned};
+use crate::state::{CommittedState, StateChange, Versioned};
 
 /// The bucket of `plugin`: `<prefix>_<plugin>`.
 pub fn bucket_name(config: &StateConfig, plugin: &str) -> String {
@@ -343,7 +343,7 @@ impl PluginStore {
     }
 }
 
-impl StateStore for PluginStore {
+impl CommittedState for PluginStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Versioned>> {
         Box::pin(async move {
             if let Some(cached) = self.cache.get(key) {
