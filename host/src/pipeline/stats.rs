@@ -39,6 +39,8 @@ pub struct StatsSnapshot {
     #[serde(default)]
     pub rejected: u64,
     pub dead_lettered: u64,
+    /// Older hosts call it `skipped_duplicates`.
+    #[serde(default, alias = "skipped_duplicates")]
     pub duplicates: u64,
     pub host_errors: u64,
     #[serde(default)]
