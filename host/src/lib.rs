@@ -5,7 +5,6 @@
 //! follows one event through the modules.
 
 pub mod bindings;
-pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod event;

@@ -217,7 +217,7 @@ impl TestEnv {
     /// event handled twice.
     pub fn plugin_counter(&mut self, i: usize, plugin: &str, counter: &str) -> u64 {
         let admin = self.host(i).admin_addr();
-        let (status, body) = weir::supervisor::admin::http_get(&admin, "/plugins", None).unwrap();
+        let (status, body) = http_get(&admin, "/plugins", None).unwrap();
         assert_eq!(status, 200, "{body}");
         let plugins: serde_json::Value = serde_json::from_str(&body).unwrap();
         plugins
@@ -401,13 +401,42 @@ impl WeirProcess {
     /// free port), from its latest start-up log line.
     pub fn admin_addr(&mut self) -> String {
         self.wait_for_log(weir::supervisor::admin::LISTENING, 1);
-        weir::supervisor::admin::addr_in_log(&self.log_text())
-            .unwrap()
-            .to_owned()
+        addr_in_log(&self.log_text()).unwrap().to_owned()
     }
 }
 
-pub use weir::supervisor::admin::http_get;
+/// The admin address in a host's human-format log, from its latest start.
+fn addr_in_log(log: &str) -> Option<&str> {
+    log.lines()
+        .rev()
+        .find(|l| l.contains(weir::supervisor::admin::LISTENING))?
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("addr="))
+}
+
+/// A plain HTTP/1.1 GET of an admin endpoint: `(status, body)`, or the
+/// connection error. Enough for asserting on a few small responses.
+pub fn http_get(addr: &str, path: &str, token: Option<&str>) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
+}
 
 /// The sum of every series of metric `name` (as exposed, e.g.
 /// `weir_events_processed_total`) whose labels include all of `labels`.
@@ -740,4 +769,15 @@ pub fn weir_cli(config: &Path, args: &[&str], stdin: &str) -> (bool, String, Str
 /// Header value of a message.
 pub fn header<'a>(message: &'a jetstream::Message, key: &str) -> Option<&'a str> {
     message.headers.as_ref()?.get(key).map(|v| v.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn admin_address_from_the_latest_start() {
+        let log = "INFO weir::supervisor::admin: admin endpoint listening addr=127.0.0.1:1\n\
+                   INFO weir::supervisor::admin: admin endpoint listening addr=127.0.0.1:2\n";
+        assert_eq!(super::addr_in_log(log), Some("127.0.0.1:2"));
+        assert_eq!(super::addr_in_log("weir is running"), None);
+    }
 }

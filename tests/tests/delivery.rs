@@ -102,7 +102,7 @@ async fn a_handler_slower_than_the_ack_wait_is_not_redelivered() {
         Duration::from_secs(5),
         "the lag gauge to show it",
         || async {
-            let text = weir::supervisor::admin::http_get(&admin, "/metrics", None)
+            let text = weir_integration_tests::http_get(&admin, "/metrics", None)
                 .unwrap()
                 .1;
             metric(
@@ -213,7 +213,7 @@ async fn deadline_and_memory_cap_end_in_dead_letters() {
     })
     .await;
     let admin = env.host(0).admin_addr();
-    let metrics = weir::supervisor::admin::http_get(&admin, "/metrics", None)
+    let metrics = weir_integration_tests::http_get(&admin, "/metrics", None)
         .unwrap()
         .1;
     for (limit, reason) in [("deadline", "deadline"), ("memory", "out_of_memory")] {
@@ -307,7 +307,7 @@ async fn a_done_mark_expires_after_done_ttl() {
     assert_eq!(env.plugin_counter(0, "brief", "processed"), 2);
     assert_eq!(env.plugin_counter(0, "brief", "duplicates"), 1);
     let admin = env.host(0).admin_addr();
-    let metrics = weir::supervisor::admin::http_get(&admin, "/metrics", None)
+    let metrics = weir_integration_tests::http_get(&admin, "/metrics", None)
         .unwrap()
         .1;
     assert_eq!(

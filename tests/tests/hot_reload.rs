@@ -296,6 +296,8 @@ async fn cli_lists_and_removes_plugins_of_a_running_host() {
     assert!(ok, "{stderr}");
     let answer: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
     assert_eq!(answer["plugins"][0]["processed"], 5);
+    // Each answer says where that host's admin endpoint listens.
+    assert_eq!(answer["admin"], env.host(0).admin_addr());
 
     let (ok, stdout, stderr) = weir(
         &config,

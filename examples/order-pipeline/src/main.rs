@@ -11,6 +11,7 @@
 //!
 //! Run it with `cargo xtask demo`, which builds the plugins first.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,6 +20,8 @@ use anyhow::{Context, bail};
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use serde_json::{Value, json};
+use weir::pipeline::stats::StatsSnapshot;
+use weir::supervisor::control;
 
 /// The plugins and the language each is written in.
 const PLUGINS: [(&str, &str); 5] = [
@@ -93,7 +96,7 @@ async fn demo() -> anyhow::Result<()> {
     println!("  host log:    {}\n", log_path.display());
 
     let client = async_nats::connect(&url).await?;
-    let js = jetstream::new(client);
+    let js = jetstream::new(client.clone());
 
     let orders = sample_orders();
     println!(
@@ -126,19 +129,18 @@ async fn demo() -> anyhow::Result<()> {
         wait_caught_up(&js, plugin).await?;
     }
     report(&js).await?;
-    let admin = admin_addr(&log_path)?;
-    rush_hour(&js, &admin).await
+    rush_hour(&client, &js).await
 }
 
 /// Orders in the rush-hour burst.
 const RUSH_ORDERS: usize = 10_000;
 
-/// A burst of orders, watched through the host's admin endpoint while the
+/// A burst of orders, watched through the host's control subject while the
 /// plugins work through it.
-async fn rush_hour(js: &jetstream::Context, admin: &str) -> anyhow::Result<()> {
+async fn rush_hour(client: &async_nats::Client, js: &jetstream::Context) -> anyhow::Result<()> {
+    let (admin, before) = plugin_counters(client).await?;
     println!("\nRush hour: {RUSH_ORDERS} more orders, watched live on http://{admin}/plugins");
     println!("(Prometheus metrics on http://{admin}/metrics)\n");
-    let before = plugin_counters(admin)?;
     // The clock starts with the first order sent: plugins work while the
     // burst is still being published.
     let started = Instant::now();
@@ -168,18 +170,15 @@ async fn rush_hour(js: &jetstream::Context, admin: &str) -> anyhow::Result<()> {
     }
     println!("{heading}\n  (per plugin: processed / failed / lag)");
     loop {
-        let now = plugin_counters(admin)?;
+        let (_, now) = plugin_counters(client).await?;
         let mut line = format!("  {:>4.1}s", started.elapsed().as_secs_f64());
         let mut done = true;
         for (plugin, _) in PLUGINS {
-            let (b, n) = (&before[plugin], &now[plugin]);
-            let processed =
-                n["processed"].as_u64().unwrap_or(0) - b["processed"].as_u64().unwrap_or(0);
-            let failed = ["retried", "dead_lettered", "host_errors"]
-                .iter()
-                .map(|k| n[k].as_u64().unwrap_or(0) - b[k].as_u64().unwrap_or(0))
-                .sum::<u64>();
-            let lag = n["pending"].as_u64().unwrap_or(0) + n["ack_pending"].as_u64().unwrap_or(0);
+            let (b, n) = (before[plugin], now[plugin]);
+            let processed = n.processed - b.processed;
+            let failed = (n.retried + n.dead_lettered + n.host_errors)
+                - (b.retried + b.dead_lettered + b.host_errors);
+            let lag = n.lag.pending + n.lag.ack_pending;
             let cell = format!("{processed} / {failed} / {lag}");
             line.push_str(&format!("  {cell:>14}"));
             let drained = processed >= RUSH_ORDERS as u64 && lag == 0;
@@ -214,25 +213,31 @@ async fn rush_hour(js: &jetstream::Context, admin: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Each plugin's counters from the admin endpoint's `/plugins`, by name.
-fn plugin_counters(admin: &str) -> anyhow::Result<std::collections::HashMap<String, Value>> {
-    let (status, body) = weir::supervisor::admin::http_get(admin, "/plugins", None)?;
-    if status != 200 {
-        bail!("GET /plugins answered {status}: {body}");
-    }
-    let plugins: Vec<Value> = serde_json::from_str(&body)?;
-    Ok(plugins
+/// The host's admin endpoint and each plugin's counters, by name, as it
+/// answers a `list` request on its control subject.
+async fn plugin_counters(
+    client: &async_nats::Client,
+) -> anyhow::Result<(String, HashMap<String, StatsSnapshot>)> {
+    let subject = weir::config::ControlConfig::default().subject();
+    let answers = control::ask(
+        client,
+        &subject,
+        &control::Request::List,
+        None,
+        Duration::from_millis(300),
+    )
+    .await?;
+    let host = answers
         .into_iter()
-        .map(|p| (p["name"].as_str().unwrap_or("?").to_owned(), p))
-        .collect())
-}
-
-/// The admin endpoint's address, from the host's start-up log line.
-fn admin_addr(log_path: &Path) -> anyhow::Result<String> {
-    let log = std::fs::read_to_string(log_path)?;
-    weir::supervisor::admin::addr_in_log(&log)
-        .map(str::to_owned)
-        .context("the host log names no admin endpoint")
+        .next()
+        .context("weir dev did not answer")?;
+    let admin = host.admin.context("weir dev has no admin endpoint")?;
+    let counters = host
+        .plugins
+        .into_iter()
+        .map(|p| (p.name, p.counters))
+        .collect();
+    Ok((admin, counters))
 }
 
 fn sample_orders() -> Vec<Value> {

@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use super::LogFormat;
-use crate::config::HostConfig;
-use crate::dev::{NatsCluster, NatsServer};
+use weir::config::HostConfig;
+use weir::dev::{NatsCluster, NatsServer};
 
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
@@ -50,7 +50,7 @@ fn serve(args: DevArgs, mut config: HostConfig) -> anyhow::Result<ExitCode> {
     let reachable = runtime.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(2),
-            crate::jetstream::connection::connect(&config),
+            weir::jetstream::connection::connect(&config),
         )
         .await
     });
@@ -63,7 +63,7 @@ fn serve(args: DevArgs, mut config: HostConfig) -> anyhow::Result<ExitCode> {
             let port = match local_port(&config.nats_url()) {
                 Some(port) => port,
                 None if std::net::TcpListener::bind("127.0.0.1:4222").is_ok() => 4222,
-                None => crate::dev::free_port()?,
+                None => weir::dev::free_port()?,
             };
             let server = NatsServer::start(&args.state_dir.join("nats"), port)?;
             tracing::info!(url = %server.url(), store = %server.store_dir().display(), "started a private nats-server");
@@ -90,10 +90,10 @@ fn start_cluster(
     // configured the same way find the cluster.
     let mut ports = vec![match local_port(&config.nats_url()) {
         Some(port) if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() => port,
-        _ => crate::dev::free_port()?,
+        _ => weir::dev::free_port()?,
     }];
     for _ in 1..nodes {
-        ports.push(crate::dev::free_port()?);
+        ports.push(weir::dev::free_port()?);
     }
     let cluster = NatsCluster::start(&state_dir.join("cluster"), &ports)?;
     for (i, node) in cluster.nodes.iter().enumerate() {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 
-use crate::jetstream::dlq_store::{DeadLetters, Letter, Selection};
+use weir::jetstream::dlq_store::{DeadLetters, Letter, Selection};
 
 #[derive(Debug, clap::Args)]
 pub struct DlqArgs {
@@ -100,7 +100,7 @@ enum DlqCommand {
 pub fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
     let config = super::run_cmd::load_config(&args.config, &None)?;
     super::runtime()?.block_on(async {
-        let client = crate::jetstream::connection::connect(&config).await?;
+        let client = weir::jetstream::connection::connect(&config).await?;
         let js = async_nats::jetstream::new(client);
         let letters = DeadLetters::open(
             &js,
@@ -170,13 +170,13 @@ pub fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
 /// Replay `chosen`, plugin by plugin; a summary at the end, and progress
 /// on stderr for long runs.
 async fn replay(
-    config: &crate::config::HostConfig,
+    config: &weir::config::HostConfig,
     js: &async_nats::jetstream::Context,
     letters: &DeadLetters,
     chosen: Vec<Letter>,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
-    use crate::replay::dead_letters::{Replayed, Replayer};
+    use weir::replay::dead_letters::{Replayed, Replayer};
     let mut by_plugin: std::collections::BTreeMap<String, Vec<Letter>> = Default::default();
     for letter in chosen {
         by_plugin

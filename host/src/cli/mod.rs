@@ -59,7 +59,7 @@ impl LogFormat {
 /// output).
 fn init_logs(default_filter: &str, format: LogFormat) {
     // Without an exporter, setting up logs cannot fail.
-    let _ = crate::telemetry::subscriber::init(default_filter, format.is_json(), None);
+    let _ = weir::telemetry::subscriber::init(default_filter, format.is_json(), None);
 }
 
 /// A multi-threaded runtime for the long-running commands.

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::jetstream::generation::{self, ResetTo};
-use crate::jetstream::plugin_bucket::PluginBucket;
-use crate::supervisor::PluginInfo;
-use crate::supervisor::control::{self, Request};
+use weir::jetstream::generation::{self, ResetTo};
+use weir::jetstream::plugin_bucket::PluginBucket;
+use weir::supervisor::PluginInfo;
+use weir::supervisor::control::{self, Request};
 
 #[derive(Debug, clap::Args)]
 pub struct PluginsArgs {
@@ -100,13 +100,13 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
     let wait = Duration::from_millis(args.wait_ms);
     let subject = config.control.subject();
     let token = match (&args.token_file, std::env::var("WEIR_CONTROL_TOKEN")) {
-        (Some(file), _) => crate::secret::read_token(None, Some(file), "--token-file")?,
+        (Some(file), _) => weir::secret::read_token(None, Some(file), "--token-file")?,
         (None, Ok(token)) if !token.is_empty() => Some(token),
         _ => config.control.token()?,
     };
 
     super::runtime()?.block_on(async {
-        let client = crate::jetstream::connection::connect(&config).await?;
+        let client = weir::jetstream::connection::connect(&config).await?;
         let ask = || control::ask(&client, &subject, &Request::List, token.as_deref(), wait);
         match args.command {
             PluginsCommand::List { json } => {
@@ -251,12 +251,12 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                 converge_s,
             } => {
                 let to = ResetTo::parse(&to).map_err(anyhow::Error::msg)?;
-                crate::names::validate_plugin_name(&name).map_err(anyhow::Error::msg)?;
+                weir::names::validate_plugin_name(&name).map_err(anyhow::Error::msg)?;
                 let js = async_nats::jetstream::new(client.clone());
                 let Some(bucket) = generation::store_bucket(&js, &config.state, &name).await? else {
                     anyhow::bail!(
                         "plugin {name} has no store bucket ({}) on this NATS: it never ran here, so there is no history to re-run",
-                        crate::jetstream::store::bucket_name(&config.state, &name)
+                        weir::jetstream::store::bucket_name(&config.state, &name)
                     );
                 };
                 let question = format!(
@@ -312,7 +312,7 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
 /// The deployment's plugin bucket; an error when the config names none.
 async fn open_bucket(
     js: &async_nats::jetstream::Context,
-    config: &crate::config::HostConfig,
+    config: &weir::config::HostConfig,
 ) -> anyhow::Result<PluginBucket> {
     PluginBucket::open(js, &config.plugins, true).await?.context(
         "the config names no plugin bucket: set `bucket` under [plugins] (the hosts need it too)",
@@ -322,13 +322,13 @@ async fn open_bucket(
 /// A release checked as a host would check it before upload.
 struct Release {
     name: String,
-    version: crate::sandbox::plugin::PluginVersion,
+    version: weir::sandbox::plugin::PluginVersion,
     manifest: String,
     wasm: Vec<u8>,
 }
 
 async fn validate_release(
-    config: &crate::config::HostConfig,
+    config: &weir::config::HostConfig,
     client: &async_nats::Client,
     wasm: &std::path::Path,
     manifest: Option<PathBuf>,
@@ -338,31 +338,31 @@ async fn validate_release(
         .and_then(|s| s.to_str())
         .with_context(|| format!("{} has no file name to name the plugin by", wasm.display()))?
         .to_owned();
-    crate::names::validate_plugin_name(&name).map_err(anyhow::Error::msg)?;
-    let manifest_path = manifest.unwrap_or_else(|| crate::manifest::Manifest::path_for(wasm));
+    weir::names::validate_plugin_name(&name).map_err(anyhow::Error::msg)?;
+    let manifest_path = manifest.unwrap_or_else(|| weir::manifest::Manifest::path_for(wasm));
     let text = std::fs::read_to_string(&manifest_path)
         .with_context(|| format!("reading the manifest {}", manifest_path.display()))?;
     let bytes = std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
     let invalid = |why: String| anyhow::anyhow!("{}: {why}", manifest_path.display());
-    let parsed = crate::manifest::Manifest::parse(&text).map_err(invalid)?;
+    let parsed = weir::manifest::Manifest::parse(&text).map_err(invalid)?;
     parsed
         .limits
         .check_fits(client.server_info().max_payload)
         .map_err(invalid)?;
-    let mut sandbox_config = crate::sandbox::SandboxConfig::with_default_cache();
+    let mut sandbox_config = weir::sandbox::SandboxConfig::with_default_cache();
     if let Some(dir) = &config.runtime.cache_dir {
         sandbox_config.cache_dir = Some(dir.clone());
     }
     let (path, plugin_name, component) = (wasm.to_owned(), name.clone(), bytes.clone());
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let sandbox = crate::sandbox::Sandbox::new(sandbox_config)?;
+        let sandbox = weir::sandbox::Sandbox::new(sandbox_config)?;
         sandbox.load_bytes(plugin_name, &path, &component, parsed)?;
         Ok(())
     })
     .await?
     .with_context(|| format!("{} is not a plugin Weir can run", wasm.display()))?;
     Ok(Release {
-        version: crate::sandbox::plugin::PluginVersion::of(&bytes),
+        version: weir::sandbox::plugin::PluginVersion::of(&bytes),
         name,
         manifest: text,
         wasm: bytes,

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::event::Emitted;
-use crate::manifest::Manifest;
-use crate::outcome::OutcomeKind;
-use crate::replay::candidate::{self, Bound, Overlay, Range, Run, Verdict};
-use crate::sandbox::plugin::Plugin;
-use crate::sandbox::{Sandbox, SandboxConfig};
-use crate::testing::fixtures;
+use weir::event::Emitted;
+use weir::manifest::Manifest;
+use weir::outcome::OutcomeKind;
+use weir::replay::candidate::{self, Bound, Overlay, Range, Run, Verdict};
+use weir::sandbox::plugin::Plugin;
+use weir::sandbox::{Sandbox, SandboxConfig};
+use weir::testing::fixtures;
 
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
@@ -89,7 +89,7 @@ fn execute(args: ReplayArgs) -> anyhow::Result<bool> {
     let (from, to) = (parse(&args.from, "--from")?, parse(&args.to, "--to")?);
     anyhow::ensure!(args.limit > 0, "--limit must be at least 1");
     if let Some(name) = &args.against {
-        crate::names::validate_plugin_name(name).map_err(anyhow::Error::msg)?;
+        weir::names::validate_plugin_name(name).map_err(anyhow::Error::msg)?;
     }
     let plugin = load_candidate(&args, &config)?;
     let manifest = plugin.manifest();
@@ -107,7 +107,7 @@ fn execute(args: ReplayArgs) -> anyhow::Result<bool> {
         limit: args.limit,
     };
     super::runtime()?.block_on(async {
-        let client = crate::jetstream::connection::connect(&config).await?;
+        let client = weir::jetstream::connection::connect(&config).await?;
         let js = async_nats::jetstream::new(client);
         let events = candidate::read_events(&js, &range).await?;
         let Some(first) = events.first() else {
@@ -116,7 +116,7 @@ fn execute(args: ReplayArgs) -> anyhow::Result<bool> {
         };
         let since = first.published;
         let state_of = args.against.as_deref().unwrap_or(plugin.name());
-        let bucket = crate::jetstream::store::bucket_name(&config.state, state_of);
+        let bucket = weir::jetstream::store::bucket_name(&config.state, state_of);
         let live_state = js.get_key_value(&bucket).await.ok();
         if live_state.is_none() {
             eprintln!("no state bucket {bucket}: the candidate starts from empty state");
@@ -163,7 +163,7 @@ fn execute(args: ReplayArgs) -> anyhow::Result<bool> {
     })
 }
 
-fn load_candidate(args: &ReplayArgs, config: &crate::config::HostConfig) -> anyhow::Result<Plugin> {
+fn load_candidate(args: &ReplayArgs, config: &weir::config::HostConfig) -> anyhow::Result<Plugin> {
     let mut sandbox_config = SandboxConfig::with_default_cache();
     if let Some(dir) = &config.runtime.cache_dir {
         sandbox_config.cache_dir = Some(dir.clone());

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use super::LogFormat;
-use crate::config::HostConfig;
-use crate::supervisor::{Supervisor, shutdown_signal};
-use crate::telemetry::subscriber::Telemetry;
+use weir::config::HostConfig;
+use weir::supervisor::{Supervisor, shutdown_signal};
+use weir::telemetry::subscriber::Telemetry;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -48,7 +48,7 @@ pub(super) fn init_telemetry(
     config: &HostConfig,
     log_format: LogFormat,
 ) -> anyhow::Result<Telemetry> {
-    crate::telemetry::subscriber::init("info", log_format.is_json(), Some(&config.telemetry))
+    weir::telemetry::subscriber::init("info", log_format.is_json(), Some(&config.telemetry))
 }
 
 /// Run the host until SIGINT/SIGTERM, then shut down gracefully.

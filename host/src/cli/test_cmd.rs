@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::testing::{TestPlugin, expect, fixtures};
+use weir::testing::{TestPlugin, expect, fixtures};
 
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {

@@ -27,7 +27,10 @@ struct Admin {
 /// Bind the endpoint and serve it until the host shuts down. Binding
 /// fails start-up: an operator who configured an endpoint must not find
 /// out from a missing scrape that it never came up.
-pub(crate) async fn spawn(config: &AdminConfig, host: Handle) -> anyhow::Result<JoinHandle<()>> {
+pub(crate) async fn spawn(
+    config: &AdminConfig,
+    host: Handle,
+) -> anyhow::Result<(JoinHandle<()>, std::net::SocketAddr)> {
     let addr = config.listen_addr().map_err(anyhow::Error::msg)?;
     let token = config.bearer_token()?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
@@ -45,14 +48,15 @@ pub(crate) async fn spawn(config: &AdminConfig, host: Handle) -> anyhow::Result<
         .route("/metrics", get(metrics))
         .route("/plugins", get(plugins))
         .with_state(Arc::new(Admin { host, token }));
-    Ok(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let served = axum::serve(listener, router)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
         if let Err(e) = served {
             tracing::error!("admin endpoint stopped: {e}");
         }
-    }))
+    });
+    Ok((task, local))
 }
 
 /// The process is alive and serving HTTP.
@@ -107,50 +111,4 @@ fn unauthorized() -> Response {
         "a bearer token is required\n",
     )
         .into_response()
-}
-
-/// The admin address in a host's human-format log, from its latest start:
-/// how the demo and the tests find an endpoint bound to port 0.
-pub fn addr_in_log(log: &str) -> Option<&str> {
-    log.lines()
-        .rev()
-        .find(|l| l.contains(LISTENING))?
-        .split_whitespace()
-        .find_map(|field| field.strip_prefix("addr="))
-}
-
-/// A plain HTTP/1.1 GET of an admin endpoint: `(status, body)`, or the
-/// connection error. For the demo and the tests; anything else should use
-/// a real HTTP client.
-pub fn http_get(addr: &str, path: &str, token: Option<&str>) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_owned()))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn address_from_the_latest_start() {
-        let log = "INFO weir::supervisor::admin: admin endpoint listening addr=127.0.0.1:1\n\
-                   INFO weir::supervisor::admin: admin endpoint listening addr=127.0.0.1:2\n";
-        assert_eq!(super::addr_in_log(log), Some("127.0.0.1:2"));
-        assert_eq!(super::addr_in_log("weir is running"), None);
-    }
 }

@@ -28,7 +28,12 @@ pub enum Request {
 /// One host's answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Response {
+    /// Which host answers (see [`host_id`]).
     pub host: String,
+    /// Where its admin endpoint listens, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<String>,
+    /// The plugins it serves, after the request took effect.
     #[serde(default)]
     pub plugins: Vec<PluginInfo>,
     /// For `remove`: the stream of the removed plugin, if this host ran it.
@@ -83,23 +88,45 @@ fn presented(headers: Option<&HeaderMap>) -> Option<&str> {
         .and_then(|v| secret::bearer_credentials(v.as_str()))
 }
 
-fn refused(host: &str, why: String) -> Response {
-    Response {
-        host: host.to_owned(),
-        plugins: Vec::new(),
-        removed_from_stream: None,
-        error: Some(why),
+/// This host, as its answers name it.
+struct Answerer {
+    host: String,
+    admin: Option<String>,
+}
+
+impl Answerer {
+    fn answer(&self, plugins: Vec<PluginInfo>, removed_from_stream: Option<String>) -> Response {
+        Response {
+            host: self.host.clone(),
+            admin: self.admin.clone(),
+            plugins,
+            removed_from_stream,
+            error: None,
+        }
+    }
+
+    fn refuse(&self, why: String) -> Response {
+        Response {
+            error: Some(why),
+            ..self.answer(Vec::new(), None)
+        }
     }
 }
 
+/// Answer control requests on `subject` until the host shuts down; the
+/// answers carry `admin`, the address the host's admin endpoint bound.
 pub(crate) async fn spawn_responder(
     host: Handle,
     subject: String,
     authority: Authority,
+    admin: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let mut requests = host.client().subscribe(subject).await?;
     let shutdown = host.shutdown_token();
-    let id = host_id();
+    let me = Answerer {
+        host: host_id(),
+        admin: admin.map(|a| a.to_string()),
+    };
     Ok(tokio::spawn(async move {
         loop {
             let message = tokio::select! {
@@ -115,29 +142,19 @@ pub(crate) async fn spawn_responder(
             let response = match (request, allowed) {
                 (Ok(request), Err(why)) => {
                     tracing::warn!(?request, "control request refused: {why}");
-                    refused(&id, why)
+                    me.refuse(why)
                 }
-                (Ok(Request::List), Ok(())) => Response {
-                    host: id.clone(),
-                    plugins: host.plugins().await,
-                    removed_from_stream: None,
-                    error: None,
-                },
+                (Ok(Request::List), Ok(())) => me.answer(host.plugins().await, None),
                 (Ok(Request::Remove { name }), Ok(())) => match host.remove(&name).await {
                     Ok(removed) => {
                         if removed.is_some() {
                             tracing::info!(plugin = %name, "plugin removed by request; its consumer is kept");
                         }
-                        Response {
-                            host: id.clone(),
-                            plugins: host.plugins().await,
-                            removed_from_stream: removed.and_then(|r| r.stream),
-                            error: None,
-                        }
+                        me.answer(host.plugins().await, removed.and_then(|r| r.stream))
                     }
-                    Err(e) => refused(&id, format!("{e:#}")),
+                    Err(e) => me.refuse(format!("{e:#}")),
                 },
-                (Err(e), _) => refused(&id, format!("bad request: {e}")),
+                (Err(e), _) => me.refuse(format!("bad request: {e}")),
             };
             match serde_json::to_vec(&response) {
                 Ok(body) => {

@@ -114,21 +114,23 @@ impl Supervisor {
                 }
             })
         };
-        let mut background = vec![
-            restarter,
-            crate::supervisor::control::spawn_responder(
+        let mut background = vec![restarter];
+        let mut admin_addr = None;
+        if inner.config.admin.enabled {
+            let (task, addr) =
+                admin::spawn(&inner.config.admin, Handle::new(inner.clone())).await?;
+            background.push(task);
+            admin_addr = Some(addr);
+        }
+        background.push(
+            control::spawn_responder(
                 Handle::new(inner.clone()),
                 inner.config.control.subject(),
                 authority,
+                admin_addr,
             )
             .await?,
-        ];
-        if inner.config.admin.enabled {
-            background.push(
-                crate::supervisor::admin::spawn(&inner.config.admin, Handle::new(inner.clone()))
-                    .await?,
-            );
-        }
+        );
         if let Some(bucket) = bucket {
             let handle = Handle::new(inner.clone());
             background.push(crate::jetstream::plugin_bucket::spawn_sync(
