@@ -160,7 +160,7 @@ pub async fn publish(
     prefix: &str,
     letter: &DeadLetter<'_>,
     timeout: Duration,
-) -> anyhow::Result<u64> {
+) -> Result<u64, DeadLetterError> {
     let event = letter.event;
     let mut own = Vec::new();
     for h in &event.headers {
@@ -221,10 +221,28 @@ pub async fn publish(
                 .unwrap_or_default()
         ));
     let subject = subject(prefix, letter.plugin, &event.subject);
-    let ack = js.send_publish(subject.clone(), publish).await?;
+    let error = |message: String| DeadLetterError {
+        subject: subject.clone(),
+        message,
+    };
+    let ack = js
+        .send_publish(subject.clone(), publish)
+        .await
+        .map_err(|e| error(e.to_string()))?;
     crate::jetstream::outbox::await_stored(ack, timeout)
         .await
-        .map_err(|e| anyhow::anyhow!("dead letter to {subject}: {e}"))
+        .map_err(error)
+}
+
+/// A dead letter JetStream did not store. The pipeline sends the event
+/// back to be tried again, up to the plugin's `max-deliveries`.
+#[derive(Debug, thiserror::Error)]
+#[error("dead letter to {subject}: {message}")]
+pub struct DeadLetterError {
+    /// The dead-letter subject it was published to.
+    pub subject: String,
+    /// What went wrong.
+    pub message: String,
 }
 
 #[cfg(test)]

@@ -7,7 +7,6 @@
 //! cover ends the call as a host error (the event is retried later), not as
 //! the plugin's out-of-memory, since the plugin stayed within its own cap.
 
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Linear memory all instances of all plugins may hold together.
@@ -49,29 +48,33 @@ impl MemoryBudget {
 }
 
 /// A memory growth the host-wide budget could not cover.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error(
+    "the host's guest memory budget ({} MiB, `runtime.max-guest-memory-mb`) is spent: \
+     {wanted_bytes} more bytes were asked for; the event is retried",
+    budget_bytes >> 20
+)]
 pub struct HostMemoryExhausted {
     pub budget_bytes: u64,
     pub wanted_bytes: u64,
 }
 
-impl fmt::Display for HostMemoryExhausted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "the host's guest memory budget ({} MiB, `runtime.max-guest-memory-mb`) is spent: \
-             {} more bytes were asked for; the event is retried",
-            self.budget_bytes >> 20,
-            self.wanted_bytes
-        )
-    }
-}
-
-impl std::error::Error for HostMemoryExhausted {}
-
 #[cfg(test)]
 mod tests {
-    use super::MemoryBudget;
+    use super::{HostMemoryExhausted, MemoryBudget};
+
+    #[test]
+    fn exhaustion_names_the_budget_and_the_ask() {
+        let e = HostMemoryExhausted {
+            budget_bytes: 2048 << 20,
+            wanted_bytes: 65536,
+        };
+        assert_eq!(
+            e.to_string(),
+            "the host's guest memory budget (2048 MiB, `runtime.max-guest-memory-mb`) is spent: \
+             65536 more bytes were asked for; the event is retried"
+        );
+    }
 
     #[test]
     fn reservations_stay_within_the_limit() {

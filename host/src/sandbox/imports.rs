@@ -146,16 +146,9 @@ impl WasiView for CallContext {
 
 /// The state store failed under a call. Raised as a trap so the call ends
 /// and is retried; the guest is never told a read succeeded when it did not.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("state store unavailable: {0}")]
 pub struct StateUnavailable(pub String);
-
-impl std::fmt::Display for StateUnavailable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "state store unavailable: {}", self.0)
-    }
-}
-
-impl std::error::Error for StateUnavailable {}
 
 fn validate_header(h: &WitHeader) -> Result<(), String> {
     let key = h.key.as_str();

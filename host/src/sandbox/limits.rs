@@ -1,6 +1,5 @@
 //! Per-call resource limits enforced inside the store.
 
-use std::fmt;
 use std::sync::Arc;
 
 use wasmtime::ResourceLimiter;
@@ -10,35 +9,17 @@ use super::budget::{HostMemoryExhausted, MemoryBudget};
 /// The guest tried to grow a memory past its cap. Raised as the trap that
 /// ends the call, so the outcome names the cause instead of whatever the
 /// guest's allocator does on failure.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("memory limit exceeded: guest asked for {desired_bytes} bytes, cap is {limit_bytes}")]
 pub struct MemoryLimitExceeded {
     pub limit_bytes: u64,
     pub desired_bytes: u64,
 }
 
-impl fmt::Display for MemoryLimitExceeded {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "memory limit exceeded: guest asked for {} bytes, cap is {}",
-            self.desired_bytes, self.limit_bytes
-        )
-    }
-}
-
-impl std::error::Error for MemoryLimitExceeded {}
-
 /// The call ran past its deadline.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("deadline exceeded")]
 pub struct DeadlineExceeded;
-
-impl fmt::Display for DeadlineExceeded {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("deadline exceeded")
-    }
-}
-
-impl std::error::Error for DeadlineExceeded {}
 
 /// Caps each linear memory and table of a plugin instance, keeps count of
 /// how much linear memory the instance holds (the recycle rule reads it),
