@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind, consumer};
 use futures::StreamExt;
 use weir::config::HostConfig;
-use weir::pipeline::stats::{LatencyHistogram, PluginStats};
 use weir::supervisor::Supervisor;
+use weir::telemetry::PluginStats;
+use weir::telemetry::latency::LatencyHistogram;
 
 use crate::dist;
 
@@ -65,16 +66,14 @@ pub async fn weir_latency(
     payloads: &[String],
     rate: usize,
 ) -> (Option<Duration>, Option<Duration>) {
-    stats.ack_latency.reset();
+    let latency_before = stats.ack_latency();
     let before = stats.snapshot().processed;
     paced_publish(js, subject, payloads, rate).await;
     while stats.snapshot().processed < before + payloads.len() as u64 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    (
-        stats.ack_latency.quantile(0.5),
-        stats.ack_latency.quantile(0.99),
-    )
+    let latency = stats.ack_latency().since(&latency_before);
+    (latency.quantile(0.5), latency.quantile(0.99))
 }
 
 /// Start a host serving `run` on `subject` and wait until it processed `n`
@@ -190,7 +189,7 @@ pub async fn baseline_drain(js: &jetstream::Context, n: usize) -> f64 {
 pub async fn baseline_latency(
     consumer: consumer::PullConsumer,
     n: usize,
-    histogram: Arc<LatencyHistogram>,
+    histogram: LatencyHistogram,
 ) {
     let mut messages = consumer.messages().await.unwrap();
     let window = Arc::new(tokio::sync::Semaphore::new(64));

@@ -5,7 +5,6 @@
 mod contention;
 mod lanes;
 mod process;
-pub mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,14 +19,12 @@ use tokio_util::sync::CancellationToken;
 use lanes::Lanes;
 pub use process::Disposition;
 
-use stats::PluginStats;
-
 use crate::jetstream::source::Incarnation;
 use crate::jetstream::store::PluginStore;
 use crate::outcome::OutcomeKind;
 use crate::sandbox::plugin::Plugin;
 use crate::telemetry::metrics::{TerminationReason, VersionSeries};
-use crate::telemetry::{Counted, Metrics};
+use crate::telemetry::{Counted, Metrics, PluginStats};
 
 /// What every event of one plugin shares.
 pub struct PipelineContext {
@@ -67,6 +64,7 @@ impl PipelineContext {
         ack_wait: Duration,
         concurrency: u32,
         metrics: Arc<Metrics>,
+        stats: Arc<PluginStats>,
     ) -> Self {
         PipelineContext {
             incarnation: std::sync::RwLock::new(Arc::new(incarnation)),
@@ -75,7 +73,7 @@ impl PipelineContext {
             store,
             publish_timeout,
             ack_wait,
-            stats: Arc::new(PluginStats::default()),
+            stats,
             metrics,
             executions: tokio::sync::Semaphore::new(concurrency as usize),
             contention: contention::Contention::default(),
@@ -100,18 +98,9 @@ impl PipelineContext {
         }
     }
 
-    /// Count an event's fate in the plugin's totals and in the metrics:
-    /// every count goes through here or [`Self::count_dead_letter`], so the
-    /// two views cannot drift.
+    /// Count an event's fate: into its version's series, which the
+    /// plugin's stats read.
     fn count(&self, plugin: &Plugin, what: Counted) {
-        let total = match what {
-            Counted::Processed => &self.stats.processed,
-            Counted::Retried => &self.stats.retried,
-            Counted::Rejected => &self.stats.rejected,
-            Counted::Duplicate => &self.stats.duplicates,
-            Counted::HostError => &self.stats.host_errors,
-        };
-        PluginStats::bump(total);
         self.series(plugin).count(what);
     }
 
@@ -123,6 +112,7 @@ impl PipelineContext {
             Some((of, series)) if of == version => series.clone(),
             _ => {
                 let series = self.metrics.series(plugin.name(), version.as_str());
+                self.stats.serve(&series);
                 *cached = Some((version.clone(), series.clone()));
                 series
             }
@@ -131,26 +121,17 @@ impl PipelineContext {
 
     /// Record how long an event took from its arrival in the stream to its ack.
     fn publish_to_ack(&self, plugin: &Plugin, latency: Duration) {
-        self.stats.ack_latency.record(latency);
         self.series(plugin).publish_to_ack(latency);
     }
 
-    /// Count a dead letter, by the outcome kind that sent it; a rejection
-    /// is also counted as such.
+    /// Count a dead letter, by the outcome kind that sent it.
     fn count_dead_letter(&self, plugin: &Plugin, reason: OutcomeKind) {
-        PluginStats::bump(&self.stats.dead_lettered);
-        self.metrics
-            .dead_lettered(plugin.name(), plugin.version().as_str(), reason);
-        if reason == OutcomeKind::Reject {
-            self.count(plugin, Counted::Rejected);
-        }
+        self.series(plugin).dead_lettered(reason);
     }
 
     /// Count an event ended on purpose without processing or a dead letter.
     fn count_terminated(&self, plugin: &Plugin, reason: TerminationReason) {
-        PluginStats::bump(&self.stats.terminated);
-        self.metrics
-            .terminated(plugin.name(), plugin.version().as_str(), reason);
+        self.series(plugin).terminated(reason);
     }
 
     /// Record a plugin call on its span and in the metrics: its outcome,
@@ -254,7 +235,6 @@ pub async fn run(
     let batch = crate::jetstream::source::FlowLimits::of(&manifest).batch;
     let max_held = (manifest.max_in_flight_mb as usize) << 20;
     let release = CancellationToken::new();
-    let in_flight = ctx.metrics.in_flight(&name);
     // Keyed runs are bounded by what the server delivers (max-in-flight),
     // sandbox calls by the execution permits: a run waiting for its commit
     // holds no permit. Unordered events are taken by twice as many runs as
@@ -273,18 +253,14 @@ pub async fn run(
             crate::jetstream::source::MAX_RUN,
             move |run: Vec<(String, jetstream::Message)>, keys: lanes::KeyRelease| {
                 let (ctx, release, stopping) = (ctx.clone(), release.clone(), stopping.clone());
-                let in_flight = in_flight.clone();
                 let current = plugin.borrow().clone();
                 async move {
                     let bytes: usize = run.iter().map(|(_, m)| m.length).sum();
                     let n = run.len() as u64;
-                    let stats = ctx.stats.clone();
-                    stats.in_flight.fetch_add(n, Ordering::Relaxed);
-                    in_flight.inc_by(n as i64);
+                    ctx.stats.in_flight().inc_by(n as i64);
                     let ends = process::Ends { stopping, release };
                     process::process_run(ctx.clone(), current, run, ends, shape, keys).await;
-                    in_flight.dec_by(n as i64);
-                    stats.in_flight.fetch_sub(n, Ordering::Relaxed);
+                    ctx.stats.in_flight().dec_by(n as i64);
                     ctx.held.release(bytes);
                 }
             },

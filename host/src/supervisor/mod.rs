@@ -25,9 +25,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HostConfig;
-use crate::pipeline::stats::PluginStats;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::telemetry::Metrics;
+use crate::telemetry::plugin_stats::PluginStats;
 pub(crate) use handle::Handle;
 use reconcile::Core;
 pub use registry::{LoadFailure, PluginInfo, PluginStatus};

@@ -288,6 +288,7 @@ impl Core {
             config.ack_wait(),
             plugin.manifest().concurrency,
             self.metrics.clone(),
+            Arc::new(self.metrics.plugin_stats(&name)),
         ));
         let stats = ctx.stats.clone();
         tracing::info!(

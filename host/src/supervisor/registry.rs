@@ -10,8 +10,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::scan::{Fingerprint, Found};
-use crate::pipeline::stats::{PluginStats, StatsSnapshot};
 use crate::sandbox::plugin::Plugin;
+use crate::telemetry::plugin_stats::{PluginStats, StatsSnapshot};
 
 /// A plugin the host serves.
 pub(super) struct Running {

@@ -7,8 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::PullConsumer;
 use tokio_util::sync::CancellationToken;
 
-use super::{ConsumerLag, Metrics};
-use crate::pipeline::stats::PluginStats;
+use super::{ConsumerLag, Metrics, PluginStats};
 
 /// Poll `consumer`'s info every `every` until `stop`, publishing the lag to
 /// the plugin's stats and the metrics. While the server is unreachable the
@@ -39,10 +38,7 @@ pub async fn poll(
                     ack_pending: info.num_ack_pending as u64,
                     redelivered: info.num_redelivered as u64,
                 };
-                if let Ok(mut last) = stats.lag.lock() {
-                    *last = lag;
-                }
-                metrics.set_lag(&plugin, lag);
+                stats.set_lag(lag);
             }
             Err(e) => tracing::debug!(plugin, "reading consumer info: {e}"),
         }

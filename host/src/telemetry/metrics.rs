@@ -6,6 +6,7 @@
 //! (lag, in flight) are labelled by plugin only, since the consumer outlives
 //! versions.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -16,6 +17,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Metric, Registry, Unit};
 
+use super::latency::{LatencyHistogram, LatencySnapshot};
 use crate::labels::labelled;
 use crate::outcome::{LimitHit, OutcomeKind};
 
@@ -65,19 +67,63 @@ labelled! {
     }
 }
 
-/// The series every event of one plugin version updates.
+/// The series every event of one plugin version updates, resolved once:
+/// the only place events are counted ([`super::PluginStats`] reads them).
 #[derive(Debug, Clone)]
 pub struct VersionSeries {
+    version: Arc<str>,
     processed: Counter,
     retried: Counter,
     rejected: Counter,
     duplicates: Counter,
     host_errors: Counter,
+    dead_lettered: Vec<(OutcomeKind, Counter)>,
+    terminated: Vec<(TerminationReason, Counter)>,
     handler_duration: Histogram,
-    publish_to_ack: Histogram,
+    publish_to_ack: LatencyHistogram,
+}
+
+/// What a version's counters say, summed over reasons.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// See [`Counted::Processed`].
+    pub processed: u64,
+    /// See [`Counted::Retried`].
+    pub retried: u64,
+    /// See [`Counted::Rejected`].
+    pub rejected: u64,
+    /// See [`Counted::Duplicate`].
+    pub duplicates: u64,
+    /// See [`Counted::HostError`].
+    pub host_errors: u64,
+    /// Dead letters, whatever the outcome that sent them.
+    pub dead_lettered: u64,
+    /// Events ended on purpose, whatever the reason.
+    pub terminated: u64,
+}
+
+impl Totals {
+    /// What was counted after `earlier`, totals of the same series.
+    pub fn since(&self, earlier: &Totals) -> Totals {
+        Totals {
+            processed: self.processed - earlier.processed,
+            retried: self.retried - earlier.retried,
+            rejected: self.rejected - earlier.rejected,
+            duplicates: self.duplicates - earlier.duplicates,
+            host_errors: self.host_errors - earlier.host_errors,
+            dead_lettered: self.dead_lettered - earlier.dead_lettered,
+            terminated: self.terminated - earlier.terminated,
+        }
+    }
 }
 
 impl VersionSeries {
+    /// The plugin version these series count.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Count an event's fate.
     pub fn count(&self, what: Counted) {
         match what {
             Counted::Processed => &self.processed,
@@ -89,12 +135,51 @@ impl VersionSeries {
         .inc();
     }
 
+    /// Count a dead letter, by the outcome that sent it; a rejection is
+    /// counted as such too.
+    pub fn dead_lettered(&self, reason: OutcomeKind) {
+        if let Some((_, counter)) = self.dead_lettered.iter().find(|(k, _)| *k == reason) {
+            counter.inc();
+        }
+        if reason == OutcomeKind::Reject {
+            self.rejected.inc();
+        }
+    }
+
+    /// Count an event ended on purpose without processing or a dead letter.
+    pub fn terminated(&self, reason: TerminationReason) {
+        if let Some((_, counter)) = self.terminated.iter().find(|(r, _)| *r == reason) {
+            counter.inc();
+        }
+    }
+
+    /// Record how long a plugin call took.
     pub fn handler_duration(&self, took: Duration) {
         self.handler_duration.observe(took.as_secs_f64());
     }
 
+    /// Record how long an event took from its stream to its ack.
     pub fn publish_to_ack(&self, took: Duration) {
-        self.publish_to_ack.observe(took.as_secs_f64());
+        self.publish_to_ack.record(took);
+    }
+
+    /// The counters now.
+    pub fn totals(&self) -> Totals {
+        let sum = |counters: &mut dyn Iterator<Item = &Counter>| counters.map(Counter::get).sum();
+        Totals {
+            processed: self.processed.get(),
+            retried: self.retried.get(),
+            rejected: self.rejected.get(),
+            duplicates: self.duplicates.get(),
+            host_errors: self.host_errors.get(),
+            dead_lettered: sum(&mut self.dead_lettered.iter().map(|(_, c)| c)),
+            terminated: sum(&mut self.terminated.iter().map(|(_, c)| c)),
+        }
+    }
+
+    /// The publish-to-ack latencies now.
+    pub fn latency(&self) -> LatencySnapshot {
+        self.publish_to_ack.snapshot()
     }
 }
 
@@ -116,6 +201,7 @@ fn latency_histogram() -> Histogram {
 
 type Counters = Family<VersionLabels, Counter>;
 type Latencies = Family<VersionLabels, Histogram, fn() -> Histogram>;
+type AckLatencies = Family<VersionLabels, LatencyHistogram>;
 
 /// Every metric the host exports.
 pub struct Metrics {
@@ -129,7 +215,7 @@ pub struct Metrics {
     terminated: Family<ReasonLabels, Counter>,
     limit_hits: Family<ReasonLabels, Counter>,
     handler_duration: Latencies,
-    publish_to_ack: Latencies,
+    publish_to_ack: AckLatencies,
     in_flight: Family<PluginLabels, Gauge>,
     pending: Family<PluginLabels, Gauge>,
     ack_pending: Family<PluginLabels, Gauge>,
@@ -208,10 +294,12 @@ impl Metrics {
             "handler_duration",
             "Time in the plugin call, per attempt",
         );
-        let publish_to_ack = register_seconds(
-            r,
+        let publish_to_ack = AckLatencies::default();
+        r.register_with_unit(
             "publish_to_ack",
             "From the event's arrival in its stream to its acknowledgement",
+            Unit::Seconds,
+            publish_to_ack.clone(),
         );
         let in_flight = register(
             r,
@@ -325,6 +413,20 @@ impl Metrics {
     pub fn series(&self, plugin: &str, version: &str) -> VersionSeries {
         let labels = version_labels(plugin, version);
         VersionSeries {
+            version: Arc::from(version),
+            dead_lettered: OutcomeKind::failures()
+                .map(|k| {
+                    let labels = reason_labels(plugin, version, k.as_str());
+                    (k, self.dead_lettered.get_or_create_owned(&labels))
+                })
+                .collect(),
+            terminated: TerminationReason::ALL
+                .iter()
+                .map(|r| {
+                    let labels = reason_labels(plugin, version, r.as_str());
+                    (*r, self.terminated.get_or_create_owned(&labels))
+                })
+                .collect(),
             processed: self.processed.get_or_create_owned(&labels),
             retried: self.retried.get_or_create_owned(&labels),
             rejected: self.rejected.get_or_create_owned(&labels),
@@ -335,31 +437,6 @@ impl Metrics {
         }
     }
 
-    pub fn count(&self, what: Counted, plugin: &str, version: &str) {
-        let family = match what {
-            Counted::Processed => &self.processed,
-            Counted::Retried => &self.retried,
-            Counted::Rejected => &self.rejected,
-            Counted::Duplicate => &self.duplicates,
-            Counted::HostError => &self.host_errors,
-        };
-        family.get_or_create(&version_labels(plugin, version)).inc();
-    }
-
-    /// Count a dead letter, by the outcome that sent it.
-    pub fn dead_lettered(&self, plugin: &str, version: &str, reason: OutcomeKind) {
-        self.dead_lettered
-            .get_or_create(&reason_labels(plugin, version, reason.as_str()))
-            .inc();
-    }
-
-    /// Count an event ended on purpose without processing or a dead letter.
-    pub fn terminated(&self, plugin: &str, version: &str, reason: TerminationReason) {
-        self.terminated
-            .get_or_create(&reason_labels(plugin, version, reason.as_str()))
-            .inc();
-    }
-
     /// Count a call stopped by one of its plugin's limits.
     pub fn limit_hit(&self, plugin: &str, version: &str, limit: LimitHit) {
         self.limit_hits
@@ -367,33 +444,18 @@ impl Metrics {
             .inc();
     }
 
-    pub fn handler_duration(&self, plugin: &str, version: &str, took: Duration) {
-        self.handler_duration
-            .get_or_create(&version_labels(plugin, version))
-            .observe(took.as_secs_f64());
-    }
-
-    pub fn publish_to_ack(&self, plugin: &str, version: &str, took: Duration) {
-        self.publish_to_ack
-            .get_or_create(&version_labels(plugin, version))
-            .observe(took.as_secs_f64());
-    }
-
-    /// The in-flight gauge of `plugin`, to keep and update without lookups.
-    pub fn in_flight(&self, plugin: &str) -> Gauge {
-        self.in_flight.get_or_create_owned(&plugin_labels(plugin))
-    }
-
-    pub fn set_lag(&self, plugin: &str, lag: ConsumerLag) {
+    /// The gauges one served plugin updates, and the view of its counters
+    /// that `/plugins` shows.
+    pub fn plugin_stats(&self, plugin: &str) -> super::PluginStats {
         let labels = plugin_labels(plugin);
-        let set = |family: &Family<PluginLabels, Gauge>, v: u64| {
-            family
-                .get_or_create(&labels)
-                .set(i64::try_from(v).unwrap_or(i64::MAX));
-        };
-        set(&self.pending, lag.pending);
-        set(&self.ack_pending, lag.ack_pending);
-        set(&self.redelivered, lag.redelivered);
+        super::PluginStats::new(
+            self.in_flight.get_or_create_owned(&labels),
+            super::plugin_stats::LagGauges {
+                pending: self.pending.get_or_create_owned(&labels),
+                ack_pending: self.ack_pending.get_or_create_owned(&labels),
+                redelivered: self.redelivered.get_or_create_owned(&labels),
+            },
+        )
     }
 
     /// A plugin stopped: its consumer gauges no longer describe anything
@@ -475,18 +537,17 @@ mod tests {
     #[test]
     fn counts_are_labelled_by_plugin_and_version() {
         let m = Metrics::new();
-        m.count(Counted::Processed, "fraud", "abc");
-        m.count(Counted::Processed, "fraud", "abc");
-        m.dead_lettered("fraud", "abc", OutcomeKind::Reject);
-        m.handler_duration("fraud", "abc", Duration::from_millis(3));
-        m.set_lag(
-            "fraud",
-            ConsumerLag {
-                pending: 7,
-                ack_pending: 2,
-                redelivered: 1,
-            },
-        );
+        let series = m.series("fraud", "abc");
+        series.count(Counted::Processed);
+        series.count(Counted::Processed);
+        series.dead_lettered(OutcomeKind::Reject);
+        series.handler_duration(Duration::from_millis(3));
+        series.publish_to_ack(Duration::from_millis(4));
+        m.plugin_stats("fraud").set_lag(ConsumerLag {
+            pending: 7,
+            ack_pending: 2,
+            redelivered: 1,
+        });
         let text = m.encode();
         assert!(
             text.contains(r#"weir_events_processed_total{plugin="fraud",version="abc"} 2"#),
@@ -497,6 +558,9 @@ mod tests {
         ));
         assert!(text.contains(r#"weir_consumer_pending_messages{plugin="fraud"} 7"#));
         assert!(text.contains("weir_handler_duration_seconds_count"));
+        assert!(
+            text.contains(r#"weir_publish_to_ack_seconds_count{plugin="fraud",version="abc"} 1"#)
+        );
         assert!(text.contains("weir_build_info{"));
         m.forget_consumer("fraud");
         assert!(!m.encode().contains("weir_consumer_pending_messages{"));

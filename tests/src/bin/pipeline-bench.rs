@@ -15,12 +15,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark fails by panicking
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use weir::pipeline::stats::LatencyHistogram;
 use weir::supervisor::Supervisor;
+use weir::telemetry::latency::LatencyHistogram;
 use weir_integration_tests::bench::{
     Run, baseline_consumer_config, baseline_drain, baseline_latency, order, paced_publish,
     publish_keyed, tally, weir_drain, weir_latency,
@@ -150,7 +149,7 @@ async fn main() {
     let neighboured = weir_latency(&js, &stats, &subject, &orders[..count], rate).await;
     host.shutdown().await;
 
-    let base_latency = Arc::new(LatencyHistogram::default());
+    let base_latency = LatencyHistogram::default();
     let stream = js.get_stream("BASE").await.unwrap();
     let consumer = stream
         .create_consumer(baseline_consumer_config("latency"))
@@ -164,6 +163,7 @@ async fn main() {
         d.map(|d| format!("{:.2} ms", d.as_secs_f64() * 1e3))
             .unwrap_or("-".into())
     };
+    let base_latency = base_latency.snapshot();
     let base_p = (base_latency.quantile(0.5), base_latency.quantile(0.99));
     for (label, (p50, p99)) in [
         ("baseline: pull consumer, double-ack each", base_p),
