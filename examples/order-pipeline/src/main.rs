@@ -20,8 +20,8 @@ use anyhow::{Context, bail};
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use serde_json::{Value, json};
-use weir::pipeline::stats::StatsSnapshot;
 use weir::supervisor::control;
+use weir::telemetry::plugin_stats::StatsSnapshot;
 
 /// The plugins and the language each is written in.
 const PLUGINS: [(&str, &str); 5] = [
