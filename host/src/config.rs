@@ -326,19 +326,19 @@ pub enum OtlpProtocol {
 }
 
 mod defaults {
-    pub fn duplicate_window_s() -> u64 {
+    pub(super) fn duplicate_window_s() -> u64 {
         120
     }
 
-    pub fn watch() -> bool {
+    pub(super) fn watch() -> bool {
         true
     }
 
-    pub fn max_wasm_mb() -> u64 {
+    pub(super) fn max_wasm_mb() -> u64 {
         128
     }
 
-    pub fn replicas() -> usize {
+    pub(super) fn replicas() -> usize {
         1
     }
 }

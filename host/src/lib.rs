@@ -4,6 +4,10 @@
 //! [`testing`] (run a plugin against events with no broker). ARCHITECTURE.md
 //! follows one event through the modules.
 
+// A `pub` item must be reachable from outside, or be `pub(crate)`: the
+// public API is what an embedder sees, nothing more.
+#![warn(unreachable_pub)]
+
 pub mod bindings;
 pub mod config;
 pub mod dev;

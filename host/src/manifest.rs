@@ -275,15 +275,15 @@ impl Manifest {
 }
 
 mod defaults {
-    pub fn concurrency() -> u32 {
+    pub(super) fn concurrency() -> u32 {
         1
     }
 
-    pub fn max_in_flight() -> u32 {
+    pub(super) fn max_in_flight() -> u32 {
         1024
     }
 
-    pub fn max_in_flight_mb() -> u32 {
+    pub(super) fn max_in_flight_mb() -> u32 {
         64
     }
 }

@@ -49,27 +49,27 @@ pub(crate) struct PendingState {
 
 impl PendingState {
     /// `Some(answer)` when this call already wrote `key`.
-    pub fn get(&self, key: &str) -> Option<Option<Vec<u8>>> {
+    pub(crate) fn get(&self, key: &str) -> Option<Option<Vec<u8>>> {
         self.writes.get(key).cloned()
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.writes.len()
     }
 
-    pub fn contains(&self, key: &str) -> bool {
+    pub(crate) fn contains(&self, key: &str) -> bool {
         self.writes.contains_key(key)
     }
 
-    pub fn set(&mut self, key: String, value: Vec<u8>) {
+    pub(crate) fn set(&mut self, key: String, value: Vec<u8>) {
         self.writes.insert(key, Some(value));
     }
 
-    pub fn delete(&mut self, key: String) {
+    pub(crate) fn delete(&mut self, key: String) {
         self.writes.insert(key, None);
     }
 
-    pub fn into_changes(self) -> Vec<StateChange> {
+    pub(crate) fn into_changes(self) -> Vec<StateChange> {
         self.writes
             .into_iter()
             .map(|(key, value)| match value {

@@ -41,7 +41,7 @@ impl Contention {
 
     /// Wait for this run's turn when runs are taking turns; hold the guard
     /// until the run has submitted its commit.
-    pub async fn enter(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+    pub(super) async fn enter(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
         let taking_turns = self
             .window()
             .taking_turns_until
@@ -54,7 +54,7 @@ impl Contention {
     }
 
     /// Record a commit's outcome.
-    pub fn record(&self, conflict: bool) {
+    pub(super) fn record(&self, conflict: bool) {
         let mut window = self.window();
         window.commits += 1;
         window.conflicts += u32::from(conflict);

@@ -77,7 +77,7 @@ trait Release: Send + Sync {
 impl KeyRelease {
     /// The run has settled every event of `key` it had: other runs may
     /// take the key's later events now.
-    pub fn release(&self, key: &str) {
+    pub(super) fn release(&self, key: &str) {
         let was_held = {
             let mut held = lock(&self.held);
             let at = held.iter().position(|k| k == key);
@@ -112,7 +112,7 @@ where
     W: Fn(Vec<(String, T)>, KeyRelease) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
-    pub fn new(shape: Shape, max_runs: usize, max_run: usize, work: W) -> Arc<Self> {
+    pub(super) fn new(shape: Shape, max_runs: usize, max_run: usize, work: W) -> Arc<Self> {
         Arc::new_cyclic(|this| Lanes {
             state: Mutex::new(State::default()),
             shape,
@@ -130,13 +130,13 @@ where
 
     /// Queue `message` in the lane of `key` (ignored for a shared queue).
     #[cfg(test)]
-    pub fn push(self: &Arc<Self>, key: String, message: T) {
+    pub(crate) fn push(self: &Arc<Self>, key: String, message: T) {
         self.push_all([(key, message)]);
     }
 
     /// Queue every `(key, message)`, then start runs: messages that arrive
     /// together are shared out together.
-    pub fn push_all(self: &Arc<Self>, messages: impl IntoIterator<Item = (String, T)>) {
+    pub(super) fn push_all(self: &Arc<Self>, messages: impl IntoIterator<Item = (String, T)>) {
         {
             let mut state = self.lock();
             for (key, message) in messages {
@@ -239,7 +239,7 @@ where
     }
 
     /// Events waiting in a lane (delivered, not started).
-    pub fn queued(&self) -> Vec<T> {
+    pub(super) fn queued(&self) -> Vec<T> {
         self.lock()
             .queues
             .values()
@@ -249,13 +249,13 @@ where
 
     /// Runs going plus events queued.
     #[cfg(test)]
-    pub fn held(&self) -> usize {
+    pub(crate) fn held(&self) -> usize {
         let state = self.lock();
         state.runs + state.queued
     }
 
     /// Take every queued event out (shutdown: they go back to the stream).
-    pub fn take_queued(&self) -> Vec<T> {
+    pub(super) fn take_queued(&self) -> Vec<T> {
         let mut state = self.lock();
         state.ready.clear();
         state.queued = 0;
@@ -267,13 +267,13 @@ where
     }
 
     /// Wait until every started run has finished.
-    pub async fn wait_running(&self) {
+    pub(super) async fn wait_running(&self) {
         self.tasks.close();
         self.tasks.wait().await;
     }
 
     /// Runs going.
-    pub fn running(&self) -> usize {
+    pub(super) fn running(&self) -> usize {
         self.lock().runs
     }
 }

@@ -77,7 +77,7 @@ struct Succeeded {
 }
 
 /// How a run is told to end early.
-pub struct Ends {
+pub(super) struct Ends {
     /// The pipeline is shutting down: finish the stretch in progress, hand
     /// back the events not started.
     pub stopping: CancellationToken,
@@ -89,7 +89,7 @@ pub struct Ends {
 /// retries a retryable failure here, holding the lane, so no later event of
 /// its key can overtake it; otherwise the event is handed back to the
 /// stream with a delay.
-pub async fn process_run(
+pub(super) async fn process_run(
     ctx: Arc<PipelineContext>,
     plugin: Plugin,
     messages: Vec<(String, jetstream::Message)>,

@@ -38,7 +38,7 @@ use tokio::sync::oneshot;
 /// Passing a turn costs a switch between instances (and their caches), so
 /// a plugin's own calls take turns at this coarser slice; one event that
 /// spins until its deadline still cannot stall its plugin's other events.
-pub const SLICE: Duration = Duration::from_millis(10);
+pub(crate) const SLICE: Duration = Duration::from_millis(10);
 const SLICE_NS: u64 = SLICE.as_nanos() as u64;
 
 /// The host's guest-CPU turns, shared by every plugin.

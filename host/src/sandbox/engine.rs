@@ -29,7 +29,7 @@ pub const EPOCH_TICK: Duration = Duration::from_micros(250);
 ///   slower (its cost is faulting in the snapshotted heap, which pooling
 ///   does not avoid), while forcing one slot size on every plugin and a
 ///   failure mode when the pool runs out (BENCHMARKS.md).
-pub fn build() -> anyhow::Result<Engine> {
+pub(super) fn build() -> anyhow::Result<Engine> {
     let mut config = Config::new();
     config
         .wasm_component_model(true)

@@ -54,7 +54,7 @@ pub struct InstanceStats {
 }
 
 impl InstancePool {
-    pub fn new(manifest: &Manifest) -> Self {
+    pub(crate) fn new(manifest: &Manifest) -> Self {
         InstancePool {
             idle: Mutex::new(Vec::new()),
             reuse: manifest.instances.isolation == Isolation::Instance,
@@ -71,18 +71,18 @@ impl InstancePool {
     }
 
     /// An idle instance, if there is one.
-    pub fn take(&self) -> Option<Instance> {
+    pub(crate) fn take(&self) -> Option<Instance> {
         self.lock().pop()
     }
 
     /// Count an instance just created.
-    pub fn created(&self) {
+    pub(crate) fn created(&self) {
         self.created.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Return an instance whose call returned; it is kept unless a recycle
     /// rule says otherwise.
-    pub fn give_back(&self, mut instance: Instance) {
+    pub(crate) fn give_back(&self, mut instance: Instance) {
         instance.served += 1;
         let worn = instance.served >= self.recycle_after_events
             || instance.store.data().limiter.held_bytes() > self.recycle_memory_bytes;
@@ -95,7 +95,7 @@ impl InstancePool {
         }
     }
 
-    pub fn stats(&self) -> InstanceStats {
+    pub(crate) fn stats(&self) -> InstanceStats {
         InstanceStats {
             created: self.created.load(Ordering::Relaxed),
             idle: self.lock().len(),

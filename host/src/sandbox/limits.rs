@@ -24,7 +24,7 @@ pub struct DeadlineExceeded;
 /// Caps each linear memory and table of a plugin instance, keeps count of
 /// how much linear memory the instance holds (the recycle rule reads it),
 /// and reserves that memory from the host-wide budget.
-pub struct Limiter {
+pub(crate) struct Limiter {
     memory_bytes: u64,
     held_bytes: u64,
     budget: Arc<MemoryBudget>,
@@ -38,7 +38,7 @@ const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 const MAX_INSTANCES: usize = 64;
 
 impl Limiter {
-    pub fn new(memory_bytes: u64, budget: Arc<MemoryBudget>) -> Self {
+    pub(crate) fn new(memory_bytes: u64, budget: Arc<MemoryBudget>) -> Self {
         Limiter {
             memory_bytes,
             held_bytes: 0,
@@ -47,7 +47,7 @@ impl Limiter {
     }
 
     /// Linear memory of every memory of the instance, in bytes.
-    pub fn held_bytes(&self) -> u64 {
+    pub(crate) fn held_bytes(&self) -> u64 {
         self.held_bytes
     }
 }

@@ -45,14 +45,14 @@ impl Capture {
 
     /// Everything written since the last take, and how many bytes were
     /// dropped over capacity.
-    pub fn take(&self) -> (Bytes, usize) {
+    pub(crate) fn take(&self) -> (Bytes, usize) {
         let mut captured = self.lock();
         let dropped = std::mem::take(&mut captured.dropped);
         (captured.bytes.split().freeze(), dropped)
     }
 
     /// What was written since the last take, leaving it in place.
-    pub fn peek(&self) -> Bytes {
+    pub(crate) fn peek(&self) -> Bytes {
         Bytes::copy_from_slice(&self.lock().bytes)
     }
 }

@@ -14,7 +14,7 @@ use crate::telemetry::Metrics;
 
 /// A plugin removed by [`Handle::remove`].
 #[derive(Debug, Clone)]
-pub struct Removed {
+pub(crate) struct Removed {
     /// The stream it consumed, when it was running (its consumer lives there).
     pub stream: Option<String>,
 }
@@ -28,29 +28,29 @@ impl Handle {
         Handle(core)
     }
 
-    pub async fn reconcile(&self) -> anyhow::Result<()> {
+    pub(crate) async fn reconcile(&self) -> anyhow::Result<()> {
         self.0.reconcile().await
     }
 
-    pub async fn plugins(&self) -> Vec<PluginInfo> {
+    pub(crate) async fn plugins(&self) -> Vec<PluginInfo> {
         self.0.plugins().await
     }
 
-    pub fn client(&self) -> &async_nats::Client {
+    pub(crate) fn client(&self) -> &async_nats::Client {
         &self.0.client
     }
 
-    pub fn shutdown_token(&self) -> CancellationToken {
+    pub(crate) fn shutdown_token(&self) -> CancellationToken {
         self.0.shutdown.clone()
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
         &self.0.metrics
     }
 
     /// Why the host is not ready to process events, if it is not: NATS is
     /// unreachable, or a plugin in the directory could not be loaded.
-    pub async fn unready_reasons(&self) -> Vec<String> {
+    pub(crate) async fn unready_reasons(&self) -> Vec<String> {
         let mut reasons = Vec::new();
         let state = self.0.client.connection_state();
         if state != async_nats::connection::State::Connected {
@@ -70,7 +70,7 @@ impl Handle {
 
     /// The next moment a reconcile has work to do without any file
     /// changing: a failed start to retry, a lone file to report.
-    pub async fn next_wakeup(&self) -> Option<Instant> {
+    pub(crate) async fn next_wakeup(&self) -> Option<Instant> {
         let retries = self
             .0
             .registry
@@ -87,7 +87,7 @@ impl Handle {
     /// Remove a plugin's files and stop it, whether it runs or failed to
     /// load; its consumer is kept unless the caller deletes it. Returns
     /// what was removed, or `None` if this host has no such plugin.
-    pub async fn remove(&self, name: &str) -> anyhow::Result<Option<Removed>> {
+    pub(crate) async fn remove(&self, name: &str) -> anyhow::Result<Option<Removed>> {
         crate::names::validate_plugin_name(name).map_err(anyhow::Error::msg)?;
         let inner = &self.0;
         // No reconcile may restart it between the files going and the stop.

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crate::state::Versioned;
 
 /// Longest time a cached entry is trusted without a commit confirming it.
-pub const MAX_AGE: Duration = Duration::from_secs(10);
+pub(super) const MAX_AGE: Duration = Duration::from_secs(10);
 
 /// Bytes of values, and entries, kept before the oldest are dropped.
 const MAX_BYTES: usize = 64 << 20;
@@ -42,7 +42,7 @@ struct Inner {
 
 /// Committed values by key.
 #[derive(Default)]
-pub struct StateCache(Mutex<Inner>);
+pub(super) struct StateCache(Mutex<Inner>);
 
 impl StateCache {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -51,7 +51,7 @@ impl StateCache {
     }
 
     /// The committed value of `key`, if known and fresh.
-    pub fn get(&self, key: &str) -> Option<Versioned> {
+    pub(super) fn get(&self, key: &str) -> Option<Versioned> {
         let inner = self.lock();
         inner
             .entries
@@ -61,13 +61,13 @@ impl StateCache {
     }
 
     /// The revision of `key` this host last saw, however old.
-    pub fn revision(&self, key: &str) -> Option<u64> {
+    pub(super) fn revision(&self, key: &str) -> Option<u64> {
         self.lock().entries.get(key).map(|e| e.value.revision)
     }
 
     /// Record `value` as read from the store. An older revision than the
     /// one held (a read that raced a commit) is ignored.
-    pub fn observed(&self, key: &str, value: Versioned) {
+    pub(super) fn observed(&self, key: &str, value: Versioned) {
         let mut inner = self.lock();
         match inner.entries.get(key).map(|e| e.value.revision) {
             Some(held) if held > value.revision => {}
@@ -85,14 +85,14 @@ impl StateCache {
 
     /// Record what this host committed: `value` at `revision` (`None` for
     /// a delete).
-    pub fn committed(&self, key: &str, value: Option<Vec<u8>>, revision: u64) {
+    pub(super) fn committed(&self, key: &str, value: Option<Vec<u8>>, revision: u64) {
         let mut inner = self.lock();
         Self::remove(&mut inner, key);
         Self::insert(&mut inner, key, Versioned { value, revision });
     }
 
     /// Forget `key` (its revision is unknown after a failed commit).
-    pub fn forget(&self, key: &str) {
+    pub(super) fn forget(&self, key: &str) {
         Self::remove(&mut self.lock(), key);
     }
 
