@@ -1,4 +1,7 @@
 //! The one place the host's bindings to `wit/plugin.wit` are generated.
+//! `wit/plugin.wit` documents them; the generated items carry only part
+//! of that text.
+#![allow(missing_docs)]
 
 wasmtime::component::bindgen!({
     path: "../wit",

@@ -15,10 +15,13 @@ use crate::names;
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct HostConfig {
+    /// `[nats]`: how to reach the server.
     #[serde(default)]
     pub nats: NatsConfig,
+    /// `[plugins]`: where plugins come from.
     #[serde(default)]
     pub plugins: PluginsConfig,
+    /// `[dead-letter]`: where dead letters go.
     #[serde(default)]
     pub dead_letter: DeadLetterConfig,
     /// Streams the host creates when they do not exist yet. Production
@@ -26,14 +29,19 @@ pub struct HostConfig {
     /// dev` and the demo rely on it.
     #[serde(default)]
     pub streams: Vec<StreamConfig>,
+    /// `[runtime]`: shutdown, ack wait, the compile cache and host-wide guest budgets.
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// `[state]`: plugin state and done records.
     #[serde(default)]
     pub state: StateConfig,
+    /// `[admin]`: the HTTP endpoint.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// `[telemetry]`: lag polling and span export.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// `[control]`: the `weir plugins` subject and who may use it.
     #[serde(default)]
     pub control: ControlConfig,
 }
@@ -47,17 +55,23 @@ pub struct NatsConfig {
     pub url: Option<String>,
     /// A `.creds` file (JWT + nkey seed).
     pub credentials_file: Option<PathBuf>,
+    /// User name, with `password`.
     pub user: Option<String>,
+    /// Password, with `user`.
     pub password: Option<String>,
+    /// A server token.
     pub token: Option<String>,
     /// A file holding an nkey seed (`SU...`).
     pub nkey_seed_file: Option<PathBuf>,
+    /// `[nats.tls]`.
     #[serde(default)]
     pub tls: TlsConfig,
     /// Client name shown by the server's monitoring.
     pub name: Option<String>,
 }
 
+/// TLS to the server: whether it is required, whom to trust, and the
+/// client certificate for mutual TLS.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TlsConfig {
@@ -68,9 +82,11 @@ pub struct TlsConfig {
     pub ca_file: Option<PathBuf>,
     /// Client certificate and key, for mutual TLS.
     pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key.
     pub key_file: Option<PathBuf>,
 }
 
+/// Where the host finds its plugins.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct PluginsConfig {
@@ -133,7 +149,9 @@ impl Default for DeadLetterConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct StreamConfig {
+    /// The stream's name.
     pub name: String,
+    /// The subjects it captures.
     pub subjects: Vec<String>,
     /// JetStream's duplicate window: publishes with a `Nats-Msg-Id` seen
     /// within it are dropped. Must cover the longest time an event can take
@@ -149,6 +167,7 @@ pub struct StreamConfig {
     pub replicas: usize,
 }
 
+/// How the host runs plugins as a whole.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RuntimeConfig {
@@ -215,6 +234,7 @@ impl Default for StateConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct AdminConfig {
+    /// Serve the endpoint (default true).
     pub enabled: bool,
     /// Loopback by default: the endpoint shows plugin names and counters,
     /// so exposing it further is a deliberate choice (with a token).
@@ -238,6 +258,7 @@ impl Default for AdminConfig {
 }
 
 impl AdminConfig {
+    /// `listen` as a socket address.
     pub fn listen_addr(&self) -> Result<std::net::SocketAddr, String> {
         self.listen.parse().map_err(|e| {
             format!(
@@ -299,9 +320,11 @@ pub struct TelemetryConfig {
     /// Where spans go over OTLP/HTTP, used verbatim (include `/v1/traces`).
     /// Unset: no export, but `traceparent` is still propagated.
     pub otlp_endpoint: Option<String>,
+    /// The OTLP encoding (`http/protobuf`, the default, or `http/json`).
     pub otlp_protocol: OtlpProtocol,
     /// Extra HTTP headers on every export (an API key, say).
     pub otlp_headers: std::collections::BTreeMap<String, String>,
+    /// `service.name` on exported spans.
     pub service_name: String,
 }
 
@@ -317,10 +340,13 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// How spans are encoded for the OTLP/HTTP collector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum OtlpProtocol {
+    /// Protocol buffers, what collectors expect by default.
     #[serde(rename = "http/protobuf")]
     HttpProtobuf,
+    /// JSON.
     #[serde(rename = "http/json")]
     HttpJson,
 }
@@ -346,14 +372,22 @@ mod defaults {
 /// A config file that could not be read or is invalid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("cannot read config {}: {error}", path.display())]
     Read {
+        /// The config file's path.
         path: PathBuf,
         /// Shown in the message, not chained as a source, so `{:#}` prints it once.
         error: std::io::Error,
     },
+    /// The file is not a valid config.
     #[error("invalid config {}: {message}", path.display())]
-    Invalid { path: PathBuf, message: String },
+    Invalid {
+        /// The config file's path.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
 }
 
 impl HostConfig {
@@ -371,6 +405,7 @@ impl HostConfig {
         })
     }
 
+    /// Parse and validate `text`; relative paths are taken from `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
         let mut config: HostConfig =
             toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
@@ -548,10 +583,12 @@ impl HostConfig {
             .unwrap_or_else(|| "nats://127.0.0.1:4222".into())
     }
 
+    /// `runtime.shutdown-grace-ms` as a duration.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.runtime.shutdown_grace_ms)
     }
 
+    /// `runtime.ack-wait-ms` as a duration.
     pub fn ack_wait(&self) -> Duration {
         Duration::from_millis(self.runtime.ack_wait_ms)
     }

@@ -124,10 +124,12 @@ impl NatsServer {
         }
     }
 
+    /// The port it listens on, on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    /// Its `nats://` URL.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
@@ -137,6 +139,7 @@ impl NatsServer {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Its JetStream store directory.
     pub fn store_dir(&self) -> &Path {
         &self.store
     }

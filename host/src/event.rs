@@ -7,11 +7,14 @@ use crate::bindings::WitHeader;
 /// One message header. Keys may repeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Header {
+    /// The header name, as sent (matched case-insensitively).
     pub key: String,
+    /// Its value.
     pub value: String,
 }
 
 impl Header {
+    /// A header `key: value`.
     pub fn new(key: impl Into<String>, value: impl Into<String>) -> Self {
         Header {
             key: key.into(),
@@ -26,8 +29,11 @@ pub struct Event {
     /// `Nats-Msg-Id` when present, else `<stream>:<created>:<sequence>`
     /// (`<stream>:<sequence>` in broker-free tests, which have no stream).
     pub id: String,
+    /// The subject it was published on.
     pub subject: String,
+    /// Its headers, in order, as published.
     pub headers: Vec<Header>,
+    /// Its body, as published.
     pub payload: Vec<u8>,
     /// Stream sequence.
     pub sequence: u64,
@@ -96,7 +102,10 @@ impl Header {
 /// plugin's call succeeds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Emitted {
+    /// The subject to publish on.
     pub subject: String,
+    /// Headers to publish with; the host adds its own (`Weir-*`, trace context).
     pub headers: Vec<Header>,
+    /// The body to publish.
     pub payload: Vec<u8>,
 }

@@ -5,8 +5,9 @@
 //! follows one event through the modules.
 
 // A `pub` item must be reachable from outside, or be `pub(crate)`: the
-// public API is what an embedder sees, nothing more.
-#![warn(unreachable_pub)]
+// public API is what an embedder sees, nothing more, and all of it is
+// documented.
+#![warn(unreachable_pub, missing_docs)]
 
 pub mod bindings;
 pub mod config;

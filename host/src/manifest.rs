@@ -54,10 +54,13 @@ pub struct Manifest {
     /// fleet of hosts, at the cost of spreading this plugin's work.
     #[serde(default)]
     pub exclusive: bool,
+    /// `[retry]`: how often and how soon a failed event is tried again.
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// `[limits]`: what one call may use.
     #[serde(default)]
     pub limits: Limits,
+    /// `[instances]`: whether and how long instances are reused.
     #[serde(default)]
     pub instances: InstancePolicy,
     /// The plugin's own settings, handed to it through the `config` import.
@@ -218,10 +221,12 @@ impl Limits {
         Ok(())
     }
 
+    /// `memory-mb` in bytes.
     pub fn memory_bytes(&self) -> u64 {
         u64::from(self.memory_mb) << 20
     }
 
+    /// `timeout-ms` as a duration.
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }
@@ -231,6 +236,7 @@ impl Limits {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct InstancePolicy {
+    /// `isolation`: `instance` (reuse, the default) or `event` (a fresh instance per event).
     pub isolation: Isolation,
     /// An instance is replaced after serving this many events.
     pub recycle_after_events: u64,
@@ -291,14 +297,22 @@ mod defaults {
 /// A manifest that could not be read or is invalid.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
+    /// The file could not be read.
     #[error("cannot read plugin manifest {}: {error}", path.display())]
     Read {
+        /// The manifest's path.
         path: PathBuf,
         /// Shown in the message, not chained as a source, so `{:#}` prints it once.
         error: std::io::Error,
     },
+    /// The file is not a valid manifest.
     #[error("invalid plugin manifest {}: {message}", path.display())]
-    Invalid { path: PathBuf, message: String },
+    Invalid {
+        /// The manifest's path.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
 }
 
 impl Manifest {

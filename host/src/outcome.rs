@@ -15,40 +15,62 @@ pub enum Outcome {
     Ok,
     /// The plugin asked to be retried.
     Retry {
+        /// What the plugin said.
         reason: String,
+        /// How long the plugin asked to wait first; the retry backoff when it did not say.
         #[serde(skip_serializing_if = "Option::is_none", with = "opt_millis")]
         delay: Option<Duration>,
     },
     /// The plugin rejected the event: dead-letter it.
-    Reject { reason: String },
+    Reject {
+        /// Why, as the plugin said.
+        reason: String,
+    },
     /// The guest crashed: a panic, `unreachable`, stack overflow, a bad
     /// memory access. `message` has the trap and what the guest wrote to
     /// stderr.
-    Trap { message: String },
+    Trap {
+        /// The trap, and the tail of the guest's stderr.
+        message: String,
+    },
     /// The call ran past the plugin's time limit and was interrupted.
     Deadline {
+        /// The plugin's `limits.timeout-ms`.
         #[serde(rename = "limit_ms", with = "millis")]
         limit: Duration,
     },
     /// The guest tried to grow its memory beyond the plugin's cap.
-    OutOfMemory { limit_bytes: u64 },
+    OutOfMemory {
+        /// The plugin's `limits.memory-mb`, in bytes.
+        limit_bytes: u64,
+    },
     /// The host could not serve the call (the state store was unreachable,
     /// say). The plugin did nothing wrong; the event is retried.
-    HostError { message: String },
+    HostError {
+        /// What failed.
+        message: String,
+    },
     /// The call succeeded, but its effects can never be made durable: the
     /// committed outbox would be larger than the server accepts in one
     /// message. Dead-lettered at once, since every run would end the same.
     TooLarge {
+        /// What was too large (the outbox, say).
         what: String,
+        /// Its size.
         bytes: u64,
+        /// The server's `max_payload`.
         limit: u64,
     },
     /// The message could not be read (its header block is malformed), so
     /// the plugin never saw it. Dead-lettered at once with the raw headers.
-    Malformed { message: String },
+    Malformed {
+        /// Why the message could not be read.
+        message: String,
+    },
 }
 
 impl Outcome {
+    /// Whether the call succeeded.
     pub fn is_ok(&self) -> bool {
         matches!(self, Outcome::Ok)
     }

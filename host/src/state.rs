@@ -1,7 +1,7 @@
 //! Per-plugin key-value state as the sandbox sees it.
 //!
 //! A plugin's call reads committed state through a [`CommittedState`] and writes
-//! into a [`PendingState`] overlay; the pipeline commits the overlay only if
+//! into a `PendingState` overlay; the pipeline commits the overlay only if
 //! the call succeeded, so a failed event leaves no trace.
 
 use std::collections::BTreeMap;
@@ -14,6 +14,7 @@ use futures::future::BoxFuture;
 /// revision the call read.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Versioned {
+    /// The value; `None` when the key is not set.
     pub value: Option<Vec<u8>>,
     /// 0 when the key was never written.
     pub revision: u64,
@@ -28,11 +29,22 @@ pub trait CommittedState: Send + Sync + 'static {
 /// One change a call made to its state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateChange {
-    Set { key: String, value: Vec<u8> },
-    Delete { key: String },
+    /// `key` set to `value`.
+    Set {
+        /// The key.
+        key: String,
+        /// Its new value.
+        value: Vec<u8>,
+    },
+    /// `key` removed.
+    Delete {
+        /// The key.
+        key: String,
+    },
 }
 
 impl StateChange {
+    /// The key the change is to.
     pub fn key(&self) -> &str {
         match self {
             StateChange::Set { key, .. } | StateChange::Delete { key } => key,
@@ -88,6 +100,7 @@ pub struct MemoryState {
 }
 
 impl MemoryState {
+    /// An empty store.
     pub fn new() -> Self {
         Self::default()
     }

@@ -19,16 +19,23 @@ use crate::telemetry::propagation;
 
 /// Headers on every dead letter.
 pub mod headers {
+    /// The plugin that gave up on the event.
     pub const PLUGIN: &str = "Weir-Dlq-Plugin";
+    /// The version of it that did.
     pub const PLUGIN_VERSION: &str = "Weir-Dlq-Plugin-Version";
     /// The outcome kind: reject, retry, trap, deadline, out_of_memory, host_error.
     pub const REASON: &str = "Weir-Dlq-Reason";
     /// The outcome in words.
     pub const ERROR: &str = "Weir-Dlq-Error";
+    /// Deliveries of the event, the last one included.
     pub const ATTEMPTS: &str = "Weir-Dlq-Attempts";
+    /// The event's id (see `Event::id`).
     pub const EVENT_ID: &str = "Weir-Dlq-Event-Id";
+    /// The subject the event was published on.
     pub const SUBJECT: &str = "Weir-Dlq-Subject";
+    /// The stream the event is in.
     pub const STREAM: &str = "Weir-Dlq-Stream";
+    /// Its sequence in that stream.
     pub const SEQUENCE: &str = "Weir-Dlq-Sequence";
     /// The plugin's [generation](crate::jetstream::generation) when it gave up, when
     /// not 0: a replay commits in that generation's scope.
@@ -59,15 +66,21 @@ const MAX_ERROR_LEN: usize = 2048;
 
 /// What is known about the event being dead-lettered.
 pub struct DeadLetter<'a> {
+    /// The plugin that gave up.
     pub plugin: &'a str,
+    /// Its version.
     pub version: &'a str,
+    /// The stream the event came from.
     pub stream: &'a str,
+    /// The plugin's consumer generation.
     pub generation: u64,
     /// Set when a replay of dead letter N failed again and this letter
     /// takes its place: its message id must differ from the first one's,
     /// or the stream's duplicate window would drop it.
     pub replaces: Option<u64>,
+    /// The event.
     pub event: &'a Event,
+    /// Why it was given up on.
     pub outcome: &'a Outcome,
     /// Trace-context headers continuing the event's trace.
     pub trace: Vec<(String, String)>,

@@ -17,21 +17,31 @@ pub struct Letter {
     pub id: u64,
     /// When it was stored (RFC 3339).
     pub stored: String,
+    /// The plugin that gave up on the event.
     pub plugin: String,
+    /// The outcome kind that sent it (`reject`, `trap`, ...).
     pub reason: String,
+    /// The outcome in words.
     pub error: String,
+    /// Deliveries of the event, the last one included.
     pub attempts: u32,
+    /// The event's id.
     pub event_id: String,
     /// Where the event came from.
     pub subject: String,
+    /// The stream the event is in.
     pub stream: String,
+    /// Its sequence there.
     pub sequence: u64,
     /// The plugin's generation when it gave up (see [`crate::jetstream::generation`]).
     #[serde(skip_serializing_if = "is_zero")]
     pub generation: u64,
+    /// Whether the letter was cut to fit the server's `max_payload`; the
+    /// whole event is still in its stream.
     pub truncated: bool,
     /// The event's own headers (the `Weir-Dlq-*` ones left out).
     pub headers: Vec<(String, String)>,
+    /// The event's payload (or as much as fitted).
     #[serde(skip)]
     pub payload: bytes::Bytes,
     #[serde(skip)]
@@ -106,7 +116,9 @@ impl Letter {
 /// Which dead letters a command is about.
 #[derive(Debug, Clone, Default)]
 pub struct Selection {
+    /// Only this plugin's letters.
     pub plugin: Option<String>,
+    /// Only letters of this outcome kind.
     pub reason: Option<String>,
     /// Stored at or after this time.
     pub since: Option<time::OffsetDateTime>,
@@ -128,6 +140,7 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
+    /// The dead-letter stream `stream`, whose subjects start with `subject_prefix`.
     pub async fn open(
         js: &jetstream::Context,
         stream: &str,

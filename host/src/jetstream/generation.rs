@@ -109,6 +109,8 @@ impl fmt::Display for ResetTo {
 /// One generation of a plugin's consumption of its stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Generation {
+    /// 0 for a plugin never reset; one more with each reset (and each
+    /// `weir plugins remove --delete-consumer`).
     pub number: u64,
     /// Where its consumer starts; `None`: where the manifest says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -117,6 +119,7 @@ pub struct Generation {
     /// bucket.
     #[serde(default)]
     pub began: String,
+    /// What began it (`reset --to all`, say).
     #[serde(default)]
     pub why: String,
 }

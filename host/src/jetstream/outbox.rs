@@ -35,14 +35,19 @@ pub fn message_id(plugin: &str, generation: u64, event_id: &str, index: usize) -
 #[derive(Debug, thiserror::Error)]
 #[error("publishing output {index} to {subject}: {message}")]
 pub struct PublishError {
+    /// Which of the event's outputs.
     pub index: usize,
+    /// The subject it was published to.
     pub subject: String,
+    /// What went wrong.
     pub message: String,
 }
 
 /// What one event emitted, to publish under its trace context.
 pub struct Outgoing<'a> {
+    /// The event that emitted them.
     pub event: &'a Event,
+    /// Its outputs, in the order emitted.
     pub emitted: &'a [Emitted],
     /// Trace-context headers continuing the event's trace.
     pub trace: &'a [(String, String)],

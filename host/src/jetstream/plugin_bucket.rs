@@ -108,6 +108,7 @@ impl PluginBucket {
         }))
     }
 
+    /// The Object Store bucket's name.
     pub fn name(&self) -> &str {
         &self.name
     }

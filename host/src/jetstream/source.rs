@@ -112,9 +112,11 @@ fn manifest_policy(start: &StartPosition) -> anyhow::Result<consumer::DeliverPol
 /// [`Generation`], which scopes what counts as done.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Incarnation {
+    /// The stream's name.
     pub stream: String,
     /// Creation time, nanoseconds since the Unix epoch.
     pub created_ns: i128,
+    /// The plugin's consumer generation.
     pub generation: Generation,
 }
 

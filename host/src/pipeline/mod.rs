@@ -28,18 +28,24 @@ use crate::telemetry::{Counted, Metrics, PluginStats};
 
 /// What every event of one plugin shares.
 pub struct PipelineContext {
+    /// JetStream, for publishing outputs and dead letters.
     pub js: jetstream::Context,
     /// The life of the stream the consumer reads; replaced when the stream
     /// is deleted and created again.
     pub incarnation: std::sync::RwLock<Arc<Incarnation>>,
-    /// Publishes to these subjects are dead letters (`<prefix>.>`).
+    /// The plugin's state, done records and committer.
     pub store: Arc<PluginStore>,
     /// Whether done records are written (see `StateConfig::idempotency`).
     pub idempotency: bool,
+    /// Publishes to these subjects are dead letters (`<prefix>.>`).
     pub dlq_prefix: String,
+    /// How long to wait for JetStream to store an output or dead letter.
     pub publish_timeout: Duration,
+    /// The consumer's ack wait: progress acks go out at a third of it.
     pub ack_wait: Duration,
+    /// The plugin's counters as `/plugins` shows them.
     pub stats: Arc<PluginStats>,
+    /// The host's metrics, which every event is counted into.
     pub metrics: Arc<Metrics>,
     /// One permit per event the plugin may run in the sandbox at once.
     executions: tokio::sync::Semaphore,

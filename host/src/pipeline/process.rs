@@ -37,7 +37,9 @@ const MAX_CONFLICT_RERUNS: usize = 5;
 /// What the pipeline decided for one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {
+    /// Processed: its effects are durable and it was acked.
     Acked,
+    /// Sent back to be tried again later.
     Retried,
     /// Moved to the dead-letter stream, for the outcome of this kind.
     DeadLettered(OutcomeKind),

@@ -33,7 +33,9 @@ use crate::state::{CommittedState, StateChange, Versioned};
 /// One end of the range of history to run over.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Bound {
+    /// A stream sequence.
     Sequence(u64),
+    /// The first event stored at or after this time.
     Time(OffsetDateTime),
 }
 
@@ -77,18 +79,23 @@ impl Bound {
 /// Which events to run the candidate over.
 #[derive(Debug, Clone)]
 pub struct Range {
+    /// The stream to read.
     pub stream: String,
     /// Subject filters; the candidate manifest's subjects when empty.
     pub subjects: Vec<String>,
+    /// Where to start; the stream's first event when `None`.
     pub from: Option<Bound>,
     /// Inclusive.
     pub to: Option<Bound>,
+    /// Events to run at most.
     pub limit: usize,
 }
 
 /// An event of the range, with when the stream stored it.
 pub struct Stored {
+    /// The event, as the plugin would get it.
     pub event: Event,
+    /// When the stream stored it.
     pub published: OffsetDateTime,
 }
 
@@ -146,6 +153,7 @@ pub struct Overlay {
 }
 
 impl Overlay {
+    /// An empty layer over `live`, the plugin's state bucket if it has one.
     pub fn new(live: Option<kv::Store>) -> Self {
         Overlay {
             live,
@@ -196,13 +204,18 @@ impl CommittedState for Overlay {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
+    /// Both emitted the same outputs (or neither emitted any).
     Same,
+    /// Both emitted, not the same.
     Different,
+    /// Only the candidate emitted.
     OnlyInCandidate,
+    /// Only the live plugin emitted.
     OnlyInLive,
 }
 
 impl Verdict {
+    /// Compare outputs, ignoring the headers the host adds.
     pub fn of(candidate: &[Emitted], live: &[Emitted]) -> Self {
         let candidate: Vec<Emitted> = candidate.iter().map(comparable).collect();
         match (candidate.is_empty(), live.is_empty()) {
@@ -214,6 +227,7 @@ impl Verdict {
         }
     }
 
+    /// As the report prints it.
     pub fn label(self) -> &'static str {
         match self {
             Verdict::Same => "same",
@@ -250,7 +264,9 @@ fn comparable(emitted: &Emitted) -> Emitted {
 
 /// The candidate's run of one event.
 pub struct Run {
+    /// The event.
     pub stored: Stored,
+    /// What the candidate did with it.
     pub invocation: Invocation,
 }
 

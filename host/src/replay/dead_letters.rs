@@ -39,7 +39,12 @@ pub enum Replayed {
     AlreadyDone,
     /// The plugin failed on it again: a new dead letter (this id) with the
     /// new reason replaces it. The caller removes the old one.
-    FailedAgain { why: String, new_letter: u64 },
+    FailedAgain {
+        /// The new outcome.
+        why: String,
+        /// The new dead letter's id.
+        new_letter: u64,
+    },
     /// It could not be run, for this reason; the dead letter stays as it is.
     Failed(String),
 }
@@ -86,6 +91,7 @@ impl Replayer {
         })
     }
 
+    /// The version letters are replayed through.
     pub fn version(&self) -> &str {
         self.plugin.version().as_str()
     }

@@ -55,7 +55,9 @@ impl MemoryBudget {
     budget_bytes >> 20
 )]
 pub struct HostMemoryExhausted {
+    /// `runtime.max-guest-memory-mb`, in bytes.
     pub budget_bytes: u64,
+    /// What the instance asked to grow by.
     pub wanted_bytes: u64,
 }
 

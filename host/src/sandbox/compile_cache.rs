@@ -18,8 +18,11 @@ use wasmtime::component::Component;
 /// Whether a load was served from the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheStatus {
+    /// Compiled code was read from the cache.
     Hit,
+    /// The component was compiled (and cached).
     Miss,
+    /// Caching is off: the component was compiled.
     Disabled,
 }
 
@@ -33,6 +36,9 @@ impl fmt::Display for CacheStatus {
     }
 }
 
+/// Compiled components on disk, keyed by the component's digest and the
+/// engine's compatibility hash, so a restart or another host's copy of the
+/// same plugin skips the compile.
 pub struct CompileCache {
     /// `<root>/<engine hash>`; `None` when caching is off.
     dir: Option<PathBuf>,
@@ -57,6 +63,7 @@ impl Hasher for Sha256Hasher {
 const CHECKSUM_LEN: usize = 32;
 
 impl CompileCache {
+    /// A cache under `root` for `engine`'s code; `None` disables caching.
     pub fn new(root: Option<PathBuf>, engine: &Engine) -> Self {
         let dir = root.map(|root| {
             let mut hasher = Sha256Hasher(Sha256::new());
@@ -66,6 +73,7 @@ impl CompileCache {
         CompileCache { dir }
     }
 
+    /// Where this engine's entries are kept, if caching is on.
     pub fn dir(&self) -> Option<&Path> {
         self.dir.as_deref()
     }

@@ -24,8 +24,11 @@ use crate::state::{CommittedState, PendingState};
 /// What every call of one plugin version shares.
 #[derive(Debug)]
 pub struct PluginContext {
+    /// The plugin's name.
     pub name: String,
+    /// The version's id (see `PluginVersion`).
     pub version: String,
+    /// The manifest's `[limits]`.
     pub limits: Limits,
     /// The manifest's `[config]`, already rendered as strings, sorted.
     pub config: Vec<(String, String)>,
@@ -41,17 +44,25 @@ pub struct PluginContext {
 /// A guest log line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LogLine {
+    /// How severe.
     pub level: LogLevel,
+    /// What the guest logged.
     pub message: String,
 }
 
+/// The level of a guest log line, as the WIT `log` import names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
+    /// Finest detail.
     Trace,
+    /// Detail for debugging.
     Debug,
+    /// Normal operation.
     Info,
+    /// Something unexpected that the plugin handled.
     Warn,
+    /// Something the plugin could not handle.
     Error,
 }
 
@@ -59,7 +70,7 @@ pub enum LogLevel {
 const RESERVED_HEADER_PREFIXES: [&str; 2] = ["nats-", "weir-"];
 
 /// The store data of one plugin instance. An instance may serve many
-/// calls, one at a time; [`CallContext::begin`] starts each.
+/// calls, one at a time; `CallContext::begin` starts each.
 pub struct CallContext {
     wasi: WasiCtx,
     table: ResourceTable,
@@ -81,6 +92,7 @@ pub struct CallContext {
 }
 
 impl CallContext {
+    /// The context of a new instance of the plugin `ctx`, reading `committed`.
     pub fn new(ctx: Arc<PluginContext>, committed: Arc<dyn CommittedState>) -> Self {
         let stderr = Capture::default();
         let stdout = Capture::default();

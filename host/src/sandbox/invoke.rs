@@ -19,6 +19,7 @@ use crate::state::{CommittedState, StateChange};
 /// Everything observable about one call.
 #[derive(Debug, Clone)]
 pub struct Invocation {
+    /// How the call ended.
     pub outcome: Outcome,
     /// The outbox: empty unless the outcome is `Ok`.
     pub emitted: Vec<Emitted>,

@@ -12,7 +12,9 @@ use super::budget::{HostMemoryExhausted, MemoryBudget};
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("memory limit exceeded: guest asked for {desired_bytes} bytes, cap is {limit_bytes}")]
 pub struct MemoryLimitExceeded {
+    /// The plugin's `limits.memory-mb`, in bytes.
     pub limit_bytes: u64,
+    /// The size the guest asked to grow to.
     pub desired_bytes: u64,
 }
 

@@ -3,7 +3,7 @@
 //! Instances are created from a pre-linked
 //! [`InstancePre`](wasmtime::component::InstancePre) and serve one event at
 //! a time; an instance that returned cleanly is reused for a later event
-//! (see [`instances`]), and a trap, a deadline or a memory cap ends that
+//! (see `instances`), and a trap, a deadline or a memory cap ends that
 //! event alone and discards its instance.
 
 pub(crate) mod budget;
@@ -74,20 +74,41 @@ impl SandboxConfig {
 /// Why a plugin could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The manifest is missing or invalid.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// The component file could not be read.
     #[error("cannot read plugin {}: {error}", path.display())]
     Read {
+        /// The component's path.
         path: PathBuf,
         /// Shown in the message, not chained as a source, so `{:#}` prints it once.
         error: std::io::Error,
     },
+    /// The file is not a component wasmtime can compile.
     #[error("{} is not a valid WebAssembly component: {message}", path.display())]
-    Compile { path: PathBuf, message: String },
+    Compile {
+        /// The component's path.
+        path: PathBuf,
+        /// What the compiler said.
+        message: String,
+    },
+    /// The component's imports or exports do not match `wit/plugin.wit`.
     #[error("{} does not fit the weir:plugin world: {message}", path.display())]
-    World { path: PathBuf, message: String },
+    World {
+        /// The component's path.
+        path: PathBuf,
+        /// What does not match.
+        message: String,
+    },
+    /// The file name is not a valid plugin name.
     #[error("{}: {message} (expected NAME.wasm)", path.display())]
-    Name { path: PathBuf, message: String },
+    Name {
+        /// The component's path.
+        path: PathBuf,
+        /// What is wrong with the name.
+        message: String,
+    },
 }
 
 /// Compiles, links and runs plugins.
@@ -100,6 +121,7 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
+    /// An engine, a linker with the WASI and weir:plugin imports, and the compile cache.
     pub fn new(config: SandboxConfig) -> anyhow::Result<Self> {
         let engine = engine::build().context("configuring the wasm engine")?;
         let mut linker = Linker::new(&engine);
@@ -122,6 +144,7 @@ impl Sandbox {
         })
     }
 
+    /// The engine every plugin is compiled for.
     pub fn engine(&self) -> &Engine {
         &self.engine
     }

@@ -21,10 +21,12 @@ use crate::state::CommittedState;
 pub struct PluginVersion(String);
 
 impl PluginVersion {
+    /// The version of the component `wasm`.
     pub fn of(wasm: &[u8]) -> Self {
         PluginVersion(hex::encode(Sha256::digest(wasm))[..12].to_owned())
     }
 
+    /// The 12 hex digits.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -83,18 +85,22 @@ impl Plugin {
         }))
     }
 
+    /// The plugin's name: its file name without `.wasm`.
     pub fn name(&self) -> &str {
         &self.0.name
     }
 
+    /// This version's id.
     pub fn version(&self) -> &PluginVersion {
         &self.0.version
     }
 
+    /// The manifest it was loaded with.
     pub fn manifest(&self) -> &Manifest {
         &self.0.manifest
     }
 
+    /// The file it was loaded from.
     pub fn path(&self) -> &Path {
         &self.0.path
     }

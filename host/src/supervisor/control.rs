@@ -18,11 +18,17 @@ use tokio::task::JoinHandle;
 use super::{Handle, PluginInfo};
 use crate::secret;
 
+/// What a control request asks every host for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
+    /// The plugins each host serves (what `/plugins` shows).
     List,
-    Remove { name: String },
+    /// Remove a plugin: stop it and delete its files.
+    Remove {
+        /// The plugin's name.
+        name: String,
+    },
 }
 
 /// One host's answer.
@@ -39,6 +45,7 @@ pub struct Response {
     /// For `remove`: the stream of the removed plugin, if this host ran it.
     #[serde(default)]
     pub removed_from_stream: Option<String>,
+    /// Why the request was refused or failed on this host.
     #[serde(default)]
     pub error: Option<String>,
 }

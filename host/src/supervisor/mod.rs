@@ -51,6 +51,7 @@ impl Supervisor {
         Self::start_with_client(config, client).await
     }
 
+    /// [`Supervisor::start`] with a connection the caller made.
     pub async fn start_with_client(
         config: HostConfig,
         client: async_nats::Client,
@@ -199,6 +200,7 @@ impl Supervisor {
             .collect()
     }
 
+    /// The host's NATS connection.
     pub fn client(&self) -> &async_nats::Client {
         &self.inner.client
     }

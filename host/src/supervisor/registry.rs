@@ -29,7 +29,9 @@ pub(super) struct Running {
 /// A plugin file the host could not serve, and why.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LoadFailure {
+    /// The component file.
     pub path: std::path::PathBuf,
+    /// Why it could not be served.
     pub error: String,
     /// The files that failed; the same files are not loaded again...
     #[serde(skip)]
@@ -53,6 +55,7 @@ impl LoadFailure {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PluginStatus {
+    /// Serving events.
     Running,
     /// Its stream or consumer is gone; it resumes when they are back.
     Stalled,
@@ -73,15 +76,20 @@ impl std::fmt::Display for PluginStatus {
 /// What `weir plugins list` and the admin `/plugins` show about a plugin.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PluginInfo {
+    /// The plugin's name.
     pub name: String,
     /// Empty for a plugin that never loaded.
     pub version: String,
+    /// The subjects it consumes.
     pub subjects: Vec<String>,
+    /// The stream it consumes from.
     pub stream: String,
     /// The generation it consumes in (see [`crate::jetstream::generation`]).
     #[serde(default)]
     pub generation: u64,
+    /// Whether it is serving events.
     pub status: PluginStatus,
+    /// What happened to its events since its pipeline started.
     #[serde(flatten)]
     pub counters: StatsSnapshot,
     /// Why the plugin's latest files were refused (a running plugin keeps

@@ -25,27 +25,35 @@ pub const UNPAIRED_GRACE: Duration = Duration::from_secs(10);
 /// version to load.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fingerprint {
+    /// SHA-256 of the component.
     pub wasm: [u8; 32],
+    /// SHA-256 of the manifest.
     pub manifest: [u8; 32],
 }
 
 /// A complete plugin found in the directory.
 pub struct Found {
+    /// `NAME.wasm`.
     pub wasm_path: PathBuf,
     /// `None` when the component is unchanged since the previous scan and
     /// was not read again; it is read when it must be loaded.
     pub wasm: Option<Arc<Vec<u8>>>,
+    /// `NAME.toml`, as read.
     pub manifest_text: String,
+    /// What the two files were when read.
     pub fingerprint: Fingerprint,
 }
 
 /// What the directory holds under one plugin name.
 pub enum Entry {
+    /// Both files, ready to load.
     Found(Found),
     /// Present but unusable before anything is loaded: a bad name, a file
     /// over the size cap, a half that has been alone too long.
     Refused {
+        /// The file refused.
         path: PathBuf,
+        /// Why.
         reason: String,
     },
 }
@@ -78,6 +86,7 @@ pub struct Scanner {
 }
 
 impl Scanner {
+    /// A scanner of `dir` that refuses components over `max_wasm_bytes`.
     pub fn new(dir: PathBuf, max_wasm_bytes: u64) -> Self {
         Scanner {
             dir,

@@ -238,6 +238,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every family registered, with no series yet.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("weir");
         let r = &mut registry;
@@ -472,16 +473,19 @@ impl Metrics {
         }
     }
 
+    /// Count a plugin version that could not be loaded.
     pub fn load_failure(&self, plugin: &str) {
         self.load_failures
             .get_or_create(&plugin_labels(plugin))
             .inc();
     }
 
+    /// Set how many plugins this host serves.
     pub fn set_plugins_running(&self, n: usize) {
         self.plugins_running.set(n as i64);
     }
 
+    /// Set whether the host is connected to NATS.
     pub fn set_nats_connected(&self, connected: bool) {
         self.nats_connected.set(i64::from(connected));
     }

@@ -10,7 +10,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::event::Event;
 
+/// The W3C trace-context header that carries the trace and parent span.
 pub const TRACEPARENT: &str = "traceparent";
+/// Its companion carrying vendor-specific state.
 pub const TRACESTATE: &str = "tracestate";
 
 /// Whether `key` is a trace-context header.

@@ -82,6 +82,7 @@ impl TestPlugin {
         })
     }
 
+    /// The plugin under test.
     pub fn plugin(&self) -> &Plugin {
         &self.plugin
     }

@@ -43,6 +43,7 @@ fn decode_outbox(bytes: &[u8]) -> Vec<Emitted> {
 }
 
 impl Block {
+    /// Whether the event at stream sequence `seq` is marked done.
     pub fn is_done(&self, seq: u64) -> bool {
         let bit = (seq % BLOCK_SPAN) as usize;
         self.done
@@ -110,6 +111,7 @@ impl Block {
         postcard::to_allocvec(&(&self.done, pending))
     }
 
+    /// A block as stored; an empty value is an empty block.
     pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
         if bytes.is_empty() {
             return Ok(Block::default());

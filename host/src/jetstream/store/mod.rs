@@ -13,7 +13,7 @@
 //!   stream's duplicate window.
 //!
 //! The effects of a run of events are committed together with their done
-//! marks through the plugin's group committer ([`committer`]): all of it is
+//! marks through the plugin's group committer (`committer`): all of it is
 //! stored or none. Outputs are published after the commit, from the
 //! committed outbox, under deterministic message ids; a redelivered event
 //! whose mark is set re-publishes that outbox (JetStream drops the
@@ -58,6 +58,7 @@ pub struct EventEffects {
 }
 
 impl EventEffects {
+    /// The effects of the event at `seq`, with its producer id if it has one.
     pub fn new(seq: u64, msg_id: Option<String>, outbox: &[Emitted]) -> Self {
         EventEffects {
             seq,
@@ -80,6 +81,7 @@ pub enum Read {
 /// The effects of a run of events, to commit as one.
 #[derive(Debug, Clone)]
 pub struct CommitRequest {
+    /// Whose done marks these are (see [`Scope`]).
     pub scope: Scope,
     /// The events, in the order they ran.
     pub events: Vec<EventEffects>,
@@ -92,6 +94,7 @@ pub struct CommitRequest {
 }
 
 impl CommitRequest {
+    /// A request to commit a run's effects.
     pub fn new(
         scope: Scope,
         events: Vec<EventEffects>,
@@ -162,7 +165,12 @@ pub enum Commit {
     Conflict,
     /// The run's outbox would not fit one message the server accepts; no
     /// run of these events can commit.
-    TooLarge { bytes: u64, limit: u64 },
+    TooLarge {
+        /// The outbox's size.
+        bytes: u64,
+        /// The server's `max_payload`.
+        limit: u64,
+    },
 }
 
 /// A commit queued by [`PluginStore::submit`].
