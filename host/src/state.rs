@@ -23,7 +23,28 @@ pub struct Versioned {
 /// Committed state of one plugin.
 pub trait CommittedState: Send + Sync + 'static {
     /// The committed value of `key`.
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Versioned>>;
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Versioned, StateReadError>>;
+}
+
+/// Committed state could not be read (the store did not answer). The call
+/// that asked fails as a host error and its event is retried.
+#[derive(Debug, thiserror::Error)]
+#[error("reading state key {key}: {message}")]
+pub struct StateReadError {
+    /// The key asked for.
+    pub key: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl StateReadError {
+    /// `key` could not be read because of `error`.
+    pub fn new(key: &str, error: impl std::fmt::Display) -> Self {
+        StateReadError {
+            key: key.to_owned(),
+            message: error.to_string(),
+        }
+    }
 }
 
 /// One change a call made to its state.
@@ -138,7 +159,7 @@ impl MemoryState {
 }
 
 impl CommittedState for MemoryState {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Versioned>> {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Versioned, StateReadError>> {
         // One process, one writer at a time: no revisions to guard.
         let value = self.lock().get(key).cloned();
         Box::pin(async move { Ok(Versioned { value, revision: 0 }) })

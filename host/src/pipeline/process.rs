@@ -26,7 +26,7 @@ use crate::outcome::{Outcome, OutcomeKind};
 use crate::pipeline::lanes::{KeyRelease, Shape};
 use crate::pipeline::{PipelineContext, lock};
 use crate::sandbox::plugin::Plugin;
-use crate::state::{CommittedState, StateChange, Versioned};
+use crate::state::{CommittedState, StateChange, StateReadError, Versioned};
 use crate::telemetry::metrics::TerminationReason;
 use crate::telemetry::{Counted, propagation, spans};
 
@@ -810,7 +810,7 @@ impl RunState {
 }
 
 impl CommittedState for RunState {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Versioned>> {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Versioned, StateReadError>> {
         Box::pin(async move {
             {
                 let inner = lock(&self.inner);

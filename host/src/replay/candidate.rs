@@ -28,7 +28,7 @@ use crate::event::{Emitted, Event};
 use crate::jetstream::source::Incarnation;
 use crate::sandbox::Invocation;
 use crate::sandbox::plugin::Plugin;
-use crate::state::{CommittedState, StateChange, Versioned};
+use crate::state::{CommittedState, StateChange, StateReadError, Versioned};
 
 /// One end of the range of history to run over.
 #[derive(Debug, Clone, PartialEq)]
@@ -175,7 +175,7 @@ impl Overlay {
 }
 
 impl CommittedState for Overlay {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Versioned>> {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Versioned, StateReadError>> {
         let own = self
             .own
             .lock()
@@ -186,11 +186,9 @@ impl CommittedState for Overlay {
             let value = match (own, &self.live) {
                 (Some(value), _) => value,
                 (None, None) => None,
-                (None, Some(live)) => match live
-                    .entry(format!("s.{key}"))
-                    .await
-                    .context("reading the live plugin's state")?
-                {
+                (None, Some(live)) => match live.entry(format!("s.{key}")).await.map_err(|e| {
+                    StateReadError::new(key, format!("the live plugin's state: {e}"))
+                })? {
                     Some(e) if e.operation == kv::Operation::Put => Some(e.value.to_vec()),
                     _ => None,
                 },

@@ -38,7 +38,7 @@ use committer::Command;
 
 use crate::config::StateConfig;
 use crate::event::Emitted;
-use crate::state::{CommittedState, StateChange, Versioned};
+use crate::state::{CommittedState, StateChange, StateReadError, Versioned};
 
 /// The bucket of `plugin`: `<prefix>_<plugin>`.
 pub fn bucket_name(config: &StateConfig, plugin: &str) -> String {
@@ -332,7 +332,7 @@ impl PluginStore {
 
     /// The value of `key` a run should see: a pending write, else the
     /// committed value; and what to record as read.
-    pub async fn read(&self, key: &str) -> anyhow::Result<(Versioned, Read)> {
+    pub async fn read(&self, key: &str) -> Result<(Versioned, Read), StateReadError> {
         if let Some(PendingWrite { value, by }) = self.pending.get(key) {
             return Ok((Versioned { value, revision: 0 }, Read::Pending(by)));
         }
@@ -352,7 +352,7 @@ impl PluginStore {
 }
 
 impl CommittedState for PluginStore {
-    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, anyhow::Result<Versioned>> {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Versioned, StateReadError>> {
         Box::pin(async move {
             if let Some(cached) = self.cache.get(key) {
                 return Ok(cached);
@@ -361,7 +361,7 @@ impl CommittedState for PluginStore {
                 .kv
                 .entry(format!("s.{key}"))
                 .await
-                .with_context(|| format!("state get {key}"))?;
+                .map_err(|e| StateReadError::new(key, e))?;
             let versioned = match entry {
                 None => Versioned {
                     value: None,
