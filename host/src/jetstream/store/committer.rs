@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::blocks::{Block, Scope, id_key};
 use super::cache::StateCache;
-use super::{Commit, CommitRequest, DoneOutboxes, PendingWrites, Read};
+use super::{Commit, CommitError, CommitRequest, DoneOutboxes, PendingWrites, Read};
 use crate::state::StateChange;
 
 /// Messages in one group, well inside the server's 1,000 per atomic batch.
@@ -55,7 +55,7 @@ const IDLE_CLEANUP: Duration = Duration::from_millis(500);
 /// JetStream's "wrong last sequence" error: a guarded subject moved.
 const WRONG_LAST_SEQUENCE: u64 = 10071;
 
-type Reply = oneshot::Sender<anyhow::Result<Commit>>;
+type Reply = oneshot::Sender<Result<Commit, CommitError>>;
 
 pub(super) enum Command {
     Commit(CommitRequest, Reply),
@@ -323,7 +323,7 @@ impl Committer {
         &mut self,
         group: &mut Group,
         waiting: Waiting,
-    ) -> Result<Admission, (Waiting, anyhow::Error)> {
+    ) -> Result<Admission, (Waiting, CommitError)> {
         let keys: Vec<String> = waiting
             .request
             .events
@@ -501,7 +501,7 @@ impl Committer {
 
     /// Answer a request, and withdraw its pending writes: they are either
     /// committed now (and in the cache) or never will be.
-    fn answer(&self, waiting: Waiting, answer: anyhow::Result<Commit>) {
+    fn answer(&self, waiting: Waiting, answer: Result<Commit, CommitError>) {
         self.settings
             .pending
             .settle(waiting.request.id, &waiting.request.writes);
@@ -509,7 +509,7 @@ impl Committer {
     }
 
     /// Make sure the block `key` is known, reading it if not.
-    async fn load_block(&mut self, key: &str) -> anyhow::Result<()> {
+    async fn load_block(&mut self, key: &str) -> Result<(), CommitError> {
         if self.blocks.contains_key(key) {
             return Ok(());
         }
@@ -524,17 +524,17 @@ impl Committer {
         Ok(())
     }
 
-    async fn read_block(&self, key: &str) -> anyhow::Result<Known> {
+    async fn read_block(&self, key: &str) -> Result<Known, CommitError> {
         let entry = self
             .settings
             .kv
             .entry(key)
             .await
-            .map_err(|e| anyhow::anyhow!("reading done block {key}: {e}"))?;
+            .map_err(|e| CommitError::Store(format!("reading done block {key}: {e}")))?;
         Ok(match entry {
             Some(e) if e.operation == kv::Operation::Put => Known {
                 block: Block::decode(&e.value)
-                    .map_err(|e| anyhow::anyhow!("decoding done block {key}: {e}"))?,
+                    .map_err(|e| CommitError::Store(format!("decoding done block {key}: {e}")))?,
                 revision: e.revision,
             },
             Some(e) => Known {
@@ -650,11 +650,10 @@ impl Committer {
                     }
                 }
             }
-            Err(StoreError::Other(e)) => {
+            Err(StoreError::Other(message)) => {
                 // The outcome is unknown (a timeout may hide a success):
                 // forget what the group touched, and let every event of it
                 // be retried; a redelivery finds whatever did commit.
-                let message = format!("{e:#}");
                 for key in group.writes.keys() {
                     self.settings.cache.forget(key);
                 }
@@ -663,7 +662,7 @@ impl Committer {
                 }
                 self.settle(&mut group, false);
                 for member in std::mem::take(&mut group.members) {
-                    self.answer(member, Err(anyhow::anyhow!("{message}")));
+                    self.answer(member, Err(CommitError::Store(message.clone())));
                 }
             }
         }
@@ -820,12 +819,12 @@ fn block_index(key: &str) -> u64 {
 
 enum StoreError {
     WrongLastSequence,
-    Other(anyhow::Error),
+    Other(String),
 }
 
 /// Store `writes` as one unit; the stream sequence of the last one.
 async fn store(client: &async_nats::Client, writes: &[Write]) -> Result<u64, StoreError> {
-    let other = |e: &dyn std::fmt::Display| StoreError::Other(anyhow::anyhow!("{e}"));
+    let other = |e: &dyn std::fmt::Display| StoreError::Other(e.to_string());
     if let [one] = writes {
         let response = client
             .request_with_headers(
@@ -890,25 +889,23 @@ struct ApiError {
 }
 
 fn check_ack(payload: &[u8], batch: Option<(&str, usize)>) -> Result<u64, StoreError> {
-    let ack: PubAck = serde_json::from_slice(payload).map_err(|e| {
-        StoreError::Other(anyhow::anyhow!("unreadable commit acknowledgement: {e}"))
-    })?;
+    let ack: PubAck = serde_json::from_slice(payload)
+        .map_err(|e| StoreError::Other(format!("unreadable commit acknowledgement: {e}")))?;
     if let Some(error) = ack.error {
         if error.err_code == WRONG_LAST_SEQUENCE {
             return Err(StoreError::WrongLastSequence);
         }
-        return Err(StoreError::Other(anyhow::anyhow!(
+        return Err(StoreError::Other(format!(
             "commit refused: {} (error code {})",
-            error.description,
-            error.err_code
+            error.description, error.err_code
         )));
     }
     if let Some((id, count)) = batch
         && (ack.batch.as_deref() != Some(id) || ack.count != Some(count))
     {
-        return Err(StoreError::Other(anyhow::anyhow!(
-            "commit acknowledged a different batch"
-        )));
+        return Err(StoreError::Other(
+            "commit acknowledged a different batch".into(),
+        ));
     }
     Ok(ack.seq)
 }

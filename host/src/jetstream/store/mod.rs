@@ -173,17 +173,29 @@ pub enum Commit {
     },
 }
 
+/// A commit that failed. It may or may not have been stored (an
+/// acknowledgement can be lost); the events are retried, and a redelivery
+/// finds whatever did commit.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommitError {
+    /// The plugin's commit task is gone (the pipeline is stopping).
+    #[error("the commit task of this plugin has stopped")]
+    Stopped,
+    /// The server did not answer, refused the batch, or a done block
+    /// could not be read.
+    #[error("{0}")]
+    Store(String),
+}
+
 /// A commit queued by [`PluginStore::submit`].
-pub struct Submitted(Option<oneshot::Receiver<anyhow::Result<Commit>>>);
+pub struct Submitted(Option<oneshot::Receiver<Result<Commit, CommitError>>>);
 
 impl Submitted {
     /// What became of it.
-    pub async fn outcome(self) -> anyhow::Result<Commit> {
+    pub async fn outcome(self) -> Result<Commit, CommitError> {
         match self.0 {
             None => Ok(Commit::Committed),
-            Some(answer) => answer
-                .await
-                .context("the commit task of this plugin has stopped")?,
+            Some(answer) => answer.await.map_err(|_| CommitError::Stopped)?,
         }
     }
 }
@@ -285,13 +297,13 @@ impl PluginStore {
 
     /// Commit a run's effects and done marks atomically. Without
     /// idempotency only state changes are committed.
-    pub async fn commit(&self, request: CommitRequest) -> anyhow::Result<Commit> {
+    pub async fn commit(&self, request: CommitRequest) -> Result<Commit, CommitError> {
         self.submit(request)?.outcome().await
     }
 
     /// Queue a run's commit: from now on other runs read its writes as
     /// pending. The outcome is awaited separately.
-    pub fn submit(&self, mut request: CommitRequest) -> anyhow::Result<Submitted> {
+    pub fn submit(&self, mut request: CommitRequest) -> Result<Submitted, CommitError> {
         if !self.idempotency {
             request.events.clear();
         }
@@ -324,7 +336,7 @@ impl PluginStore {
                 .send(Command::Commit(request, reply))
                 .is_err()
             {
-                anyhow::bail!("the commit task of this plugin has stopped");
+                return Err(CommitError::Stopped);
             }
         }
         Ok(Submitted(Some(answer)))
