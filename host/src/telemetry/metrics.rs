@@ -378,28 +378,8 @@ impl Metrics {
     /// and alerts see it from its first scrape rather than from its first
     /// failure.
     pub fn start_version(&self, plugin: &str, version: &str) {
-        let labels = version_labels(plugin, version);
-        for family in [
-            &self.processed,
-            &self.retried,
-            &self.rejected,
-            &self.duplicates,
-            &self.host_errors,
-        ] {
-            let _ = family.get_or_create(&labels);
-        }
-        let _ = self.handler_duration.get_or_create(&labels);
-        let _ = self.publish_to_ack.get_or_create(&labels);
-        for reason in OutcomeKind::failures() {
-            let _ =
-                self.dead_lettered
-                    .get_or_create(&reason_labels(plugin, version, reason.as_str()));
-        }
-        for reason in TerminationReason::ALL {
-            let _ = self
-                .terminated
-                .get_or_create(&reason_labels(plugin, version, reason.as_str()));
-        }
+        // Resolving the per-event series creates them.
+        let _ = self.series(plugin, version);
         for limit in LimitHit::ALL {
             let _ = self
                 .limit_hits
@@ -537,6 +517,25 @@ fn reason_labels(plugin: &str, version: &str, reason: &str) -> ReasonLabels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_started_version_exports_every_series_at_zero() {
+        let m = Metrics::new();
+        m.start_version("fraud", "abc");
+        let text = m.encode();
+        for line in [
+            r#"weir_events_processed_total{plugin="fraud",version="abc"} 0"#,
+            r#"weir_events_dead_lettered_total{plugin="fraud",version="abc",reason="trap"} 0"#,
+            r#"weir_events_terminated_total{plugin="fraud",version="abc",reason="dead_letter_loop"} 0"#,
+            r#"weir_limit_hits_total{plugin="fraud",version="abc",reason="memory"} 0"#,
+            r#"weir_publish_to_ack_seconds_count{plugin="fraud",version="abc"} 0"#,
+            r#"weir_handler_duration_seconds_count{plugin="fraud",version="abc"} 0"#,
+            r#"weir_events_in_flight{plugin="fraud"} 0"#,
+            r#"weir_plugin_load_failures_total{plugin="fraud"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
 
     #[test]
     fn counts_are_labelled_by_plugin_and_version() {
