@@ -6,7 +6,6 @@
 //! compiler settings, CPU features), so an upgrade or a different machine
 //! never loads an artifact it cannot run.
 
-use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
@@ -15,24 +14,17 @@ use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-/// Whether a load was served from the cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheStatus {
-    /// Compiled code was read from the cache.
-    Hit,
-    /// The component was compiled (and cached).
-    Miss,
-    /// Caching is off: the component was compiled.
-    Disabled,
-}
+use crate::labels::labelled;
 
-impl fmt::Display for CacheStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            CacheStatus::Hit => "hit",
-            CacheStatus::Miss => "miss",
-            CacheStatus::Disabled => "disabled",
-        })
+labelled! {
+    /// Whether a load was served from the cache.
+    pub enum CacheStatus {
+        /// Compiled code was read from the cache.
+        Hit => "hit",
+        /// The component was compiled (and cached).
+        Miss => "miss",
+        /// Caching is off: the component was compiled.
+        Disabled => "disabled",
     }
 }
 

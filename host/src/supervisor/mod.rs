@@ -68,7 +68,7 @@ impl Supervisor {
         let scanner = Scanner::new(config.plugins.dir.clone(), config.plugins.max_wasm_mb << 20);
         // Read before any plugin starts, so a missing token file stops
         // start-up instead of leaving a host that cannot be controlled.
-        let authority = crate::supervisor::control::Authority {
+        let authority = control::Authority {
             control: config.control.token()?,
             admin: config.admin.bearer_token()?,
         };
@@ -150,7 +150,7 @@ impl Supervisor {
             ));
         }
         if inner.config.plugins.watch {
-            background.push(crate::supervisor::watch::spawn(
+            background.push(watch::spawn(
                 inner.config.plugins.dir.clone(),
                 Handle::new(inner.clone()),
             )?);

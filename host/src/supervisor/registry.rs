@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::scan::{Fingerprint, Found};
+use crate::labels::labelled;
 use crate::sandbox::plugin::Plugin;
 use crate::telemetry::plugin_stats::{PluginStats, StatsSnapshot};
 
@@ -51,25 +52,17 @@ impl LoadFailure {
     }
 }
 
-/// Whether a plugin is serving events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PluginStatus {
-    /// Serving events.
-    Running,
-    /// Its stream or consumer is gone; it resumes when they are back.
-    Stalled,
-    /// No version of it could be loaded.
-    Failed,
-}
-
-impl std::fmt::Display for PluginStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            PluginStatus::Running => "running",
-            PluginStatus::Stalled => "stalled",
-            PluginStatus::Failed => "failed",
-        })
+labelled! {
+    /// Whether a plugin is serving events.
+    #[derive(serde::Serialize, serde::Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum PluginStatus {
+        /// Serving events.
+        Running => "running",
+        /// Its stream or consumer is gone; it resumes when they are back.
+        Stalled => "stalled",
+        /// No version of it could be loaded.
+        Failed => "failed",
     }
 }
 
@@ -156,4 +149,21 @@ pub(super) async fn stop(name: &str, running: Running) {
     }
     let _ = running.lag_poller.await;
     let _ = running.generation_watch.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PluginStatus;
+
+    #[test]
+    fn a_status_is_sent_as_it_is_shown() {
+        for status in PluginStatus::ALL {
+            let sent = serde_json::to_value(status).unwrap();
+            assert_eq!(sent, status.as_str());
+            assert_eq!(
+                serde_json::from_value::<PluginStatus>(sent).unwrap(),
+                *status
+            );
+        }
+    }
 }
