@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use futures::StreamExt;
 use weir_integration_tests::{
-    TestEnv, count, header, hostile_stream_with_short_dedup, metric, one_delivery, publish_all,
-    read_stream, wait_until,
+    TestEnv, count, header, hostile_stream_with_short_dedup, http_get, metric, one_delivery,
+    publish_all, read_stream, wait_until,
 };
 
 const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
@@ -102,9 +102,7 @@ async fn a_handler_slower_than_the_ack_wait_is_not_redelivered() {
         Duration::from_secs(5),
         "the lag gauge to show it",
         || async {
-            let text = weir_integration_tests::http_get(&admin, "/metrics", None)
-                .unwrap()
-                .1;
+            let text = http_get(&admin, "/metrics", None).unwrap().1;
             metric(
                 &text,
                 "weir_consumer_ack_pending_messages",
@@ -213,9 +211,7 @@ async fn deadline_and_memory_cap_end_in_dead_letters() {
     })
     .await;
     let admin = env.host(0).admin_addr();
-    let metrics = weir_integration_tests::http_get(&admin, "/metrics", None)
-        .unwrap()
-        .1;
+    let metrics = http_get(&admin, "/metrics", None).unwrap().1;
     for (limit, reason) in [("deadline", "deadline"), ("memory", "out_of_memory")] {
         assert_eq!(
             metric(
@@ -307,9 +303,7 @@ async fn a_done_mark_expires_after_done_ttl() {
     assert_eq!(env.plugin_counter(0, "brief", "processed"), 2);
     assert_eq!(env.plugin_counter(0, "brief", "duplicates"), 1);
     let admin = env.host(0).admin_addr();
-    let metrics = weir_integration_tests::http_get(&admin, "/metrics", None)
-        .unwrap()
-        .1;
+    let metrics = http_get(&admin, "/metrics", None).unwrap().1;
     assert_eq!(
         metric(
             &metrics,
