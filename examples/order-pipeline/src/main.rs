@@ -169,9 +169,15 @@ async fn rush_hour(client: &async_nats::Client, js: &jetstream::Context) -> anyh
         heading.push_str(&format!("  {plugin:>14}"));
     }
     println!("{heading}\n  (per plugin: processed / failed / lag)");
+    // A line every half second, however long the control request takes.
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
+        tick.tick().await;
+        // The host answers at once; the request then waits out its window
+        // for other hosts, so the counters are as of when it was sent.
+        let at = started.elapsed().as_secs_f64();
         let (_, now) = plugin_counters(client).await?;
-        let mut line = format!("  {:>4.1}s", started.elapsed().as_secs_f64());
+        let mut line = format!("  {at:>4.1}s");
         let mut done = true;
         for (plugin, _) in PLUGINS {
             let (b, n) = (before[plugin], now[plugin]);
@@ -183,9 +189,7 @@ async fn rush_hour(client: &async_nats::Client, js: &jetstream::Context) -> anyh
             line.push_str(&format!("  {cell:>14}"));
             let drained = processed >= RUSH_ORDERS as u64 && lag == 0;
             if drained {
-                drained_after
-                    .entry(plugin)
-                    .or_insert_with(|| started.elapsed().as_secs_f64());
+                drained_after.entry(plugin).or_insert(at);
             }
             done &= drained;
         }
@@ -196,7 +200,6 @@ async fn rush_hour(client: &async_nats::Client, js: &jetstream::Context) -> anyh
         if started.elapsed() > Duration::from_secs(120) {
             bail!("the rush-hour burst was not worked off within 120 s");
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     println!("\n  plugin          drained after      rate");
     for (plugin, language) in PLUGINS {
