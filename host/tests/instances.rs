@@ -142,3 +142,44 @@ fn the_host_memory_budget_ends_a_call_as_a_host_error_and_is_given_back() {
     assert_eq!(bomb.handle(event("hostile.in", "ok")).outcome, Outcome::Ok);
     assert!(sandbox.guest_memory() <= 48 << 20);
 }
+
+/// Committed state that cannot be read, as when the bucket is out of reach.
+struct Unreachable;
+
+impl weir::state::CommittedState for Unreachable {
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<weir::state::Versioned, weir::state::StateReadError>>
+    {
+        Box::pin(async move {
+            Err(weir::state::StateReadError::new(
+                key,
+                "no responders available for request",
+            ))
+        })
+    }
+}
+
+#[test]
+fn a_state_read_that_fails_ends_the_call_as_a_host_error_and_discards_the_instance() {
+    let plugin = hostile_with(|_| {}).plugin().clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let invocation = runtime.block_on(plugin.invoke(
+        &event("hostile.in", "count"),
+        std::sync::Arc::new(Unreachable),
+    ));
+    match &invocation.outcome {
+        Outcome::HostError { message } => assert_eq!(
+            message,
+            "state store unavailable: reading state key count: no responders available for request"
+        ),
+        other => panic!("expected a host error, got {other:?}"),
+    }
+    assert!(invocation.emitted.is_empty() && invocation.state_changes.is_empty());
+    // A host failure may have left the guest anywhere: its instance goes.
+    assert_eq!(plugin.instance_stats().idle, 0);
+}

@@ -152,6 +152,13 @@ async fn weir_dev_starts_a_replicated_cluster() {
     })
     .await;
     assert_replicated_three_ways(&js).await;
+    // Stopped as an operator stops it, `weir dev` takes its cluster down
+    // with it (a kill -9 at the end of the test left three servers behind).
+    assert!(host.terminate().success(), "{}", host.log_text());
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "a cluster node still listens after weir dev stopped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
