@@ -175,18 +175,14 @@ pub async fn publish(
     timeout: Duration,
 ) -> Result<u64, DeadLetterError> {
     let event = letter.event;
-    let mut own = Vec::new();
-    for h in &event.headers {
-        // The original id would collide with the dead letter's own dedup
-        // id; the trace context is replaced by the failing span's.
-        let replaced = h
-            .key
-            .eq_ignore_ascii_case(async_nats::header::NATS_MESSAGE_ID.as_ref())
-            || propagation::is_replaced(&h.key, &letter.trace);
-        if !replaced {
-            own.push((h.key.clone(), h.value.clone()));
-        }
-    }
+    // The original id would collide with the dead letter's own dedup id.
+    let own = propagation::carried(&event.headers, &letter.trace)
+        .filter(|h| {
+            !h.key
+                .eq_ignore_ascii_case(async_nats::header::NATS_MESSAGE_ID.as_ref())
+        })
+        .map(|h| (h.key.clone(), h.value.clone()))
+        .collect();
     let now = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();

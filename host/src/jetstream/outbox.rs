@@ -69,10 +69,8 @@ pub async fn publish(
         let (event, trace) = (out.event, out.trace);
         for (index, emitted) in out.emitted.iter().enumerate() {
             let mut headers = HeaderMap::new();
-            for h in &emitted.headers {
-                if !propagation::is_replaced(&h.key, trace) {
-                    headers.append(h.key.as_str(), h.value.as_str());
-                }
+            for h in propagation::carried(&emitted.headers, trace) {
+                headers.append(h.key.as_str(), h.value.as_str());
             }
             for (k, v) in trace {
                 headers.insert(k.as_str(), v.as_str());

@@ -8,7 +8,7 @@ use opentelemetry::trace::TraceContextExt;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::event::Event;
+use crate::event::{Event, Header};
 
 /// The W3C trace-context header that carries the trace and parent span.
 pub const TRACEPARENT: &str = "traceparent";
@@ -20,12 +20,17 @@ pub fn is_trace_header(key: &str) -> bool {
     key.eq_ignore_ascii_case(TRACEPARENT) || key.eq_ignore_ascii_case(TRACESTATE)
 }
 
-/// Whether a header `key` copied onto a published message (from what the
-/// plugin emitted, or from the event being dead-lettered) gives way to the
-/// host's `trace` headers: the host's context, when it has one, is the
-/// only one.
-pub fn is_replaced(key: &str, trace: &[(String, String)]) -> bool {
-    !trace.is_empty() && is_trace_header(key)
+/// The `headers` a published message carries over (from what the plugin
+/// emitted, or from the event being dead-lettered) when the host adds its
+/// own `trace` headers: the host's trace context, when it has one, is the
+/// only one, so a copied `traceparent` or `tracestate` gives way to it.
+pub fn carried<'a>(
+    headers: &'a [Header],
+    trace: &'a [(String, String)],
+) -> impl Iterator<Item = &'a Header> {
+    headers
+        .iter()
+        .filter(move |h| trace.is_empty() || !is_trace_header(&h.key))
 }
 
 struct EventHeaders<'a>(&'a Event);
@@ -127,9 +132,29 @@ mod tests {
         assert!(is_trace_header("Traceparent"));
         assert!(is_trace_header("TRACESTATE"));
         assert!(!is_trace_header("trace"));
+    }
+
+    #[test]
+    fn copied_trace_headers_give_way_to_the_hosts() {
+        let header = |key: &str, value: &str| Header {
+            key: key.to_owned(),
+            value: value.to_owned(),
+        };
+        let copied = [
+            header("TraceParent", "theirs"),
+            header("Customer-Id", "c-1"),
+        ];
         let ours = vec![(TRACEPARENT.to_owned(), PARENT.to_owned())];
-        assert!(is_replaced("TraceParent", &ours));
-        assert!(!is_replaced("TraceParent", &[]));
-        assert!(!is_replaced("Customer-Id", &ours));
+        let keys = |trace| {
+            carried(&copied, trace)
+                .map(|h| h.key.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&ours), ["Customer-Id"]);
+        assert_eq!(
+            keys(&[]),
+            ["TraceParent", "Customer-Id"],
+            "with no trace of the host's own, the copied context stays"
+        );
     }
 }
