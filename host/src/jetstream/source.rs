@@ -332,11 +332,18 @@ pub fn malformed_headers(message: &jetstream::Message) -> Option<&[u8]> {
     message.headers.as_ref().and_then(|h| h.malformed())
 }
 
+/// A message with no JetStream delivery info (its reply subject is not an
+/// ack subject): there is nothing to ack or retry it with.
+#[derive(Debug, thiserror::Error)]
+#[error("not a JetStream delivery: {0}")]
+pub struct NotADelivery(String);
+
 /// The event a JetStream message carries, delivered from `incarnation`.
-pub fn to_event(message: &jetstream::Message, incarnation: &Incarnation) -> anyhow::Result<Event> {
-    let info = message
-        .info()
-        .map_err(|e| anyhow::anyhow!("not a JetStream delivery: {e}"))?;
+pub fn to_event(
+    message: &jetstream::Message,
+    incarnation: &Incarnation,
+) -> Result<Event, NotADelivery> {
+    let info = message.info().map_err(|e| NotADelivery(e.to_string()))?;
     let headers: Vec<Header> = message
         .headers
         .iter()

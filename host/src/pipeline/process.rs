@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use crate::event::{Emitted, Event};
 use crate::jetstream::dlq::{self, DeadLetter};
-use crate::jetstream::outbox::Outgoing;
+use crate::jetstream::outbox::{Outgoing, PublishError};
 use crate::jetstream::source;
 use crate::jetstream::store::{Commit, CommitRequest, EventEffects, PluginStore, Read, Scope};
 use crate::outcome::{Outcome, OutcomeKind};
@@ -334,7 +334,7 @@ impl Run<'_> {
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        let disposition = self.host_error(&delivery, e).await;
+                        let disposition = self.host_error(&delivery, &e).await;
                         self.settle(&delivery, disposition);
                         continue;
                     }
@@ -458,11 +458,8 @@ impl Run<'_> {
                 (Vec::new(), Vec::new(), false)
             }
             Err(e) => {
-                let message = format!("{e:#}");
                 for s in succeeded {
-                    let disposition = self
-                        .host_error(&s.delivery, anyhow::anyhow!("{message}"))
-                        .await;
+                    let disposition = self.host_error(&s.delivery, &e).await;
                     self.settle(&s.delivery, disposition);
                 }
                 (Vec::new(), Vec::new(), false)
@@ -488,22 +485,11 @@ impl Run<'_> {
                 trace,
             })
             .collect();
-        let published = crate::jetstream::outbox::publish(
-            &self.ctx.js,
-            self.plugin.name(),
-            self.plugin.version().as_str(),
-            self.generation,
-            &outgoing,
-            self.ctx.publish_timeout,
-        )
-        .await;
+        let published = self.publish(&outgoing).await;
         if let Err(e) = published {
             // Committed, so a redelivery re-publishes from the outbox.
-            let message = e.to_string();
             for s in &committed {
-                let disposition = self
-                    .host_error(&s.delivery, anyhow::anyhow!("{message}"))
-                    .await;
+                let disposition = self.host_error(&s.delivery, &e).await;
                 self.settle(&s.delivery, disposition);
             }
             return;
@@ -516,6 +502,20 @@ impl Run<'_> {
         self.ctx.store.published(&self.scope, with_outputs);
         self.ack_all(committed.iter().map(|s| &s.delivery), Disposition::Acked)
             .await;
+    }
+
+    /// Publish outputs as this plugin version and generation, and wait
+    /// until JetStream stored each.
+    async fn publish(&self, outgoing: &[Outgoing<'_>]) -> Result<(), PublishError> {
+        crate::jetstream::outbox::publish(
+            &self.ctx.js,
+            self.plugin.name(),
+            self.plugin.version().as_str(),
+            self.generation,
+            outgoing,
+            self.ctx.publish_timeout,
+        )
+        .await
     }
 
     /// Acknowledge processed events. The acks are not confirmed: a lost
@@ -548,15 +548,7 @@ impl Run<'_> {
             emitted: &outbox,
             trace: &trace,
         }];
-        let published = crate::jetstream::outbox::publish(
-            &self.ctx.js,
-            self.plugin.name(),
-            self.plugin.version().as_str(),
-            self.generation,
-            &outgoing,
-            self.ctx.publish_timeout,
-        )
-        .await;
+        let published = self.publish(&outgoing).await;
         match published {
             Ok(()) => {
                 if !outbox.is_empty() {
@@ -568,7 +560,7 @@ impl Run<'_> {
                     .await;
             }
             Err(e) => {
-                let disposition = self.host_error(&delivery, e.into()).await;
+                let disposition = self.host_error(&delivery, &e).await;
                 self.settle(&delivery, disposition);
             }
         }
@@ -617,15 +609,19 @@ impl Run<'_> {
     /// backoff. Host failures count toward `max-deliveries` like any other,
     /// so one that repeats on the same event (a subject no stream captures,
     /// say) ends in a dead letter naming it instead of looping.
-    async fn host_error(&self, delivery: &Delivery, e: anyhow::Error) -> Disposition {
+    async fn host_error(
+        &self,
+        delivery: &Delivery,
+        e: &(dyn std::fmt::Display + Sync),
+    ) -> Disposition {
         if delivery.event.attempt >= self.plugin.manifest().retry.max_deliveries {
             let outcome = Outcome::HostError {
-                message: format!("{e:#}"),
+                message: e.to_string(),
             };
             return self.dead_letter(delivery, &outcome, None).await;
         }
         let delay = backoff(self.plugin, delivery.event.attempt);
-        tracing::warn!(parent: &delivery.span, attempt = delivery.event.attempt, "effects not durable, retrying in {delay:?}: {e:#}");
+        tracing::warn!(parent: &delivery.span, attempt = delivery.event.attempt, "effects not durable, retrying in {delay:?}: {e}");
         ack(
             &delivery.message,
             AckKind::Nak(Some(delay)),

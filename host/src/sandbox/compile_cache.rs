@@ -9,7 +9,6 @@
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
@@ -75,7 +74,7 @@ impl CompileCache {
         &self,
         engine: &Engine,
         wasm: &[u8],
-    ) -> anyhow::Result<(Component, CacheStatus)> {
+    ) -> wasmtime::Result<(Component, CacheStatus)> {
         let Some(dir) = &self.dir else {
             return Ok((Component::new(engine, wasm)?, CacheStatus::Disabled));
         };
@@ -97,33 +96,50 @@ impl CompileCache {
     }
 }
 
-fn read_artifact(engine: &Engine, path: &Path) -> anyhow::Result<Option<Component>> {
+/// Why a cache entry could not be used or kept. Either way the plugin is
+/// compiled instead; the error is only logged.
+#[derive(Debug, thiserror::Error)]
+enum ArtifactError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("truncated artifact")]
+    Truncated,
+    #[error("checksum mismatch")]
+    Checksum,
+    #[error(transparent)]
+    Wasmtime(#[from] wasmtime::Error),
+    #[error(transparent)]
+    Persist(#[from] tempfile::PersistError),
+}
+
+fn read_artifact(engine: &Engine, path: &Path) -> Result<Option<Component>, ArtifactError> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    anyhow::ensure!(bytes.len() > CHECKSUM_LEN, "truncated artifact");
+    if bytes.len() <= CHECKSUM_LEN {
+        return Err(ArtifactError::Truncated);
+    }
     let (checksum, artifact) = bytes.split_at(CHECKSUM_LEN);
-    anyhow::ensure!(
-        Sha256::digest(artifact).as_slice() == checksum,
-        "checksum mismatch"
-    );
+    if Sha256::digest(artifact).as_slice() != checksum {
+        return Err(ArtifactError::Checksum);
+    }
     Ok(Some(deserialize(engine, artifact)?))
 }
 
 #[allow(unsafe_code)]
-fn deserialize(engine: &Engine, artifact: &[u8]) -> anyhow::Result<Component> {
+fn deserialize(engine: &Engine, artifact: &[u8]) -> wasmtime::Result<Component> {
     // SAFETY: `artifact` was produced by `Component::serialize` of an engine
     // with the same compatibility hash (it is in the directory name), written
     // by `write_artifact` below under its checksum, which was verified just
     // now. Wasmtime additionally checks the header and engine settings.
-    Ok(unsafe { Component::deserialize(engine, artifact) }?)
+    unsafe { Component::deserialize(engine, artifact) }
 }
 
-fn write_artifact(component: &Component, dir: &Path, path: &Path) -> anyhow::Result<()> {
+fn write_artifact(component: &Component, dir: &Path, path: &Path) -> Result<(), ArtifactError> {
     let artifact = component.serialize()?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir)?;
     // Write beside the target and rename: readers see the whole file or none.
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     std::io::Write::write_all(&mut tmp, &Sha256::digest(&artifact))?;

@@ -210,6 +210,17 @@ pub struct PluginStore {
     committer: mpsc::UnboundedSender<Command>,
 }
 
+/// The done marks of a redelivered event could not be read, so whether it
+/// was already committed is unknown: the event is retried as a host error.
+#[derive(Debug, thiserror::Error)]
+#[error("reading done marks {key}: {message}")]
+pub struct DoneReadError {
+    /// The done block's key.
+    pub key: String,
+    /// What went wrong.
+    pub message: String,
+}
+
 impl PluginStore {
     /// Open the plugin's bucket, creating it on first use, with atomic
     /// batches and per-message TTLs enabled on its stream.
@@ -284,12 +295,24 @@ impl PluginStore {
     }
 
     /// The committed outbox of event `seq` of `scope`, if it is done.
-    pub async fn done(&self, scope: &Scope, seq: u64) -> anyhow::Result<Option<Vec<Emitted>>> {
+    pub async fn done(
+        &self,
+        scope: &Scope,
+        seq: u64,
+    ) -> Result<Option<Vec<Emitted>>, DoneReadError> {
         let key = scope.block_key(seq);
-        let entry = self.kv.entry(&key).await.context("reading done marks")?;
+        let error = |message: String| DoneReadError {
+            key: key.clone(),
+            message,
+        };
+        let entry = self
+            .kv
+            .entry(&key)
+            .await
+            .map_err(|e| error(e.to_string()))?;
         match entry {
             Some(e) if e.operation == kv::Operation::Put => Ok(blocks::Block::decode(&e.value)
-                .context("decoding a done block")?
+                .map_err(|e| error(format!("decoding: {e}")))?
                 .outbox(seq)),
             _ => Ok(None),
         }
