@@ -234,7 +234,8 @@ impl Default for StateConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct AdminConfig {
-    /// Serve the endpoint (default true).
+    /// Serve the endpoint (default true when weir is built with its
+    /// `admin` feature, as the `weir` binary is; false otherwise).
     pub enabled: bool,
     /// Loopback by default: the endpoint shows plugin names and counters,
     /// so exposing it further is a deliberate choice (with a token).
@@ -249,7 +250,7 @@ pub struct AdminConfig {
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
-            enabled: true,
+            enabled: cfg!(feature = "admin"),
             listen: "127.0.0.1:9464".into(),
             token: None,
             token_file: None,

@@ -11,6 +11,7 @@
 
 pub mod bindings;
 pub mod config;
+#[cfg(feature = "dev")]
 pub mod dev;
 pub mod event;
 pub mod jetstream;

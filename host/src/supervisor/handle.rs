@@ -10,7 +10,6 @@ use tokio_util::sync::CancellationToken;
 use super::reconcile::Core;
 use super::registry::{PluginInfo, stop};
 use crate::manifest::Manifest;
-use crate::telemetry::Metrics;
 
 /// A plugin removed by [`Handle::remove`].
 #[derive(Debug, Clone)]
@@ -44,12 +43,14 @@ impl Handle {
         self.0.shutdown.clone()
     }
 
-    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+    #[cfg(feature = "admin")]
+    pub(crate) fn metrics(&self) -> &Arc<crate::telemetry::Metrics> {
         &self.0.metrics
     }
 
     /// Why the host is not ready to process events, if it is not: NATS is
     /// unreachable, or a plugin in the directory could not be loaded.
+    #[cfg(feature = "admin")]
     pub(crate) async fn unready_reasons(&self) -> Vec<String> {
         let mut reasons = Vec::new();
         let state = self.0.client.connection_state();

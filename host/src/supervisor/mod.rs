@@ -7,6 +7,7 @@
 //! runs at start-up, on every (debounced) change the watcher reports, and
 //! every [`watch::RESCAN_INTERVAL`] in case a change notification was missed.
 
+#[cfg(feature = "admin")]
 pub mod admin;
 pub mod control;
 mod handle;
@@ -116,13 +117,21 @@ impl Supervisor {
             })
         };
         let mut background = vec![restarter];
-        let mut admin_addr = None;
-        if inner.config.admin.enabled {
-            let (task, addr) =
-                admin::spawn(&inner.config.admin, Handle::new(inner.clone())).await?;
-            background.push(task);
-            admin_addr = Some(addr);
-        }
+        let admin_addr = match inner.config.admin.enabled {
+            false => None,
+            #[cfg(feature = "admin")]
+            true => {
+                let (task, addr) =
+                    admin::spawn(&inner.config.admin, Handle::new(inner.clone())).await?;
+                background.push(task);
+                Some(addr)
+            }
+            #[cfg(not(feature = "admin"))]
+            true => anyhow::bail!(
+                "admin.enabled is set, but this build of weir has no admin endpoint \
+                 (the `admin` feature is off)"
+            ),
+        };
         background.push(
             control::spawn_responder(
                 Handle::new(inner.clone()),

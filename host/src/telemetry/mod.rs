@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod plugin_stats;
 pub mod propagation;
 pub mod spans;
+#[cfg(feature = "subscriber")]
 pub mod subscriber;
 
 pub use metrics::{ConsumerLag, Counted, Metrics};
