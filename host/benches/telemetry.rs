@@ -17,7 +17,13 @@ use weir::event::Header;
 use weir::telemetry::{propagation, spans};
 
 fn one_delivery(event: &Event) -> Vec<(String, String)> {
-    let span = spans::consumer("fraud", "0123456789ab", 0, event, "ORDERS");
+    let span = spans::consumer(
+        "fraud",
+        "0123456789ab",
+        || "weir-fraud".to_owned(),
+        event,
+        "ORDERS",
+    );
     let _entered = span.enter();
     {
         let call = spans::invoke(&span, "fraud");

@@ -192,7 +192,7 @@ fn delivery(
     let span = spans::consumer(
         plugin.name(),
         plugin.version().as_str(),
-        incarnation.generation.number,
+        || incarnation.generation.durable_name(plugin.name()),
         &event,
         &stream,
     );

@@ -17,7 +17,7 @@ use crate::manifest::Manifest;
 use crate::pipeline::{self, PipelineContext};
 use crate::sandbox::Sandbox;
 use crate::sandbox::plugin::Plugin;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, PluginStats};
 
 /// How long to wait for JetStream to store a published output or dead letter.
 pub(super) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -288,7 +288,7 @@ impl Core {
             config.ack_wait(),
             plugin.manifest().concurrency,
             self.metrics.clone(),
-            Arc::new(self.metrics.plugin_stats(&name)),
+            Arc::new(PluginStats::of(&self.metrics, &name)),
         ));
         let stats = ctx.stats.clone();
         tracing::info!(

@@ -7,7 +7,8 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::PullConsumer;
 use tokio_util::sync::CancellationToken;
 
-use super::{ConsumerLag, Metrics, PluginStats};
+use super::metrics::{ConsumerLag, Metrics};
+use super::plugin_stats::PluginStats;
 
 /// Poll `consumer`'s info every `every` until `stop`, publishing the lag to
 /// the plugin's stats and the metrics. While the server is unreachable the

@@ -183,6 +183,14 @@ impl VersionSeries {
     }
 }
 
+/// A served plugin's consumer-lag gauges, set from [`ConsumerLag`].
+#[derive(Debug)]
+pub(crate) struct LagGauges {
+    pub(crate) pending: Gauge,
+    pub(crate) ack_pending: Gauge,
+    pub(crate) redelivered: Gauge,
+}
+
 /// A plugin's consumer as the server reports it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConsumerLag {
@@ -425,13 +433,13 @@ impl Metrics {
             .inc();
     }
 
-    /// The gauges one served plugin updates, and the view of its counters
-    /// that `/plugins` shows.
-    pub fn plugin_stats(&self, plugin: &str) -> super::PluginStats {
+    /// The gauges one served plugin updates: events in flight, and its
+    /// consumer's lag.
+    pub(crate) fn plugin_gauges(&self, plugin: &str) -> (Gauge, LagGauges) {
         let labels = plugin_labels(plugin);
-        super::PluginStats::new(
+        (
             self.in_flight.get_or_create_owned(&labels),
-            super::plugin_stats::LagGauges {
+            LagGauges {
                 pending: self.pending.get_or_create_owned(&labels),
                 ack_pending: self.ack_pending.get_or_create_owned(&labels),
                 redelivered: self.redelivered.get_or_create_owned(&labels),
@@ -546,11 +554,8 @@ mod tests {
         series.dead_lettered(OutcomeKind::Reject);
         series.handler_duration(Duration::from_millis(3));
         series.publish_to_ack(Duration::from_millis(4));
-        m.plugin_stats("fraud").set_lag(ConsumerLag {
-            pending: 7,
-            ack_pending: 2,
-            redelivered: 1,
-        });
+        let (_, lag) = m.plugin_gauges("fraud");
+        lag.pending.set(7);
         let text = m.encode();
         assert!(
             text.contains(r#"weir_events_processed_total{plugin="fraud",version="abc"} 2"#),

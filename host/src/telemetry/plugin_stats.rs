@@ -7,15 +7,7 @@ use std::sync::Mutex;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::latency::LatencySnapshot;
-use super::metrics::{ConsumerLag, Totals, VersionSeries};
-
-/// A served plugin's gauges.
-#[derive(Debug)]
-pub(crate) struct LagGauges {
-    pub(crate) pending: Gauge,
-    pub(crate) ack_pending: Gauge,
-    pub(crate) redelivered: Gauge,
-}
+use super::metrics::{ConsumerLag, LagGauges, Metrics, Totals, VersionSeries};
 
 /// What happened to the events one pipeline of a plugin received.
 #[derive(Debug)]
@@ -77,7 +69,10 @@ fn gauge_value(gauge: &Gauge) -> u64 {
 }
 
 impl PluginStats {
-    pub(crate) fn new(in_flight: Gauge, lag: LagGauges) -> Self {
+    /// The view of `plugin`'s counters that `/plugins` shows, and the
+    /// gauges its pipeline updates, all in `metrics`.
+    pub fn of(metrics: &Metrics, plugin: &str) -> Self {
+        let (in_flight, lag) = metrics.plugin_gauges(plugin);
         PluginStats {
             versions: Mutex::new(Vec::new()),
             in_flight,
@@ -163,6 +158,7 @@ impl PluginStats {
 mod tests {
     use std::time::Duration;
 
+    use super::PluginStats;
     use crate::outcome::OutcomeKind;
     use crate::telemetry::metrics::{Counted, Metrics, TerminationReason};
 
@@ -172,7 +168,7 @@ mod tests {
         let v1 = metrics.series("p", "v1");
         v1.count(Counted::Processed);
         // A pipeline started after that event does not report it...
-        let stats = metrics.plugin_stats("p");
+        let stats = PluginStats::of(&metrics, "p");
         stats.serve(&v1);
         v1.count(Counted::Processed);
         v1.dead_lettered(OutcomeKind::Reject);

@@ -11,10 +11,12 @@ use crate::event::Event;
 /// `plugin`, `version` and `event_id` fields also tag every log line
 /// written while handling the event, the plugin's own included. Record
 /// `otel.status_code = "ERROR"` on it when the event fails for good.
+/// `consumer_group` names the durable consumer; it is only asked for when
+/// the span is recorded.
 pub fn consumer(
     plugin: &str,
     version: &str,
-    generation: u64,
+    consumer_group: impl FnOnce() -> String,
     event: &Event,
     stream: &str,
 ) -> tracing::Span {
@@ -40,10 +42,7 @@ pub fn consumer(
         ("messaging.operation.type", "process".to_owned()),
         ("messaging.operation.name", "process".to_owned()),
         ("messaging.destination.name", event.subject.clone()),
-        (
-            "messaging.consumer.group.name",
-            crate::jetstream::generation::durable_name(plugin, generation),
-        ),
+        ("messaging.consumer.group.name", consumer_group()),
         ("messaging.message.id", event.id.clone()),
         ("weir.stream", stream.to_owned()),
     ] {
