@@ -525,24 +525,10 @@ impl Committer {
     }
 
     async fn read_block(&self, key: &str) -> Result<Known, CommitError> {
-        let entry = self
-            .settings
-            .kv
-            .entry(key)
+        let (block, revision) = super::read_block(&self.settings.kv, key)
             .await
-            .map_err(|e| CommitError::Store(format!("reading done block {key}: {e}")))?;
-        Ok(match entry {
-            Some(e) if e.operation == kv::Operation::Put => Known {
-                block: Block::decode(&e.value)
-                    .map_err(|e| CommitError::Store(format!("decoding done block {key}: {e}")))?,
-                revision: e.revision,
-            },
-            Some(e) => Known {
-                block: Block::default(),
-                revision: e.revision,
-            },
-            None => Known::default(),
-        })
+            .map_err(|e| CommitError::Store(e.to_string()))?;
+        Ok(Known { block, revision })
     }
 
     /// The messages of `group`, in the order they are sent.

@@ -221,6 +221,24 @@ pub struct DoneReadError {
     pub message: String,
 }
 
+/// The done block stored at `key` and its revision: an empty block when
+/// there is none (revision 0) or it was deleted.
+async fn read_block(kv: &kv::Store, key: &str) -> Result<(blocks::Block, u64), DoneReadError> {
+    let error = |message: String| DoneReadError {
+        key: key.to_owned(),
+        message,
+    };
+    let entry = kv.entry(key).await.map_err(|e| error(e.to_string()))?;
+    Ok(match entry {
+        Some(e) if e.operation == kv::Operation::Put => (
+            blocks::Block::decode(&e.value).map_err(|e| error(format!("decoding: {e}")))?,
+            e.revision,
+        ),
+        Some(e) => (blocks::Block::default(), e.revision),
+        None => (blocks::Block::default(), 0),
+    })
+}
+
 impl PluginStore {
     /// Open the plugin's bucket, creating it on first use, with atomic
     /// batches and per-message TTLs enabled on its stream.
@@ -300,22 +318,8 @@ impl PluginStore {
         scope: &Scope,
         seq: u64,
     ) -> Result<Option<Vec<Emitted>>, DoneReadError> {
-        let key = scope.block_key(seq);
-        let error = |message: String| DoneReadError {
-            key: key.clone(),
-            message,
-        };
-        let entry = self
-            .kv
-            .entry(&key)
-            .await
-            .map_err(|e| error(e.to_string()))?;
-        match entry {
-            Some(e) if e.operation == kv::Operation::Put => Ok(blocks::Block::decode(&e.value)
-                .map_err(|e| error(format!("decoding: {e}")))?
-                .outbox(seq)),
-            _ => Ok(None),
-        }
+        let (block, _) = read_block(&self.kv, &scope.block_key(seq)).await?;
+        Ok(block.outbox(seq))
     }
 
     /// Commit a run's effects and done marks atomically. Without
