@@ -60,7 +60,7 @@ impl Run {
 /// Publish `payloads` at `rate` to the running fraud plugin and return the
 /// p50 and p99 of its publish-to-ack latency over them.
 pub async fn weir_latency(
-    js: &jetstream::Context,
+    url: &str,
     stats: &PluginStats,
     subject: &str,
     payloads: &[String],
@@ -68,7 +68,7 @@ pub async fn weir_latency(
 ) -> (Option<Duration>, Option<Duration>) {
     let latency_before = stats.ack_latency();
     let before = stats.snapshot().processed;
-    paced_publish(js, subject, payloads, rate).await;
+    paced_publish(url, subject, payloads, rate).await;
     while stats.snapshot().processed < before + payloads.len() as u64 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -210,14 +210,37 @@ pub async fn baseline_latency(
     while confirming.join_next().await.is_some() {}
 }
 
-/// Publish `payloads` on `subject` at `rate` per second in 1 ms ticks; acks
-/// are awaited by a separate task so the pacing never stalls on them.
-pub async fn paced_publish(
-    js: &jetstream::Context,
-    subject: &str,
-    payloads: &[String],
-    rate: usize,
-) {
+/// Publish `payloads` on `subject` at `rate` per second in 1 ms ticks;
+/// acks are awaited by a separate task so the pacing never stalls on them.
+///
+/// The producer runs on a thread and connection of its own, as a separate
+/// service would: on the benchmark's runtime it would share worker threads
+/// with the host under test, and a host whose guests keep those busy would
+/// make the offered load bursty (its ticks late, then caught up at once).
+pub async fn paced_publish(url: &str, subject: &str, payloads: &[String], rate: usize) {
+    let (url, subject, payloads) = (url.to_owned(), subject.to_owned(), payloads.to_vec());
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // A cluster's URLs come comma-separated.
+            let client = async_nats::ConnectOptions::new()
+                .connect(url.split(',').collect::<Vec<_>>())
+                .await
+                .unwrap();
+            let js = jetstream::new(client.clone());
+            publish_at(&js, &subject, &payloads, rate).await;
+            client.flush().await.unwrap();
+        });
+        let _ = done.send(());
+    });
+    finished.await.expect("the producer thread panicked");
+}
+
+async fn publish_at(js: &jetstream::Context, subject: &str, payloads: &[String], rate: usize) {
     let (tx, mut rx) =
         tokio::sync::mpsc::unbounded_channel::<jetstream::context::PublishAckFuture>();
     let waiter = tokio::spawn(async move {

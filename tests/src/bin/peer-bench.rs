@@ -167,6 +167,7 @@ async fn weir_drain(dir: &Path, url: &str, plugin: &str, n: usize) -> f64 {
     config.admin.listen = "127.0.0.1:0".into();
     let started = Instant::now();
     let host = Supervisor::start(config).await.unwrap();
+    let ready = Instant::now();
     let stats = host.stats(plugin).await.unwrap();
     while stats.snapshot().processed < n as u64 {
         assert!(
@@ -177,8 +178,10 @@ async fn weir_drain(dir: &Path, url: &str, plugin: &str, n: usize) -> f64 {
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
     println!(
-        "  weir + {plugin}: {rate:.0} events/s, mean plugin call {:.1} µs",
-        mean_call_us(&host.metrics().encode())
+        "  weir + {plugin}: {rate:.0} events/s, mean plugin call {:.1} µs, start-up {:.0} ms, {:.0} events/s after it",
+        mean_call_us(&host.metrics().encode()),
+        (ready - started).as_secs_f64() * 1e3,
+        n as f64 / ready.elapsed().as_secs_f64(),
     );
     host.shutdown().await;
     rate

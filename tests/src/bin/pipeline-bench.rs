@@ -9,8 +9,10 @@
 //!
 //! ```sh
 //! cargo xtask build
-//! cargo run --release -p weir-integration-tests --bin pipeline-bench -- [EVENTS] [RATE]
+//! cargo run --release -p weir-integration-tests --bin pipeline-bench -- [EVENTS] [RATE] [ROWS]
 //! ```
+//!
+//! `ROWS` keeps only the rows whose label contains it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark fails by panicking
 
@@ -140,13 +142,13 @@ async fn main() {
     let Some((host, stats, subject)) = latency_host else {
         return;
     };
-    let unloaded = weir_latency(&js, &stats, &subject, &orders[..count], rate).await;
+    let unloaded = weir_latency(&server.url(), &stats, &subject, &orders[..count], rate).await;
     // The same host and plugin again, now sharing the host with a plugin
     // whose 16 calls spin until their deadline: what fair sharing of the
     // guest CPU has to protect.
     let spin_window = Duration::from_secs_f64(count as f64 / rate as f64);
     start_spinners(&js, &host, &dir.path().join("plugins-2"), spin_window).await;
-    let neighboured = weir_latency(&js, &stats, &subject, &orders[..count], rate).await;
+    let neighboured = weir_latency(&server.url(), &stats, &subject, &orders[..count], rate).await;
     host.shutdown().await;
 
     let base_latency = LatencyHistogram::default();
@@ -156,7 +158,7 @@ async fn main() {
         .await
         .unwrap();
     let consumer_task = tokio::spawn(baseline_latency(consumer, count, base_latency.clone()));
-    paced_publish(&js, "base.orders", &orders[..count], rate).await;
+    paced_publish(&server.url(), "base.orders", &orders[..count], rate).await;
     consumer_task.await.unwrap();
 
     let ms = |d: Option<Duration>| {

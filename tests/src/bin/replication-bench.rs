@@ -158,7 +158,7 @@ async fn measure(dir: &Path, url: &str, replicas: usize, events: usize, rate: us
     .await;
     println!("  R{replicas}: weir + fraud {fraud:.0} events/s");
     let count = (rate * 10).min(events);
-    let (p50, p99) = weir_latency(&js, &stats, "bench.fraud.c-0", &orders[..count], rate).await;
+    let (p50, p99) = weir_latency(url, &stats, "bench.fraud.c-0", &orders[..count], rate).await;
     host.shutdown().await;
 
     let tally_run = Run {
