@@ -187,6 +187,14 @@ pub struct RuntimeConfig {
     /// goes to the waiting plugin that has used the least guest CPU.
     /// Default: one per core.
     pub max_running_guest_calls: Option<usize>,
+    /// Run the guest code of calls that compute past an epoch tick at the
+    /// OS's idle priority (`SCHED_IDLE`), so nats-server and the host's own
+    /// I/O pre-empt them at once. Off by default: such calls then get only
+    /// CPU nothing else wants, so a heavy plugin on a busy machine slows
+    /// down (and may reach its deadline). Linux only; needs `CAP_SYS_NICE`
+    /// or an `RLIMIT_NICE` of 20, without which the host says so and keeps
+    /// normal priority.
+    pub idle_long_calls: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -197,6 +205,7 @@ impl Default for RuntimeConfig {
             ack_wait_ms: 30_000,
             max_guest_memory_mb: crate::sandbox::DEFAULT_MEMORY_BUDGET_MB,
             max_running_guest_calls: None,
+            idle_long_calls: false,
         }
     }
 }
@@ -626,6 +635,7 @@ mod tests {
             subjects = ["orders.>"]
             [runtime]
             shutdown-grace-ms = 100
+            idle-long-calls = true
             [admin]
             listen = "0.0.0.0:9000"
             token-file = "secrets/admin-token"
@@ -653,6 +663,8 @@ mod tests {
         assert_eq!(c.telemetry.otlp_protocol, OtlpProtocol::HttpJson);
         assert_eq!(c.telemetry.otlp_headers["x-api-key"], "k");
         assert_eq!(c.telemetry.service_name, "weir");
+        assert!(c.runtime.idle_long_calls);
+        assert!(!RuntimeConfig::default().idle_long_calls);
     }
 
     #[test]

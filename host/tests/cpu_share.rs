@@ -115,3 +115,90 @@ async fn a_spinning_event_does_not_stall_its_own_plugin() {
     .unwrap();
     all_hit_their_deadline(spinning).await;
 }
+
+/// The scheduling policy of every thread of this process, from
+/// /proc/self/task/<tid>/stat (field 41).
+#[cfg(target_os = "linux")]
+fn thread_policies() -> Vec<u32> {
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        // A thread may end between listing and reading.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the command name, which is in parentheses and may
+        // hold spaces; the state is field 3.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        policies.push(rest.split(' ').nth(41 - 3).unwrap().parse().unwrap());
+    }
+    policies
+}
+
+/// Whether some thread runs at `SCHED_IDLE` (5), looked for over `window`.
+#[cfg(target_os = "linux")]
+async fn some_thread_idle_within(window: Duration) -> bool {
+    let until = std::time::Instant::now() + window;
+    while std::time::Instant::now() < until {
+        if thread_policies().contains(&5) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    false
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_calls_compute_at_idle_priority_and_give_their_threads_back() {
+    let mut config = SandboxConfig::with_default_cache();
+    config.running_guest_calls = 1;
+    config.idle_long_calls = true;
+    let sandbox = Sandbox::new(config).unwrap();
+    if !sandbox.idle_long_calls() {
+        eprintln!("skipped: this process may not switch threads back from SCHED_IDLE");
+        return;
+    }
+    // Short calls never change their thread's policy.
+    let fraud = sandbox.load(Path::new(FRAUD)).unwrap();
+    let serving = tokio::spawn(async move {
+        for i in 0..2_000 {
+            let order = format!(
+                r#"{{"order_id":"{i}","customer_id":"c-1","amount_cents":4599,"country":"NL","items":[]}}"#
+            );
+            fraud
+                .invoke(&event("orders.placed", order), memory_state())
+                .await;
+        }
+    });
+    assert!(!some_thread_idle_within(Duration::from_millis(300)).await);
+    serving.await.unwrap();
+    // A call that computes past its first tick does, while its guest runs.
+    let mut manifest = Manifest::load(&Manifest::path_for(Path::new(HOSTILE))).unwrap();
+    manifest.limits.timeout_ms = 600;
+    let spinner = sandbox
+        .load_with_manifest(Path::new(HOSTILE), manifest)
+        .unwrap();
+    let spinning = tokio::spawn(async move {
+        spinner
+            .invoke(&event("hostile.in", "loop"), memory_state())
+            .await
+            .outcome
+    });
+    assert!(some_thread_idle_within(Duration::from_millis(400)).await);
+    let outcome = spinning.await.unwrap();
+    assert!(matches!(outcome, Outcome::Deadline { .. }), "{outcome:?}");
+    // Ended by its deadline, it left no thread at idle priority.
+    assert!(!thread_policies().contains(&5), "{:?}", thread_policies());
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_calls_keep_normal_priority_by_default() {
+    let sandbox = sandbox(2);
+    assert!(!sandbox.idle_long_calls());
+    let spinning = spin(&spinner(&sandbox), 2).await;
+    assert!(!some_thread_idle_within(Duration::from_millis(300)).await);
+    for call in spinning {
+        call.abort();
+    }
+}

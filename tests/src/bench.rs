@@ -112,6 +112,8 @@ pub async fn weir_drain(
     config.state.idempotency = run.idempotency;
     config.state.replicas = replicas;
     config.dead_letter.replicas = replicas;
+    // `runtime.idle-long-calls`, for measuring what it does to a neighbour.
+    config.runtime.idle_long_calls = std::env::var_os("BENCH_IDLE_LONG_CALLS").is_some();
     // The latency row's host outlives the rows after it: every host gets
     // its own port.
     config.admin.listen = "127.0.0.1:0".into();

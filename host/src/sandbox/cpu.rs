@@ -50,6 +50,9 @@ pub struct CpuShare {
     /// callback of every running call.
     waiting: AtomicUsize,
     turns: Mutex<Turns>,
+    /// Whether long calls run their guest code at idle priority
+    /// ([`super::idle`]).
+    idle_when_long: bool,
 }
 
 #[derive(Debug, Default)]
@@ -103,8 +106,10 @@ impl Turns {
 }
 
 impl CpuShare {
-    /// `slots` guest calls may run at once; at least one.
-    pub fn new(slots: usize) -> Arc<Self> {
+    /// `slots` guest calls may run at once; at least one. With
+    /// `idle_when_long`, long calls run at idle priority where the process
+    /// may do that ([`super::idle`]).
+    pub fn new(slots: usize, idle_when_long: bool) -> Arc<Self> {
         let slots = slots.max(1);
         Arc::new(CpuShare {
             origin: Instant::now(),
@@ -113,7 +118,13 @@ impl CpuShare {
                 free: slots,
                 ..Turns::default()
             }),
+            idle_when_long: idle_when_long && super::idle::available(),
         })
+    }
+
+    /// Whether long calls run at idle priority.
+    pub fn idle_when_long(&self) -> bool {
+        self.idle_when_long
     }
 
     /// The default number of turns: one per core.
@@ -263,6 +274,12 @@ impl TurnHandle {
         held_for >= SLICE_NS || share.wanted_by_others(&inner.plugin)
     }
 
+    /// Whether this call's guest code should run at idle priority once it
+    /// proves long (see [`super::idle`]).
+    pub fn idle_when_long(&self) -> bool {
+        self.0.share.idle_when_long
+    }
+
     /// Give the turn up and wait for it again: for the epoch callback,
     /// which cannot await.
     pub fn pass(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
@@ -386,7 +403,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_freed_turn_goes_to_the_plugin_that_used_least() {
-        let share = CpuShare::new(2);
+        let share = CpuShare::new(2, false);
         let (spin, fraud) = (name("spin"), name("fraud"));
         let a = share.turn(&spin).await;
         let b = share.turn(&spin).await;
@@ -425,7 +442,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_turn_alternates_between_plugins() {
-        let share = CpuShare::new(1);
+        let share = CpuShare::new(1, false);
         let (spin, fraud) = (name("spin"), name("fraud"));
         let running = share.turn(&spin).await;
         let mut spinners = Vec::new();
@@ -453,7 +470,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cancelled_waiter_loses_no_turn() {
-        let share = CpuShare::new(1);
+        let share = CpuShare::new(1, false);
         let p = name("p");
         let held = share.turn(&p).await;
         let waiter = queue(&share, &p);
@@ -472,7 +489,7 @@ mod tests {
 
     #[tokio::test]
     async fn passing_hands_the_turn_to_a_waiting_plugin() {
-        let share = CpuShare::new(1);
+        let share = CpuShare::new(1, false);
         let (spin, other) = (name("spin"), name("other"));
         let spinning = share.turn(&spin).await;
         let handle = spinning.handle();

@@ -82,6 +82,8 @@ pub struct CallContext {
     pub(crate) deadline: Instant,
     /// The running call's turn on the guest CPU.
     pub(crate) turn: Option<TurnHandle>,
+    /// Epoch ticks the current call has reached while running guest code.
+    pub(crate) ticks: u32,
     pub(crate) outbox: Vec<Emitted>,
     pub(crate) pending: PendingState,
     /// Revision of each key when this call first read it from the store.
@@ -109,6 +111,7 @@ impl CallContext {
         CallContext {
             wasi,
             table: ResourceTable::new(),
+            ticks: 0,
             limiter: Limiter::new(ctx.limits.memory_bytes(), ctx.budget.clone()),
             ctx,
             committed,
@@ -137,6 +140,7 @@ impl CallContext {
         self.event_id.push_str(event_id);
         self.deadline = deadline;
         self.turn = Some(turn);
+        self.ticks = 0;
         self.committed = committed;
         self.outbox.clear();
         self.pending = PendingState::default();

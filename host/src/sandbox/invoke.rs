@@ -1,13 +1,15 @@
 //! Running one call and turning whatever happened into an [`Outcome`].
 
 use std::collections::BTreeMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::{Store, UpdateDeadline};
 
 use super::budget::HostMemoryExhausted;
-use super::cpu::Turn;
+use super::cpu::{Turn, TurnHandle};
+use super::idle;
 use super::imports::{CallContext, LogLevel, LogLine, PluginContext, StateUnavailable};
 use super::instances::{Instance, InstancePool};
 use super::limits::{DeadlineExceeded, MemoryLimitExceeded};
@@ -48,24 +50,38 @@ fn new_store(
 ) -> Store<CallContext> {
     let mut store = Store::new(pre.engine(), CallContext::new(ctx.clone(), state));
     store.limiter(|s| &mut s.limiter);
-    store.epoch_deadline_callback(|ctx| {
-        let data = ctx.data();
+    store.epoch_deadline_callback(|mut ctx| {
+        // The guest stopped at a tick: the turn's bookkeeping and whatever
+        // the runtime runs next on this thread run at normal priority.
+        idle::restore();
+        let data = ctx.data_mut();
+        data.ticks += 1;
         if Instant::now() >= data.deadline {
             return Err(wasmtime::Error::new(DeadlineExceeded));
         }
-        match &data.turn {
+        let wait: Pin<Box<dyn Future<Output = ()> + Send>> = match &data.turn {
             // Another plugin's call waits for the guest CPU: let it have this turn.
-            Some(turn) if turn.wanted() => Ok(UpdateDeadline::YieldCustom(1, turn.pass())),
+            Some(turn) if turn.wanted() => turn.pass(),
             // Yield anyway, so the host's own tasks queued on this thread
             // (acks, pulls) are not held up behind a guest that never
             // calls the host. Tokio's `yield_now` goes to the back of the
             // queue; the plain `Yield` wakes the task at once, and tokio
             // may poll it again before anything else.
-            _ => Ok(UpdateDeadline::YieldCustom(
-                1,
-                Box::pin(tokio::task::yield_now()),
-            )),
-        }
+            _ => Box::pin(tokio::task::yield_now()),
+        };
+        // A call still running at its second tick computes for long: its
+        // guest code goes on at idle priority (see `sandbox::idle`).
+        let long = data.ticks >= 2 && data.turn.as_ref().is_some_and(TurnHandle::idle_when_long);
+        Ok(UpdateDeadline::YieldCustom(
+            1,
+            match long {
+                false => wait,
+                true => Box::pin(async move {
+                    wait.await;
+                    idle::demote();
+                }),
+            },
+        ))
     });
     store
 }
@@ -105,7 +121,8 @@ pub(crate) async fn invoke(
             start_call(&mut store, event, deadline, &turn, state.clone());
             pool.created();
             tracing::debug!(plugin = %ctx.name, "new instance");
-            match tokio::time::timeout_at(hard_stop, pre.instantiate_async(&mut store)).await {
+            let instantiating = idle::restoring(pre.instantiate_async(&mut store));
+            match tokio::time::timeout_at(hard_stop, instantiating).await {
                 Ok(Ok(world)) => Instance {
                     store,
                     world,
@@ -120,10 +137,12 @@ pub(crate) async fn invoke(
     let wit_event = event.to_wit();
     let result = tokio::time::timeout_at(
         hard_stop,
-        instance
-            .world
-            .weir_plugin_handler()
-            .call_handle(&mut instance.store, &wit_event),
+        idle::restoring(
+            instance
+                .world
+                .weir_plugin_handler()
+                .call_handle(&mut instance.store, &wit_event),
+        ),
     )
     .await;
     // Only a call that returned leaves the instance in a state fit for
@@ -145,6 +164,8 @@ fn finish(
     timeout: Duration,
     started: Instant,
 ) -> Invocation {
+    // A call that ended while its guest ran at idle priority.
+    idle::restore();
     let outcome = match result {
         Err(_elapsed) => Outcome::Deadline { limit: timeout },
         Ok(Ok(Ok(()))) => Outcome::Ok,

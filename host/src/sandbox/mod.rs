@@ -10,6 +10,7 @@ pub(crate) mod budget;
 pub mod compile_cache;
 pub(crate) mod cpu;
 mod engine;
+pub(crate) mod idle;
 pub(crate) mod imports;
 pub(crate) mod instances;
 mod invoke;
@@ -50,6 +51,10 @@ pub struct SandboxConfig {
     /// Guest calls that may run at once, shared fairly between plugins;
     /// 0 means one per core.
     pub running_guest_calls: usize,
+    /// Run the guest code of calls that compute past one epoch tick at
+    /// the OS's idle priority, where the process may (see
+    /// [`Sandbox::idle_long_calls`]).
+    pub idle_long_calls: bool,
 }
 
 /// The default host-wide guest memory budget (`runtime.max-guest-memory-mb`).
@@ -67,6 +72,7 @@ impl SandboxConfig {
             cache_dir: dir.map(|d| d.join("compiled")),
             memory_budget_bytes: DEFAULT_MEMORY_BUDGET_MB << 20,
             running_guest_calls: 0,
+            idle_long_calls: false,
         }
     }
 }
@@ -137,16 +143,26 @@ impl Sandbox {
             linker,
             cache,
             budget: Arc::new(budget::MemoryBudget::new(config.memory_budget_bytes)),
-            cpu: cpu::CpuShare::new(match config.running_guest_calls {
-                0 => cpu::CpuShare::default_slots(),
-                n => n,
-            }),
+            cpu: cpu::CpuShare::new(
+                match config.running_guest_calls {
+                    0 => cpu::CpuShare::default_slots(),
+                    n => n,
+                },
+                config.idle_long_calls,
+            ),
         })
     }
 
     /// The engine every plugin is compiled for.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// Whether long guest calls run at idle priority: asked for, and this
+    /// process may switch a thread to `SCHED_IDLE` and back (that needs
+    /// `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20).
+    pub fn idle_long_calls(&self) -> bool {
+        self.cpu.idle_when_long()
     }
 
     /// Guest linear memory held by live instances now, in bytes.

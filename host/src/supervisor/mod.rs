@@ -65,7 +65,15 @@ impl Supervisor {
         }
         sandbox_config.memory_budget_bytes = config.runtime.max_guest_memory_mb << 20;
         sandbox_config.running_guest_calls = config.runtime.max_running_guest_calls.unwrap_or(0);
+        sandbox_config.idle_long_calls = config.runtime.idle_long_calls;
         let sandbox = Arc::new(Sandbox::new(sandbox_config)?);
+        if config.runtime.idle_long_calls && !sandbox.idle_long_calls() {
+            tracing::warn!(
+                "long guest calls run at normal priority: this process may not switch a thread \
+                 back from SCHED_IDLE (grant CAP_SYS_NICE or set RLIMIT_NICE to 20, e.g. \
+                 systemd's LimitNICE=20, to let other work pre-empt them)"
+            );
+        }
         let scanner = Scanner::new(config.plugins.dir.clone(), config.plugins.max_wasm_mb << 20);
         // Read before any plugin starts, so a missing token file stops
         // start-up instead of leaving a host that cannot be controlled.

@@ -12,7 +12,9 @@
 //! cargo run --release -p weir-integration-tests --bin pipeline-bench -- [EVENTS] [RATE] [ROWS]
 //! ```
 //!
-//! `ROWS` keeps only the rows whose label contains it.
+//! `ROWS` keeps only the rows whose label contains it. With
+//! `BENCH_IDLE_LONG_CALLS=1` the hosts run long guest calls at idle
+//! priority (`runtime.idle-long-calls`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark fails by panicking
 
