@@ -419,3 +419,51 @@ async fn the_admin_endpoint_answers_while_a_plugin_compiles() {
         "no admin request was answered during the compile"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_done_block_that_cannot_be_read_ends_its_redelivered_event_in_a_dead_letter() {
+    let mut env = TestEnv::new(STREAMS);
+    hostile(&env, "hostile", |m| m);
+    env.start_host();
+    let js = env.jetstream().await;
+    // A committed event leaves a done block behind.
+    publish_all(&js, "hostile.in", &["ok".to_owned()], None).await;
+    drained(&js, "HOSTILE", "hostile").await;
+    let bucket = js.get_key_value("weir_state_hostile").await.unwrap();
+    let keys: Vec<String> = futures::StreamExt::collect::<Vec<_>>(bucket.keys().await.unwrap())
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .filter(|k| k.starts_with("d."))
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    bucket
+        .put(&keys[0], b"\xff\xff\xff not a done block".to_vec().into())
+        .await
+        .unwrap();
+
+    // Redelivered, the next event of the block must learn whether it was
+    // done already; nothing can tell, so it is neither run again nor lost.
+    publish_all(&js, "hostile.in", &["retry".to_owned()], None).await;
+    drained(&js, "HOSTILE", "hostile").await;
+    let letters = read_stream(&js, "WEIR_DLQ", ">").await;
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(header(letter, "Weir-Dlq-Reason"), Some("host_error"));
+    let error = header(letter, "Weir-Dlq-Error").unwrap();
+    assert!(
+        error.contains("reading done marks") && error.contains("decoding"),
+        "{error}"
+    );
+    assert_eq!(letter.payload.as_ref(), b"retry");
+    let exposition = metrics(&mut env);
+    assert_eq!(
+        metric(
+            &exposition,
+            "weir_events_host_errors_total",
+            &[("plugin", "hostile")]
+        ),
+        1.0,
+        "the second attempt's failed read; the third is the dead letter"
+    );
+}
