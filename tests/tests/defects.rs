@@ -22,6 +22,15 @@ fn hostile(env: &TestEnv, name: &str, edit: impl FnOnce(String) -> String) {
     env.install("test-guests/hostile", name, edit);
 }
 
+/// A host serving the hostile guest as it ships, on [`STREAMS`].
+async fn hostile_host() -> (TestEnv, jetstream::Context) {
+    let mut env = TestEnv::new(STREAMS);
+    hostile(&env, "hostile", |m| m);
+    env.start_host();
+    let js = env.jetstream().await;
+    (env, js)
+}
+
 async fn drained(js: &jetstream::Context, stream: &str, plugin: &str) {
     wait_until(WAIT, &format!("{plugin} to settle everything"), || async {
         consumer_backlog(js, stream, plugin).await == (0, 0)
@@ -34,6 +43,22 @@ fn metrics(env: &mut TestEnv) -> String {
     http_get(&admin, "/metrics", None).unwrap().1
 }
 
+/// The host errors counted for the hostile plugin.
+fn host_errors(env: &mut TestEnv) -> f64 {
+    metric(
+        &metrics(env),
+        "weir_events_host_errors_total",
+        &[("plugin", "hostile")],
+    )
+}
+
+/// The one dead letter there is.
+async fn only_dead_letter(js: &jetstream::Context) -> jetstream::Message {
+    let mut letters = read_stream(js, "WEIR_DLQ", ">").await;
+    assert_eq!(letters.len(), 1);
+    letters.remove(0)
+}
+
 fn readyz(env: &mut TestEnv) -> (u16, String) {
     let admin = env.host(0).admin_addr();
     http_get(&admin, "/readyz", None).unwrap()
@@ -41,10 +66,7 @@ fn readyz(env: &mut TestEnv) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_headers_are_dead_lettered_raw_and_the_connection_survives() {
-    let mut env = TestEnv::new(STREAMS);
-    hostile(&env, "hostile", |m| m);
-    env.start_host();
-    let js = env.jetstream().await;
+    let (mut env, js) = hostile_host().await;
     let url = env.server.url();
     let malformed: [&[u8]; 3] = [
         b"NATS/1.0\r\nX-Bad: \xff\xfe\r\n\r\n",
@@ -97,10 +119,7 @@ async fn malformed_headers_are_dead_lettered_raw_and_the_connection_survives() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_letter_too_large_for_the_server_is_cut_to_fit() {
-    let mut env = TestEnv::new(STREAMS);
-    hostile(&env, "hostile", |m| m);
-    env.start_host();
-    let js = env.jetstream().await;
+    let (mut env, js) = hostile_host().await;
     // An unknown command is rejected with its text in the reason.
     let huge = "x".repeat(1_048_000);
     publish_all(&js, "hostile.in", &[huge, "echo".to_owned()], None).await;
@@ -127,10 +146,7 @@ async fn a_dead_letter_too_large_for_the_server_is_cut_to_fit() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outbox_too_large_for_one_message_is_dead_lettered() {
-    let mut env = TestEnv::new(STREAMS);
-    hostile(&env, "hostile", |m| m);
-    env.start_host();
-    let js = env.jetstream().await;
+    let (mut env, js) = hostile_host().await;
     // Each emit is within max-emit-bytes; both together cannot be committed.
     publish_all(
         &js,
@@ -167,9 +183,7 @@ async fn a_host_error_that_repeats_ends_in_a_dead_letter() {
     publish_all(&js, "hostile.in", &["echo".to_owned()], None).await;
     drained(&js, "HOSTILE", "hostile").await;
 
-    let letters = read_stream(&js, "WEIR_DLQ", ">").await;
-    assert_eq!(letters.len(), 1);
-    let letter = &letters[0];
+    let letter = &only_dead_letter(&js).await;
     assert_eq!(header(letter, "Weir-Dlq-Reason"), Some("host_error"));
     assert_eq!(
         header(letter, "Weir-Dlq-Attempts"),
@@ -183,13 +197,8 @@ async fn a_host_error_that_repeats_ends_in_a_dead_letter() {
         "{:?}",
         header(letter, "Weir-Dlq-Error")
     );
-    let exposition = metrics(&mut env);
     assert_eq!(
-        metric(
-            &exposition,
-            "weir_events_host_errors_total",
-            &[("plugin", "hostile")]
-        ),
+        host_errors(&mut env),
         2.0,
         "two host errors before the dead letter"
     );
@@ -422,10 +431,7 @@ async fn the_admin_endpoint_answers_while_a_plugin_compiles() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_done_block_that_cannot_be_read_ends_its_redelivered_event_in_a_dead_letter() {
-    let mut env = TestEnv::new(STREAMS);
-    hostile(&env, "hostile", |m| m);
-    env.start_host();
-    let js = env.jetstream().await;
+    let (mut env, js) = hostile_host().await;
     // A committed event leaves a done block behind.
     publish_all(&js, "hostile.in", &["ok".to_owned()], None).await;
     drained(&js, "HOSTILE", "hostile").await;
@@ -446,9 +452,7 @@ async fn a_done_block_that_cannot_be_read_ends_its_redelivered_event_in_a_dead_l
     // done already; nothing can tell, so it is neither run again nor lost.
     publish_all(&js, "hostile.in", &["retry".to_owned()], None).await;
     drained(&js, "HOSTILE", "hostile").await;
-    let letters = read_stream(&js, "WEIR_DLQ", ">").await;
-    assert_eq!(letters.len(), 1);
-    let letter = &letters[0];
+    let letter = &only_dead_letter(&js).await;
     assert_eq!(header(letter, "Weir-Dlq-Reason"), Some("host_error"));
     let error = header(letter, "Weir-Dlq-Error").unwrap();
     assert!(
@@ -456,13 +460,8 @@ async fn a_done_block_that_cannot_be_read_ends_its_redelivered_event_in_a_dead_l
         "{error}"
     );
     assert_eq!(letter.payload.as_ref(), b"retry");
-    let exposition = metrics(&mut env);
     assert_eq!(
-        metric(
-            &exposition,
-            "weir_events_host_errors_total",
-            &[("plugin", "hostile")]
-        ),
+        host_errors(&mut env),
         1.0,
         "the second attempt's failed read; the third is the dead letter"
     );
