@@ -189,9 +189,10 @@ pub struct RuntimeConfig {
     pub max_running_guest_calls: Option<usize>,
     /// Run the guest code of calls that compute past an epoch tick at the
     /// OS's idle priority (`SCHED_IDLE`), so nats-server and the host's own
-    /// I/O pre-empt them at once. Off by default: such calls then get only
-    /// CPU nothing else wants, so a heavy plugin on a busy machine slows
-    /// down (and may reach its deadline). Linux only; needs `CAP_SYS_NICE`
+    /// I/O pre-empt them at once (a thread starved there for 1 ms gets its
+    /// normal priority back until its next tick). Off by default: such
+    /// calls then get the CPU mostly when nothing else wants it, so a heavy
+    /// plugin on a busy machine slows down. Linux only; needs `CAP_SYS_NICE`
     /// or an `RLIMIT_NICE` of 20, without which the host says so and keeps
     /// normal priority.
     pub idle_long_calls: bool,

@@ -18,12 +18,38 @@
 //! when it ends. Calls that return within a tick, which is nearly all of
 //! them, never change their thread's policy.
 //!
+//! A thread at idle priority may not get a core for a long time (the
+//! machine is busy with other work), and whatever it holds meanwhile waits
+//! with it. So the epoch clock gives back its normal policy to a thread
+//! that has been at idle priority for [`STARVED_AFTER`] without reaching
+//! its next tick ([`rescue_starved`]): a long call is held back by at most
+//! that much at a time, and it reaches its tick at normal priority.
+//!
 //! Going back from `SCHED_IDLE` needs `CAP_SYS_NICE` or an `RLIMIT_NICE`
 //! of at least 20; [`available`] checks it once, and without it long calls
 //! keep the normal policy.
 
 use std::cell::Cell;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::Context;
+use std::time::{Duration, Instant};
+
+/// How long a thread stays at idle priority without reaching its next
+/// tick before the epoch clock restores it: four ticks.
+pub(crate) const STARVED_AFTER: Duration = Duration::from_millis(1);
+
+/// Threads at idle priority now, by thread id, and since when.
+static DEMOTED_THREADS: Mutex<Vec<(i32, Instant)>> = Mutex::new(Vec::new());
+/// How many entries `DEMOTED_THREADS` has, readable without its lock.
+static DEMOTED_COUNT: AtomicUsize = AtomicUsize::new(0);
+/// Threads restored by [`rescue_starved`] since the process started.
+static RESCUED: AtomicU64 = AtomicU64::new(0);
+
+fn demoted_threads() -> std::sync::MutexGuard<'static, Vec<(i32, Instant)>> {
+    // Pushes and removes cannot leave the list half-changed.
+    DEMOTED_THREADS.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 thread_local! {
     /// Whether this thread runs at idle priority now.
@@ -35,7 +61,7 @@ thread_local! {
 pub(crate) fn available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {
-        std::thread::spawn(|| os::set_idle(true).is_ok() && os::set_idle(false).is_ok())
+        std::thread::spawn(|| os::set_idle(0, true).is_ok() && os::set_idle(0, false).is_ok())
             .join()
             .unwrap_or(false)
     })
@@ -43,21 +69,59 @@ pub(crate) fn available() -> bool {
 
 /// Run the calling thread at idle priority until [`restore`].
 pub(crate) fn demote() {
-    if !DEMOTED.get() && available() && os::set_idle(true).is_ok() {
+    if !DEMOTED.get() && available() && os::set_idle(0, true).is_ok() {
         DEMOTED.set(true);
+        let mut threads = demoted_threads();
+        threads.push((os::thread_id(), Instant::now()));
+        DEMOTED_COUNT.store(threads.len(), Ordering::Release);
     }
 }
 
 /// Undo [`demote`] on the calling thread, if it was demoted.
 pub(crate) fn restore() {
     if DEMOTED.get() {
-        if let Err(e) = os::set_idle(false) {
+        if let Err(e) = os::set_idle(0, false) {
             // `available` tried this; failing now leaves a worker thread at
             // idle priority, which only slows it.
             tracing::error!("restoring a worker thread's scheduling policy: {e}");
         }
         DEMOTED.set(false);
+        let id = os::thread_id();
+        let mut threads = demoted_threads();
+        threads.retain(|(thread, _)| *thread != id);
+        DEMOTED_COUNT.store(threads.len(), Ordering::Release);
     }
+}
+
+/// Give threads that have been at idle priority for longer than `limit`
+/// their normal policy back; for the epoch clock, at every tick. The
+/// thread itself still thinks it is demoted, so its next [`restore`] is
+/// one redundant system call.
+pub(crate) fn rescue_starved(limit: Duration) {
+    if DEMOTED_COUNT.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    let mut threads = demoted_threads();
+    threads.retain(|(thread, since)| {
+        if since.elapsed() < limit {
+            return true;
+        }
+        match os::set_idle(*thread, false) {
+            Ok(()) => {
+                RESCUED.fetch_add(1, Ordering::Relaxed);
+            }
+            // Gone already (a thread restores itself before it ends).
+            Err(e) => tracing::debug!("restoring thread {thread}: {e}"),
+        }
+        false
+    });
+    DEMOTED_COUNT.store(threads.len(), Ordering::Release);
+}
+
+/// Threads the epoch clock restored because they starved at idle priority.
+#[cfg(test)]
+pub(crate) fn rescued() -> u64 {
+    RESCUED.load(Ordering::Relaxed)
 }
 
 /// Whether the calling thread is demoted now.
@@ -83,18 +147,28 @@ pub(crate) async fn restoring<F: Future>(future: F) -> F::Output {
 
 #[cfg(target_os = "linux")]
 mod os {
-    /// Switch the calling thread between `SCHED_IDLE` and `SCHED_OTHER`.
-    pub(super) fn set_idle(idle: bool) -> std::io::Result<()> {
+    /// The calling thread's kernel id.
+    pub(super) fn thread_id() -> i32 {
+        // SAFETY: gettid takes no arguments and cannot fail.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::gettid()
+        }
+    }
+
+    /// Switch thread `thread` (0: the calling one) between `SCHED_IDLE`
+    /// and `SCHED_OTHER`.
+    pub(super) fn set_idle(thread: i32, idle: bool) -> std::io::Result<()> {
         let policy = if idle {
             libc::SCHED_IDLE
         } else {
             libc::SCHED_OTHER
         };
         let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: pid 0 is the calling thread, and `param` is a valid,
-        // initialised sched_param that outlives the call.
+        // SAFETY: `thread` is a thread id (0: the calling thread), and
+        // `param` is a valid, initialised sched_param that outlives the call.
         #[allow(unsafe_code)]
-        let result = unsafe { libc::sched_setscheduler(0, policy, &param) };
+        let result = unsafe { libc::sched_setscheduler(thread, policy, &param) };
         match result {
             0 => Ok(()),
             _ => Err(std::io::Error::last_os_error()),
@@ -104,7 +178,11 @@ mod os {
 
 #[cfg(not(target_os = "linux"))]
 mod os {
-    pub(super) fn set_idle(_idle: bool) -> std::io::Result<()> {
+    pub(super) fn thread_id() -> i32 {
+        0
+    }
+
+    pub(super) fn set_idle(_thread: i32, _idle: bool) -> std::io::Result<()> {
         Err(std::io::ErrorKind::Unsupported.into())
     }
 }
@@ -142,6 +220,34 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_thread_starved_at_idle_priority_is_restored_by_another() {
+        if !available() {
+            return;
+        }
+        let (demoted_tx, demoted_rx) = std::sync::mpsc::channel();
+        let (rescued_tx, rescued_rx) = std::sync::mpsc::channel::<()>();
+        let starving = std::thread::spawn(move || {
+            demote();
+            demoted_tx.send(os::thread_id()).unwrap();
+            rescued_rx.recv().unwrap();
+            let policy = policy();
+            // Still thinks it is demoted: restoring again is harmless.
+            restore();
+            policy
+        });
+        let thread = demoted_rx.recv().unwrap();
+        let before = rescued();
+        rescue_starved(Duration::from_secs(3600));
+        assert_eq!(rescued(), before, "demoted only just now");
+        rescue_starved(Duration::ZERO);
+        assert!(rescued() > before);
+        assert!(!demoted_threads().iter().any(|(t, _)| *t == thread));
+        rescued_tx.send(()).unwrap();
+        assert_eq!(starving.join().unwrap(), libc::SCHED_OTHER);
     }
 
     #[tokio::test(flavor = "current_thread")]
