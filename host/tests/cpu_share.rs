@@ -119,7 +119,7 @@ async fn a_spinning_event_does_not_stall_its_own_plugin() {
 /// The scheduling policy of every thread of this process, from
 /// /proc/self/task/<tid>/stat (field 41).
 #[cfg(target_os = "linux")]
-fn thread_policies() -> Vec<u32> {
+fn thread_policies() -> Vec<i32> {
     let mut policies = Vec::new();
     for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
         // A thread may end between listing and reading.
@@ -134,12 +134,12 @@ fn thread_policies() -> Vec<u32> {
     policies
 }
 
-/// Whether some thread runs at `SCHED_IDLE` (5), looked for over `window`.
+/// Whether some thread runs at `SCHED_IDLE`, looked for over `window`.
 #[cfg(target_os = "linux")]
 async fn some_thread_idle_within(window: Duration) -> bool {
     let until = std::time::Instant::now() + window;
     while std::time::Instant::now() < until {
-        if thread_policies().contains(&5) {
+        if thread_policies().contains(&libc::SCHED_IDLE) {
             return true;
         }
         tokio::time::sleep(Duration::from_micros(200)).await;
@@ -188,7 +188,11 @@ async fn long_calls_compute_at_idle_priority_and_give_their_threads_back() {
     let outcome = spinning.await.unwrap();
     assert!(matches!(outcome, Outcome::Deadline { .. }), "{outcome:?}");
     // Ended by its deadline, it left no thread at idle priority.
-    assert!(!thread_policies().contains(&5), "{:?}", thread_policies());
+    assert!(
+        !thread_policies().contains(&libc::SCHED_IDLE),
+        "{:?}",
+        thread_policies()
+    );
 }
 
 #[cfg(target_os = "linux")]
