@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::names;
+use crate::sandbox::LongCalls;
 
 /// The whole host configuration.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
@@ -187,15 +188,18 @@ pub struct RuntimeConfig {
     /// goes to the waiting plugin that has used the least guest CPU.
     /// Default: one per core.
     pub max_running_guest_calls: Option<usize>,
-    /// Run the guest code of calls that compute past an epoch tick at the
-    /// OS's idle priority (`SCHED_IDLE`), so nats-server and the host's own
-    /// I/O pre-empt them at once (a thread starved there for 1 ms gets its
-    /// normal priority back until its next tick). Off by default: such
-    /// calls then get the CPU mostly when nothing else wants it, so a heavy
-    /// plugin on a busy machine slows down. Linux only; needs `CAP_SYS_NICE`
-    /// or an `RLIMIT_NICE` of 20, without which the host says so and keeps
-    /// normal priority.
-    pub idle_long_calls: bool,
+    /// How the guest code of calls that compute past an epoch tick runs
+    /// (Linux), so nats-server and the host's own I/O are not held up by
+    /// it. `long-slice` (the default) asks for a long time slice, which
+    /// woken threads pre-empt, and keeps the call's fair share; it needs
+    /// Linux 6.12 or later, else such calls run as `normal`. `idle` runs
+    /// them at `SCHED_IDLE`, a shorter tail for other plugins, but such
+    /// calls then get the CPU mostly when nothing else wants it (a thread
+    /// starved there for 1 ms gets its normal priority back until its next
+    /// tick), so a heavy plugin on a busy machine slows down; it needs
+    /// `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20, without which the host says
+    /// so and uses `long-slice`.
+    pub long_calls: LongCalls,
 }
 
 impl Default for RuntimeConfig {
@@ -206,7 +210,7 @@ impl Default for RuntimeConfig {
             ack_wait_ms: 30_000,
             max_guest_memory_mb: crate::sandbox::DEFAULT_MEMORY_BUDGET_MB,
             max_running_guest_calls: None,
-            idle_long_calls: false,
+            long_calls: LongCalls::default(),
         }
     }
 }
@@ -636,7 +640,7 @@ mod tests {
             subjects = ["orders.>"]
             [runtime]
             shutdown-grace-ms = 100
-            idle-long-calls = true
+            long-calls = "idle"
             [admin]
             listen = "0.0.0.0:9000"
             token-file = "secrets/admin-token"
@@ -664,8 +668,8 @@ mod tests {
         assert_eq!(c.telemetry.otlp_protocol, OtlpProtocol::HttpJson);
         assert_eq!(c.telemetry.otlp_headers["x-api-key"], "k");
         assert_eq!(c.telemetry.service_name, "weir");
-        assert!(c.runtime.idle_long_calls);
-        assert!(!RuntimeConfig::default().idle_long_calls);
+        assert_eq!(c.runtime.long_calls, LongCalls::Idle);
+        assert_eq!(RuntimeConfig::default().long_calls, LongCalls::LongSlice);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use weir::manifest::Manifest;
+use weir::sandbox::LongCalls;
 use weir::state::{CommittedState, MemoryState};
 use weir::testing::event;
 use weir::{Outcome, Plugin, Sandbox, SandboxConfig};
@@ -40,6 +41,17 @@ fn spinner(sandbox: &Sandbox) -> Plugin {
 
 fn memory_state() -> Arc<dyn CommittedState> {
     Arc::new(MemoryState::new())
+}
+
+/// Run order `i` through the fraud plugin, which passes it.
+async fn place_order(fraud: &Plugin, i: usize) {
+    let order = format!(
+        r#"{{"order_id":"{i}","customer_id":"c-1","amount_cents":4599,"country":"NL","items":[]}}"#
+    );
+    let invocation = fraud
+        .invoke(&event("orders.placed", order), memory_state())
+        .await;
+    assert_eq!(invocation.outcome, Outcome::Ok, "{:?}", invocation.logs);
 }
 
 /// Start `n` calls of `plugin` that spin until their deadline, and give
@@ -82,13 +94,7 @@ async fn another_plugin_is_served_while_sixteen_calls_spin_on_every_core() {
     // when it awaits the broker.
     tokio::spawn(async move {
         for i in 0..200 {
-            let order = format!(
-                r#"{{"order_id":"{i}","customer_id":"c-1","amount_cents":4599,"country":"NL","items":[]}}"#
-            );
-            let invocation = fraud
-                .invoke(&event("orders.placed", order), memory_state())
-                .await;
-            assert_eq!(invocation.outcome, Outcome::Ok, "{:?}", invocation.logs);
+            place_order(&fraud, i).await;
             tokio::task::yield_now().await;
         }
     })
@@ -116,30 +122,40 @@ async fn a_spinning_event_does_not_stall_its_own_plugin() {
     all_hit_their_deadline(spinning).await;
 }
 
-/// The scheduling policy of every thread of this process, from
-/// /proc/self/task/<tid>/stat (field 41).
+/// Each thread's scheduling policy and time slice, from
+/// /proc/self/task/<tid>/sched.
 #[cfg(target_os = "linux")]
-fn thread_policies() -> Vec<i32> {
-    let mut policies = Vec::new();
+fn thread_scheduling() -> Vec<(i32, Option<u64>)> {
+    let mut threads = Vec::new();
     for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
         // A thread may end between listing and reading.
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+        let Ok(sched) = std::fs::read_to_string(task.path().join("sched")) else {
             continue;
         };
-        // Fields after the command name, which is in parentheses and may
-        // hold spaces; the state is field 3.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        policies.push(rest.split(' ').nth(41 - 3).unwrap().parse().unwrap());
+        let field = |name: &str| {
+            sched.lines().find_map(|line| {
+                let (key, value) = line.split_once(':')?;
+                (key.trim() == name).then(|| value.trim().parse::<u64>().ok())?
+            })
+        };
+        // The slice is not shown for SCHED_IDLE.
+        if let Some(policy) = field("policy") {
+            threads.push((policy as i32, field("se.slice")));
+        }
     }
-    policies
+    threads
 }
 
-/// Whether some thread runs at `SCHED_IDLE`, looked for over `window`.
+/// Whether some thread is set apart as `policy` (idle priority, or a long
+/// slice), looked for over `window`.
 #[cfg(target_os = "linux")]
-async fn some_thread_idle_within(window: Duration) -> bool {
+async fn some_thread_set_apart_within(policy: LongCalls, window: Duration) -> bool {
     let until = std::time::Instant::now() + window;
     while std::time::Instant::now() < until {
-        if thread_policies().contains(&libc::SCHED_IDLE) {
+        if thread_scheduling()
+            .into_iter()
+            .any(|t| set_apart(t, policy))
+        {
             return true;
         }
         tokio::time::sleep(Duration::from_micros(200)).await;
@@ -148,31 +164,37 @@ async fn some_thread_idle_within(window: Duration) -> bool {
 }
 
 #[cfg(target_os = "linux")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn long_calls_compute_at_idle_priority_and_give_their_threads_back() {
+fn set_apart((policy, slice): (i32, Option<u64>), as_: LongCalls) -> bool {
+    match as_ {
+        LongCalls::Idle => policy == libc::SCHED_IDLE,
+        LongCalls::LongSlice => policy == libc::SCHED_OTHER && slice == Some(100_000_000),
+        LongCalls::Normal => false,
+    }
+}
+
+#[cfg(target_os = "linux")]
+async fn long_calls_are_set_apart_while_they_compute(policy: LongCalls) {
     let mut config = SandboxConfig::with_default_cache();
     config.running_guest_calls = 1;
-    config.idle_long_calls = true;
+    config.long_calls = policy;
     let sandbox = Sandbox::new(config).unwrap();
-    if !sandbox.idle_long_calls() {
-        eprintln!("skipped: this process may not switch threads back from SCHED_IDLE");
+    if sandbox.long_calls() != policy {
+        eprintln!("skipped: this kernel or process cannot run long calls as {policy:?}");
         return;
     }
-    // Short calls never change their thread's policy.
+    // Short calls leave every thread as it was. (Whether they were set
+    // apart meanwhile depends on the machine: a call the OS pre-empts for
+    // two ticks counts as long.)
     let fraud = sandbox.load(Path::new(FRAUD)).unwrap();
-    let serving = tokio::spawn(async move {
-        for i in 0..2_000 {
-            let order = format!(
-                r#"{{"order_id":"{i}","customer_id":"c-1","amount_cents":4599,"country":"NL","items":[]}}"#
-            );
-            fraud
-                .invoke(&event("orders.placed", order), memory_state())
-                .await;
-        }
-    });
-    assert!(!some_thread_idle_within(Duration::from_millis(300)).await);
-    serving.await.unwrap();
-    // A call that computes past its first tick does, while its guest runs.
+    for i in 0..500 {
+        place_order(&fraud, i).await;
+    }
+    let threads = thread_scheduling();
+    assert!(
+        !threads.iter().any(|t| set_apart(*t, policy)),
+        "{threads:?}"
+    );
+    // A call that computes past its first tick is, while its guest runs.
     let mut manifest = Manifest::load(&Manifest::path_for(Path::new(HOSTILE))).unwrap();
     manifest.limits.timeout_ms = 600;
     let spinner = sandbox
@@ -184,24 +206,41 @@ async fn long_calls_compute_at_idle_priority_and_give_their_threads_back() {
             .await
             .outcome
     });
-    assert!(some_thread_idle_within(Duration::from_millis(400)).await);
+    assert!(some_thread_set_apart_within(policy, Duration::from_millis(400)).await);
     let outcome = spinning.await.unwrap();
     assert!(matches!(outcome, Outcome::Deadline { .. }), "{outcome:?}");
-    // Ended by its deadline, it left no thread at idle priority.
+    // Ended by its deadline, it left no thread set apart.
+    let threads = thread_scheduling();
     assert!(
-        !thread_policies().contains(&libc::SCHED_IDLE),
-        "{:?}",
-        thread_policies()
+        !threads.iter().any(|t| set_apart(*t, policy)),
+        "{threads:?}"
     );
 }
 
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn long_calls_keep_normal_priority_by_default() {
-    let sandbox = sandbox(2);
-    assert!(!sandbox.idle_long_calls());
+async fn long_calls_compute_with_a_long_slice_and_give_their_threads_back() {
+    long_calls_are_set_apart_while_they_compute(LongCalls::LongSlice).await;
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_calls_compute_at_idle_priority_when_asked_and_give_their_threads_back() {
+    long_calls_are_set_apart_while_they_compute(LongCalls::Idle).await;
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_calls_run_like_any_thread_when_asked() {
+    let mut config = SandboxConfig::with_default_cache();
+    config.running_guest_calls = 2;
+    config.long_calls = LongCalls::Normal;
+    let sandbox = Sandbox::new(config).unwrap();
+    assert_eq!(sandbox.long_calls(), LongCalls::Normal);
     let spinning = spin(&spinner(&sandbox), 2).await;
-    assert!(!some_thread_idle_within(Duration::from_millis(300)).await);
+    for policy in [LongCalls::Idle, LongCalls::LongSlice] {
+        assert!(!some_thread_set_apart_within(policy, Duration::from_millis(150)).await);
+    }
     for call in spinning {
         call.abort();
     }

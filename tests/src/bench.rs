@@ -112,8 +112,12 @@ pub async fn weir_drain(
     config.state.idempotency = run.idempotency;
     config.state.replicas = replicas;
     config.dead_letter.replicas = replicas;
-    // `runtime.idle-long-calls`, for measuring what it does to a neighbour.
-    config.runtime.idle_long_calls = std::env::var_os("BENCH_IDLE_LONG_CALLS").is_some();
+    // `runtime.long-calls`, for measuring what each does to a neighbour.
+    if let Some(policy) = std::env::var_os("BENCH_LONG_CALLS") {
+        let policy = policy.to_string_lossy();
+        config.runtime.long_calls = serde_json::from_value(serde_json::json!(policy))
+            .unwrap_or_else(|e| panic!("BENCH_LONG_CALLS={policy}: {e}"));
+    }
     // The latency row's host outlives the rows after it: every host gets
     // its own port.
     config.admin.listen = "127.0.0.1:0".into();

@@ -34,6 +34,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use super::long_calls::LongCalls;
+
 /// How long a call keeps its turn while only calls of its own plugin wait.
 /// Passing a turn costs a switch between instances (and their caches), so
 /// a plugin's own calls take turns at this coarser slice; one event that
@@ -50,9 +52,8 @@ pub struct CpuShare {
     /// callback of every running call.
     waiting: AtomicUsize,
     turns: Mutex<Turns>,
-    /// Whether long calls run their guest code at idle priority
-    /// ([`super::idle`]).
-    idle_when_long: bool,
+    /// How long calls run their guest code ([`super::long_calls`]).
+    long_calls: LongCalls,
 }
 
 #[derive(Debug, Default)]
@@ -106,10 +107,10 @@ impl Turns {
 }
 
 impl CpuShare {
-    /// `slots` guest calls may run at once; at least one. With
-    /// `idle_when_long`, long calls run at idle priority where the process
-    /// may do that ([`super::idle`]).
-    pub fn new(slots: usize, idle_when_long: bool) -> Arc<Self> {
+    /// `slots` guest calls may run at once; at least one. Long calls run
+    /// their guest code under `long_calls`, or what this process can do of
+    /// it ([`super::long_calls`]).
+    pub fn new(slots: usize, long_calls: LongCalls) -> Arc<Self> {
         let slots = slots.max(1);
         Arc::new(CpuShare {
             origin: Instant::now(),
@@ -118,13 +119,13 @@ impl CpuShare {
                 free: slots,
                 ..Turns::default()
             }),
-            idle_when_long: idle_when_long && super::idle::available(),
+            long_calls: long_calls.effective(),
         })
     }
 
-    /// Whether long calls run at idle priority.
-    pub fn idle_when_long(&self) -> bool {
-        self.idle_when_long
+    /// How long calls run their guest code.
+    pub fn long_calls(&self) -> LongCalls {
+        self.long_calls
     }
 
     /// The default number of turns: one per core.
@@ -274,10 +275,10 @@ impl TurnHandle {
         held_for >= SLICE_NS || share.wanted_by_others(&inner.plugin)
     }
 
-    /// Whether this call's guest code should run at idle priority once it
-    /// proves long (see [`super::idle`]).
-    pub fn idle_when_long(&self) -> bool {
-        self.0.share.idle_when_long
+    /// How this call's guest code runs once it proves long (see
+    /// [`super::long_calls`]).
+    pub fn long_calls(&self) -> LongCalls {
+        self.0.share.long_calls
     }
 
     /// Give the turn up and wait for it again: for the epoch callback,
@@ -389,7 +390,7 @@ impl Drop for Queued<'_> {
 mod tests {
     use std::sync::Arc;
 
-    use super::CpuShare;
+    use super::{CpuShare, LongCalls};
 
     fn name(s: &str) -> Arc<str> {
         Arc::from(s)
@@ -403,7 +404,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_freed_turn_goes_to_the_plugin_that_used_least() {
-        let share = CpuShare::new(2, false);
+        let share = CpuShare::new(2, LongCalls::Normal);
         let (spin, fraud) = (name("spin"), name("fraud"));
         let a = share.turn(&spin).await;
         let b = share.turn(&spin).await;
@@ -442,7 +443,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_turn_alternates_between_plugins() {
-        let share = CpuShare::new(1, false);
+        let share = CpuShare::new(1, LongCalls::Normal);
         let (spin, fraud) = (name("spin"), name("fraud"));
         let running = share.turn(&spin).await;
         let mut spinners = Vec::new();
@@ -470,7 +471,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cancelled_waiter_loses_no_turn() {
-        let share = CpuShare::new(1, false);
+        let share = CpuShare::new(1, LongCalls::Normal);
         let p = name("p");
         let held = share.turn(&p).await;
         let waiter = queue(&share, &p);
@@ -489,7 +490,7 @@ mod tests {
 
     #[tokio::test]
     async fn passing_hands_the_turn_to_a_waiting_plugin() {
-        let share = CpuShare::new(1, false);
+        let share = CpuShare::new(1, LongCalls::Normal);
         let (spin, other) = (name("spin"), name("other"));
         let spinning = share.turn(&spin).await;
         let handle = spinning.handle();

@@ -57,7 +57,7 @@ fn start_epoch_clock(engine: &Engine) -> anyhow::Result<()> {
             while let Some(engine) = weak.upgrade() {
                 engine.increment_epoch();
                 drop(engine);
-                super::idle::rescue_starved(super::idle::STARVED_AFTER);
+                super::long_calls::rescue_starved(super::long_calls::STARVED_AFTER);
                 std::thread::sleep(EPOCH_TICK);
             }
         })?;

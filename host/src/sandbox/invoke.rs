@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use wasmtime::{Store, UpdateDeadline};
 
 use super::budget::HostMemoryExhausted;
-use super::cpu::{Turn, TurnHandle};
-use super::idle;
+use super::cpu::Turn;
 use super::imports::{CallContext, LogLevel, LogLine, PluginContext, StateUnavailable};
 use super::instances::{Instance, InstancePool};
 use super::limits::{DeadlineExceeded, MemoryLimitExceeded};
+use super::long_calls::{self, LongCalls};
 use crate::bindings::{GuestError, PluginPre};
 use crate::event::{Emitted, Event};
 use crate::outcome::Outcome;
@@ -53,7 +53,7 @@ fn new_store(
     store.epoch_deadline_callback(|mut ctx| {
         // The guest stopped at a tick: the turn's bookkeeping and whatever
         // the runtime runs next on this thread run at normal priority.
-        idle::restore();
+        long_calls::restore();
         let data = ctx.data_mut();
         data.ticks += 1;
         if Instant::now() >= data.deadline {
@@ -70,15 +70,18 @@ fn new_store(
             _ => Box::pin(tokio::task::yield_now()),
         };
         // A call still running at its second tick computes for long: its
-        // guest code goes on at idle priority (see `sandbox::idle`).
-        let long = data.ticks >= 2 && data.turn.as_ref().is_some_and(TurnHandle::idle_when_long);
+        // guest code goes on set apart (see `sandbox::long_calls`).
+        let policy = match &data.turn {
+            Some(turn) if data.ticks >= 2 => turn.long_calls(),
+            _ => LongCalls::Normal,
+        };
         Ok(UpdateDeadline::YieldCustom(
             1,
-            match long {
-                false => wait,
-                true => Box::pin(async move {
+            match policy {
+                LongCalls::Normal => wait,
+                _ => Box::pin(async move {
                     wait.await;
-                    idle::demote();
+                    long_calls::set_apart(policy);
                 }),
             },
         ))
@@ -121,7 +124,7 @@ pub(crate) async fn invoke(
             start_call(&mut store, event, deadline, &turn, state.clone());
             pool.created();
             tracing::debug!(plugin = %ctx.name, "new instance");
-            let instantiating = idle::restoring(pre.instantiate_async(&mut store));
+            let instantiating = long_calls::restoring(pre.instantiate_async(&mut store));
             match tokio::time::timeout_at(hard_stop, instantiating).await {
                 Ok(Ok(world)) => Instance {
                     store,
@@ -137,7 +140,7 @@ pub(crate) async fn invoke(
     let wit_event = event.to_wit();
     let result = tokio::time::timeout_at(
         hard_stop,
-        idle::restoring(
+        long_calls::restoring(
             instance
                 .world
                 .weir_plugin_handler()
@@ -164,8 +167,8 @@ fn finish(
     timeout: Duration,
     started: Instant,
 ) -> Invocation {
-    // A call that ended while its guest ran at idle priority.
-    idle::restore();
+    // A call that ended while its guest ran set apart.
+    long_calls::restore();
     let outcome = match result {
         Err(_elapsed) => Outcome::Deadline { limit: timeout },
         Ok(Ok(Ok(()))) => Outcome::Ok,

@@ -10,11 +10,11 @@ pub(crate) mod budget;
 pub mod compile_cache;
 pub(crate) mod cpu;
 mod engine;
-pub(crate) mod idle;
 pub(crate) mod imports;
 pub(crate) mod instances;
 mod invoke;
 pub(crate) mod limits;
+pub(crate) mod long_calls;
 pub mod plugin;
 mod stdio;
 
@@ -40,6 +40,7 @@ pub use imports::{CallContext, LogLevel, LogLine, PluginContext, StateUnavailabl
 pub use instances::InstanceStats;
 pub use invoke::Invocation;
 pub use limits::{DeadlineExceeded, MemoryLimitExceeded};
+pub use long_calls::LongCalls;
 
 /// Settings for the sandbox as a whole.
 #[derive(Debug, Clone, Default)]
@@ -51,10 +52,9 @@ pub struct SandboxConfig {
     /// Guest calls that may run at once, shared fairly between plugins;
     /// 0 means one per core.
     pub running_guest_calls: usize,
-    /// Run the guest code of calls that compute past one epoch tick at
-    /// the OS's idle priority, where the process may (see
-    /// [`Sandbox::idle_long_calls`]).
-    pub idle_long_calls: bool,
+    /// How the guest code of calls that compute past one epoch tick runs,
+    /// where the process may (see [`Sandbox::long_calls`]).
+    pub long_calls: LongCalls,
 }
 
 /// The default host-wide guest memory budget (`runtime.max-guest-memory-mb`).
@@ -72,7 +72,7 @@ impl SandboxConfig {
             cache_dir: dir.map(|d| d.join("compiled")),
             memory_budget_bytes: DEFAULT_MEMORY_BUDGET_MB << 20,
             running_guest_calls: 0,
-            idle_long_calls: false,
+            long_calls: LongCalls::default(),
         }
     }
 }
@@ -148,7 +148,7 @@ impl Sandbox {
                     0 => cpu::CpuShare::default_slots(),
                     n => n,
                 },
-                config.idle_long_calls,
+                config.long_calls,
             ),
         })
     }
@@ -158,11 +158,10 @@ impl Sandbox {
         &self.engine
     }
 
-    /// Whether long guest calls run at idle priority: asked for, and this
-    /// process may switch a thread to `SCHED_IDLE` and back (that needs
-    /// `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20).
-    pub fn idle_long_calls(&self) -> bool {
-        self.cpu.idle_when_long()
+    /// How long guest calls run: what was asked for, or what this kernel
+    /// and process can do of it ([`LongCalls::effective`]).
+    pub fn long_calls(&self) -> LongCalls {
+        self.cpu.long_calls()
     }
 
     /// Guest linear memory held by live instances now, in bytes.

@@ -65,13 +65,15 @@ impl Supervisor {
         }
         sandbox_config.memory_budget_bytes = config.runtime.max_guest_memory_mb << 20;
         sandbox_config.running_guest_calls = config.runtime.max_running_guest_calls.unwrap_or(0);
-        sandbox_config.idle_long_calls = config.runtime.idle_long_calls;
+        sandbox_config.long_calls = config.runtime.long_calls;
         let sandbox = Arc::new(Sandbox::new(sandbox_config)?);
-        if config.runtime.idle_long_calls && !sandbox.idle_long_calls() {
+        if config.runtime.long_calls != sandbox.long_calls() {
             tracing::warn!(
-                "long guest calls run at normal priority: this process may not switch a thread \
-                 back from SCHED_IDLE (grant CAP_SYS_NICE or set RLIMIT_NICE to 20, e.g. \
-                 systemd's LimitNICE=20, to let other work pre-empt them)"
+                asked = ?config.runtime.long_calls,
+                running = ?sandbox.long_calls(),
+                "long guest calls cannot run as configured: `idle` needs CAP_SYS_NICE or \
+                 RLIMIT_NICE 20 (e.g. systemd's LimitNICE=20) to switch a thread back from \
+                 SCHED_IDLE, and `long-slice` needs Linux 6.12 or later"
             );
         }
         let scanner = Scanner::new(config.plugins.dir.clone(), config.plugins.max_wasm_mb << 20);

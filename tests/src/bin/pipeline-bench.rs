@@ -13,8 +13,8 @@
 //! ```
 //!
 //! `ROWS` keeps only the rows whose label contains it. With
-//! `BENCH_IDLE_LONG_CALLS=1` the hosts run long guest calls at idle
-//! priority (`runtime.idle-long-calls`).
+//! `BENCH_LONG_CALLS=normal|long-slice|idle` the hosts run long guest
+//! calls under that policy (`runtime.long-calls`) instead of the default.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark fails by panicking
 

@@ -1,0 +1,388 @@
+//! Long guest calls step aside for everything else on the machine.
+//!
+//! Turns ([`super::cpu`]) share the guest CPU between plugins, but a guest
+//! that computes for long runs on a worker thread the kernel sees as one
+//! more busy thread. On a machine whose cores are all running such calls,
+//! everything else that must run for another plugin's event (nats-server
+//! storing a commit, the host reading its reply, the producer) waits for
+//! the scheduler: measured, a neighbour's commit round trip went from
+//! 0.3 ms to a 4 ms p99 next to 16 spinning calls, and its publish-to-ack
+//! p99 to 7-10 ms (BENCHMARKS.md).
+//!
+//! So a call still running at its second epoch tick (it has computed for
+//! at least one tick without returning) runs its guest code under a
+//! [`LongCalls`] policy:
+//! - `LongSlice` (the default) asks Linux's scheduler (EEVDF, 6.12 and
+//!   later) for a 100 ms time slice: a thread that wakes with a shorter
+//!   one may pre-empt it, and its weight, so its fair share of the CPU, is
+//!   unchanged. It needs no privilege.
+//! - `Idle` runs it at `SCHED_IDLE`, so any other thread that wakes takes
+//!   the core at once; a much shorter tail for the neighbour, but the call
+//!   only gets CPU nothing else wants (bounded, see [`rescue_starved`]),
+//!   and going back needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20.
+//!
+//! The thread goes back to its normal setting whenever the guest stops
+//! running on it: at every tick (so the host's own tasks are never set
+//! apart), whenever the call waits (a state read, a WASI poll), and when
+//! it ends. Calls that return within a tick, which is nearly all of them,
+//! never make a system call. [`LongCalls::effective`] checks once that the
+//! kernel and the process allow the asked-for policy, and falls back.
+
+use std::cell::Cell;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Context;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+/// How the guest code of a call that computes for long is set apart
+/// (`runtime.long-calls`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LongCalls {
+    /// Like any other thread.
+    Normal,
+    /// A long time slice: woken threads pre-empt it, its share is kept.
+    #[default]
+    LongSlice,
+    /// `SCHED_IDLE`: it gets the CPU nothing else wants.
+    Idle,
+}
+
+impl LongCalls {
+    /// What this process can do of `self`: `Idle` without the privilege
+    /// to come back from it, and `LongSlice` on a kernel without custom
+    /// slices, fall back to the next weaker policy.
+    pub fn effective(self) -> LongCalls {
+        match self {
+            LongCalls::Idle if probe(LongCalls::Idle) => LongCalls::Idle,
+            LongCalls::Idle | LongCalls::LongSlice if probe(LongCalls::LongSlice) => {
+                LongCalls::LongSlice
+            }
+            _ => LongCalls::Normal,
+        }
+    }
+}
+
+/// Whether this process may switch a thread to `policy` and back: tried
+/// once per policy, on a thread of its own.
+fn probe(policy: LongCalls) -> bool {
+    static IDLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static LONG_SLICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let cell = match policy {
+        LongCalls::Normal => return true,
+        LongCalls::LongSlice => &LONG_SLICE,
+        LongCalls::Idle => &IDLE,
+    };
+    *cell.get_or_init(|| {
+        std::thread::spawn(move || {
+            let applied = os::apply(0, policy).is_ok()
+                && (policy != LongCalls::LongSlice || os::long_slice_kept());
+            os::apply(0, LongCalls::Normal).is_ok() && applied
+        })
+        .join()
+        .unwrap_or(false)
+    })
+}
+
+/// How long a thread stays at idle priority without reaching its next
+/// tick before the epoch clock restores it: four ticks.
+pub(crate) const STARVED_AFTER: Duration = Duration::from_millis(1);
+
+/// Threads at idle priority now, by thread id, and since when.
+static IDLE_THREADS: Mutex<Vec<(i32, Instant)>> = Mutex::new(Vec::new());
+/// How many entries `IDLE_THREADS` has, readable without its lock.
+static IDLE_COUNT: AtomicUsize = AtomicUsize::new(0);
+
+fn idle_threads() -> std::sync::MutexGuard<'static, Vec<(i32, Instant)>> {
+    // Pushes and removes cannot leave the list half-changed.
+    IDLE_THREADS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+thread_local! {
+    /// The policy this thread's guest code runs under now.
+    static SET_APART: Cell<LongCalls> = const { Cell::new(LongCalls::Normal) };
+}
+
+/// Run the calling thread under `policy` until [`restore`], where this
+/// process may.
+pub(crate) fn set_apart(policy: LongCalls) {
+    // The probe also guards against lowering a thread to idle priority
+    // without being able to raise it back.
+    if policy == LongCalls::Normal || SET_APART.get() != LongCalls::Normal || !probe(policy) {
+        return;
+    }
+    if let Err(e) = os::apply(0, policy) {
+        tracing::debug!("setting a long call's thread apart: {e}");
+        return;
+    }
+    SET_APART.set(policy);
+    if policy == LongCalls::Idle {
+        let mut threads = idle_threads();
+        threads.push((os::thread_id(), Instant::now()));
+        IDLE_COUNT.store(threads.len(), Ordering::Release);
+    }
+}
+
+/// Undo [`set_apart`] on the calling thread, if it was set apart.
+pub(crate) fn restore() {
+    let policy = SET_APART.replace(LongCalls::Normal);
+    if policy == LongCalls::Normal {
+        return;
+    }
+    if let Err(e) = os::apply(0, LongCalls::Normal) {
+        // The probe tried this; failing now leaves a worker thread set
+        // apart, which only slows it.
+        tracing::error!("restoring a worker thread's scheduling policy: {e}");
+    }
+    if policy == LongCalls::Idle {
+        let id = os::thread_id();
+        let mut threads = idle_threads();
+        threads.retain(|(thread, _)| *thread != id);
+        IDLE_COUNT.store(threads.len(), Ordering::Release);
+    }
+}
+
+/// Give threads that have been at idle priority for longer than `limit`
+/// their normal policy back; for the epoch clock, at every tick. The
+/// thread itself still thinks it is set apart, so its next [`restore`] is
+/// one redundant system call.
+pub(crate) fn rescue_starved(limit: Duration) {
+    if IDLE_COUNT.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    let mut threads = idle_threads();
+    threads.retain(|(thread, since)| {
+        if since.elapsed() < limit {
+            return true;
+        }
+        if let Err(e) = os::apply(*thread, LongCalls::Normal) {
+            // Gone already (a thread restores itself before it ends).
+            tracing::debug!("restoring thread {thread}: {e}");
+        }
+        false
+    });
+    IDLE_COUNT.store(threads.len(), Ordering::Release);
+}
+
+/// The policy the calling thread's guest code runs under now.
+#[cfg(test)]
+pub(crate) fn current() -> LongCalls {
+    SET_APART.get()
+}
+
+/// `future`, with the thread restored whenever it stops running guest code
+/// to wait: the thread then runs other tasks, which must not be set apart.
+pub(crate) async fn restoring<F: Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx: &mut Context<'_>| {
+        let poll = future.as_mut().poll(cx);
+        if poll.is_pending() {
+            restore();
+        }
+        poll
+    })
+    .await
+}
+
+#[cfg(target_os = "linux")]
+mod os {
+    use super::LongCalls;
+
+    /// The time slice asked for a long call: the most Linux grants.
+    const LONG_SLICE_NS: u64 = 100_000_000;
+    /// `sched_attr.sched_flags`' bit that `sched_getattr` may report and
+    /// `sched_setattr` must be given back to keep.
+    const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
+
+    /// The kernel's `struct sched_attr` (linux/sched/types.h, version 1);
+    /// libc does not bind it.
+    #[repr(C)]
+    #[derive(Default)]
+    struct SchedAttr {
+        size: u32,
+        policy: u32,
+        flags: u64,
+        nice: i32,
+        priority: u32,
+        runtime: u64,
+        deadline: u64,
+        period: u64,
+        util_min: u32,
+        util_max: u32,
+    }
+
+    /// The calling thread's kernel id.
+    pub(super) fn thread_id() -> i32 {
+        // SAFETY: gettid takes no arguments and cannot fail.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::gettid()
+        }
+    }
+
+    /// Put thread `thread` (0: the calling one) under `policy`, keeping
+    /// its nice value. `Normal` is `SCHED_OTHER` with the default slice.
+    pub(super) fn apply(thread: i32, policy: LongCalls) -> std::io::Result<()> {
+        let mut attr = SchedAttr::default();
+        let size = std::mem::size_of::<SchedAttr>() as u32;
+        // SAFETY: `attr` is a valid, writable sched_attr of `size` bytes
+        // that outlives the call; `thread` is a thread id or 0.
+        #[allow(unsafe_code)]
+        let read =
+            unsafe { libc::syscall(libc::SYS_sched_getattr, thread, &raw mut attr, size, 0) };
+        if read != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        attr.size = size;
+        attr.flags &= SCHED_FLAG_RESET_ON_FORK;
+        attr.priority = 0;
+        (attr.policy, attr.runtime) = match policy {
+            LongCalls::Normal => (libc::SCHED_OTHER as u32, 0),
+            LongCalls::LongSlice => (libc::SCHED_OTHER as u32, LONG_SLICE_NS),
+            LongCalls::Idle => (libc::SCHED_IDLE as u32, 0),
+        };
+        // SAFETY: as above; the kernel only reads `attr`.
+        #[allow(unsafe_code)]
+        let written = unsafe { libc::syscall(libc::SYS_sched_setattr, thread, &raw const attr, 0) };
+        if written != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Whether the calling thread runs with a long slice: kernels before
+    /// 6.12 accept a slice for `SCHED_OTHER` and ignore it.
+    pub(super) fn long_slice_kept() -> bool {
+        let mut attr = SchedAttr::default();
+        let size = std::mem::size_of::<SchedAttr>() as u32;
+        // SAFETY: as in `apply`.
+        #[allow(unsafe_code)]
+        let read = unsafe { libc::syscall(libc::SYS_sched_getattr, 0, &raw mut attr, size, 0) };
+        read == 0 && attr.runtime == LONG_SLICE_NS
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod os {
+    use super::LongCalls;
+
+    pub(super) fn thread_id() -> i32 {
+        0
+    }
+
+    pub(super) fn apply(_thread: i32, policy: LongCalls) -> std::io::Result<()> {
+        match policy {
+            LongCalls::Normal => Ok(()),
+            _ => Err(std::io::ErrorKind::Unsupported.into()),
+        }
+    }
+
+    pub(super) fn long_slice_kept() -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The calling thread's policy and time slice (not shown for
+    /// `SCHED_IDLE`), from /proc/thread-self/sched.
+    #[cfg(target_os = "linux")]
+    fn scheduling() -> (i32, Option<u64>) {
+        let sched = std::fs::read_to_string("/proc/thread-self/sched").unwrap();
+        let field = |name: &str| {
+            sched.lines().find_map(|line| {
+                let (key, value) = line.split_once(':')?;
+                (key.trim() == name).then(|| value.trim().parse::<u64>().ok())?
+            })
+        };
+        (field("policy").unwrap() as i32, field("se.slice"))
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_thread_set_apart_gets_its_default_back_on_restore() {
+        for policy in [LongCalls::LongSlice, LongCalls::Idle] {
+            std::thread::spawn(move || {
+                let normal = scheduling();
+                assert_eq!(normal.0, libc::SCHED_OTHER);
+                let effective = policy.effective();
+                set_apart(effective);
+                assert_eq!(current(), effective);
+                let apart = scheduling();
+                match effective {
+                    LongCalls::Normal => assert_eq!(apart, normal),
+                    LongCalls::LongSlice => {
+                        assert_eq!(apart, (libc::SCHED_OTHER, Some(100_000_000)));
+                    }
+                    LongCalls::Idle => assert_eq!(apart.0, libc::SCHED_IDLE),
+                }
+                restore();
+                assert_eq!(current(), LongCalls::Normal);
+                assert_eq!(scheduling(), normal);
+            })
+            .join()
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_policy_falls_back_to_what_the_process_may_do() {
+        assert_eq!(LongCalls::Normal.effective(), LongCalls::Normal);
+        let slice = LongCalls::LongSlice.effective();
+        assert!(matches!(slice, LongCalls::LongSlice | LongCalls::Normal));
+        // Idle falls back to the long slice, where that works.
+        let idle = LongCalls::Idle.effective();
+        assert!(idle == LongCalls::Idle || idle == slice, "{idle:?}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_thread_starved_at_idle_priority_is_restored_by_another() {
+        if LongCalls::Idle.effective() != LongCalls::Idle {
+            return;
+        }
+        let (apart_tx, apart_rx) = std::sync::mpsc::channel();
+        let (rescued_tx, rescued_rx) = std::sync::mpsc::channel::<()>();
+        let starving = std::thread::spawn(move || {
+            set_apart(LongCalls::Idle);
+            apart_tx.send(os::thread_id()).unwrap();
+            rescued_rx.recv().unwrap();
+            let policy = scheduling().0;
+            // Still thinks it is set apart: restoring again is harmless.
+            restore();
+            policy
+        });
+        let thread = apart_rx.recv().unwrap();
+        let listed = || idle_threads().iter().any(|(t, _)| *t == thread);
+        rescue_starved(Duration::from_secs(3600));
+        assert!(listed(), "set apart only just now");
+        rescue_starved(Duration::ZERO);
+        assert!(!listed());
+        rescued_tx.send(()).unwrap();
+        assert_eq!(starving.join().unwrap(), libc::SCHED_OTHER);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_waiting_future_gives_its_thread_back() {
+        let policy = LongCalls::LongSlice.effective();
+        if policy == LongCalls::Normal {
+            return;
+        }
+        restoring(async {
+            set_apart(policy);
+            tokio::task::yield_now().await;
+            // Polled again after waiting: set apart only if set apart again.
+            assert_eq!(current(), LongCalls::Normal);
+            set_apart(policy);
+        })
+        .await;
+        // Ready while set apart: the caller restores (as `finish` does).
+        assert_eq!(current(), policy);
+        restore();
+        assert_eq!(current(), LongCalls::Normal);
+    }
+}
