@@ -222,9 +222,8 @@ mod os {
         }
     }
 
-    /// Put thread `thread` (0: the calling one) under `policy`, keeping
-    /// its nice value. `Normal` is `SCHED_OTHER` with the default slice.
-    pub(super) fn apply(thread: i32, policy: LongCalls) -> std::io::Result<()> {
+    /// Thread `thread`'s (0: the calling one) scheduling attributes.
+    fn read(thread: i32) -> std::io::Result<SchedAttr> {
         let mut attr = SchedAttr::default();
         let size = std::mem::size_of::<SchedAttr>() as u32;
         // SAFETY: `attr` is a valid, writable sched_attr of `size` bytes
@@ -232,10 +231,17 @@ mod os {
         #[allow(unsafe_code)]
         let read =
             unsafe { libc::syscall(libc::SYS_sched_getattr, thread, &raw mut attr, size, 0) };
-        if read != 0 {
-            return Err(std::io::Error::last_os_error());
+        match read {
+            0 => Ok(attr),
+            _ => Err(std::io::Error::last_os_error()),
         }
-        attr.size = size;
+    }
+
+    /// Put thread `thread` (0: the calling one) under `policy`, keeping
+    /// its nice value. `Normal` is `SCHED_OTHER` with the default slice.
+    pub(super) fn apply(thread: i32, policy: LongCalls) -> std::io::Result<()> {
+        let mut attr = read(thread)?;
+        attr.size = std::mem::size_of::<SchedAttr>() as u32;
         attr.flags &= SCHED_FLAG_RESET_ON_FORK;
         attr.priority = 0;
         (attr.policy, attr.runtime) = match policy {
@@ -243,7 +249,9 @@ mod os {
             LongCalls::LongSlice => (libc::SCHED_OTHER as u32, LONG_SLICE_NS),
             LongCalls::Idle => (libc::SCHED_IDLE as u32, 0),
         };
-        // SAFETY: as above; the kernel only reads `attr`.
+        // SAFETY: `attr` is a valid, initialised sched_attr that outlives
+        // the call, and the kernel only reads it; `thread` is a thread id
+        // or 0.
         #[allow(unsafe_code)]
         let written = unsafe { libc::syscall(libc::SYS_sched_setattr, thread, &raw const attr, 0) };
         if written != 0 {
@@ -255,12 +263,7 @@ mod os {
     /// Whether the calling thread runs with a long slice: kernels before
     /// 6.12 accept a slice for `SCHED_OTHER` and ignore it.
     pub(super) fn long_slice_kept() -> bool {
-        let mut attr = SchedAttr::default();
-        let size = std::mem::size_of::<SchedAttr>() as u32;
-        // SAFETY: as in `apply`.
-        #[allow(unsafe_code)]
-        let read = unsafe { libc::syscall(libc::SYS_sched_getattr, 0, &raw mut attr, size, 0) };
-        read == 0 && attr.runtime == LONG_SLICE_NS
+        read(0).is_ok_and(|attr| attr.runtime == LONG_SLICE_NS)
     }
 }
 
