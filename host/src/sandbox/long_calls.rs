@@ -55,9 +55,14 @@ impl LongCalls {
     /// to come back from it, and `LongSlice` on a kernel without custom
     /// slices, fall back to the next weaker policy.
     pub fn effective(self) -> LongCalls {
+        self.falling_back(probe)
+    }
+
+    /// The strongest policy, from `self` down, that `allowed` says works.
+    fn falling_back(self, allowed: impl Fn(LongCalls) -> bool) -> LongCalls {
         match self {
-            LongCalls::Idle if probe(LongCalls::Idle) => LongCalls::Idle,
-            LongCalls::Idle | LongCalls::LongSlice if probe(LongCalls::LongSlice) => {
+            LongCalls::Idle if allowed(LongCalls::Idle) => LongCalls::Idle,
+            LongCalls::Idle | LongCalls::LongSlice if allowed(LongCalls::LongSlice) => {
                 LongCalls::LongSlice
             }
             _ => LongCalls::Normal,
@@ -76,14 +81,19 @@ fn probe(policy: LongCalls) -> bool {
         LongCalls::Idle => &IDLE,
     };
     *cell.get_or_init(|| {
-        std::thread::spawn(move || {
-            let applied = os::apply(0, policy).is_ok()
-                && (policy != LongCalls::LongSlice || os::long_slice_kept());
-            os::apply(0, LongCalls::Normal).is_ok() && applied
-        })
-        .join()
-        .unwrap_or(false)
+        std::thread::spawn(move || try_policy(policy))
+            .join()
+            .unwrap_or(false)
     })
+}
+
+/// Whether the calling thread can be put under `policy` and back to
+/// normal. When it cannot come back, it stays set apart: only call this
+/// on a thread that ends afterwards.
+fn try_policy(policy: LongCalls) -> bool {
+    let applied =
+        os::apply(0, policy).is_ok() && (policy != LongCalls::LongSlice || os::long_slice_kept());
+    os::apply(0, LongCalls::Normal).is_ok() && applied
 }
 
 /// How long a thread stays at idle priority without reaching its next
@@ -330,6 +340,74 @@ mod tests {
             .join()
             .unwrap();
         }
+    }
+
+    #[test]
+    fn a_policy_falls_back_to_the_strongest_one_allowed() {
+        use LongCalls::*;
+        let everything = |_| true;
+        let no_idle = |p| p != Idle;
+        let nothing = |p| p == Normal;
+        for (asked, allowed, expected) in [
+            (Idle, &everything as &dyn Fn(LongCalls) -> bool, Idle),
+            (Idle, &no_idle, LongSlice),
+            (Idle, &nothing, Normal),
+            (LongSlice, &everything, LongSlice),
+            (LongSlice, &nothing, Normal),
+            (Normal, &everything, Normal),
+        ] {
+            assert_eq!(asked.falling_back(allowed), expected, "{asked:?}");
+        }
+    }
+
+    /// Run `probe` on a new thread without root's privileges: only that
+    /// thread's ids change (the raw system call, unlike libc's wrapper,
+    /// is per thread), so the rest of the test process keeps them.
+    #[cfg(target_os = "linux")]
+    fn unprivileged<T: Send + 'static>(probe: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(move || {
+            // SAFETY: geteuid cannot fail; setresuid is given plain ids and
+            // changes only the calling thread, which ends after `probe`.
+            #[allow(unsafe_code)]
+            unsafe {
+                if libc::geteuid() == 0 {
+                    let nobody = 65534;
+                    let dropped = libc::syscall(libc::SYS_setresuid, nobody, nobody, nobody);
+                    assert_eq!(dropped, 0, "{}", std::io::Error::last_os_error());
+                }
+            }
+            probe()
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn without_privilege_idle_falls_back_to_the_long_slice() {
+        // Leaving SCHED_IDLE needs CAP_SYS_NICE or an RLIMIT_NICE that
+        // covers the thread's nice value (sched(7)).
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `limit` is a valid rlimit the call writes; getpriority
+        // reads the calling process's nice value.
+        #[allow(unsafe_code)]
+        let (read, nice) = unsafe {
+            (
+                libc::getrlimit(libc::RLIMIT_NICE, &mut limit),
+                libc::getpriority(libc::PRIO_PROCESS, 0),
+            )
+        };
+        assert_eq!(read, 0);
+        let may_come_back = limit.rlim_cur >= (20 - nice) as libc::rlim_t;
+
+        assert_eq!(unprivileged(|| try_policy(LongCalls::Idle)), may_come_back);
+        // The long slice needs no privilege: an unprivileged thread gets
+        // what a privileged one got.
+        let slice = unprivileged(|| try_policy(LongCalls::LongSlice));
+        assert_eq!(slice, probe(LongCalls::LongSlice));
     }
 
     #[test]
