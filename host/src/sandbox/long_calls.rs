@@ -91,57 +91,70 @@ fn probe(policy: LongCalls) -> bool {
 /// normal. When it cannot come back, it stays set apart: only call this
 /// on a thread that ends afterwards.
 fn try_policy(policy: LongCalls) -> bool {
-    let applied =
-        os::apply(0, policy).is_ok() && (policy != LongCalls::LongSlice || os::long_slice_kept());
-    os::apply(0, LongCalls::Normal).is_ok() && applied
+    match os::set_apart(0, policy) {
+        Ok(Some(saved)) => {
+            let applied = policy != LongCalls::LongSlice || os::long_slice_kept();
+            os::put_back(0, &saved).is_ok() && applied
+        }
+        // A thread the scheduler runs outside the normal classes is never
+        // set apart, so the policy cannot be tried on it.
+        Ok(None) | Err(_) => false,
+    }
 }
 
 /// How long a thread stays at idle priority without reaching its next
 /// tick before the epoch clock restores it: four ticks.
 pub(crate) const STARVED_AFTER: Duration = Duration::from_millis(1);
 
-/// Threads at idle priority now, by thread id, and since when.
-static IDLE_THREADS: Mutex<Vec<(i32, Instant)>> = Mutex::new(Vec::new());
+/// Threads at idle priority now, by thread id: since when, and what to
+/// put back.
+static IDLE_THREADS: Mutex<Vec<(i32, Instant, os::Saved)>> = Mutex::new(Vec::new());
 /// How many entries `IDLE_THREADS` has, readable without its lock.
 static IDLE_COUNT: AtomicUsize = AtomicUsize::new(0);
 
-fn idle_threads() -> std::sync::MutexGuard<'static, Vec<(i32, Instant)>> {
+fn idle_threads() -> std::sync::MutexGuard<'static, Vec<(i32, Instant, os::Saved)>> {
     // Pushes and removes cannot leave the list half-changed.
     IDLE_THREADS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 thread_local! {
-    /// The policy this thread's guest code runs under now.
-    static SET_APART: Cell<LongCalls> = const { Cell::new(LongCalls::Normal) };
+    /// The policy this thread's guest code runs under now, and the
+    /// thread's own scheduling attributes from before, to put back.
+    static SET_APART: Cell<Option<(LongCalls, os::Saved)>> = const { Cell::new(None) };
 }
 
 /// Run the calling thread under `policy` until [`restore`], where this
-/// process may.
+/// process may. A thread the operator put outside the fair scheduler's
+/// normal classes (real-time, deadline, already idle) is left as it is.
 pub(crate) fn set_apart(policy: LongCalls) {
     // The probe also guards against lowering a thread to idle priority
     // without being able to raise it back.
-    if policy == LongCalls::Normal || SET_APART.get() != LongCalls::Normal || !probe(policy) {
+    if policy == LongCalls::Normal || SET_APART.get().is_some() || !probe(policy) {
         return;
     }
-    if let Err(e) = os::apply(0, policy) {
-        tracing::debug!("setting a long call's thread apart: {e}");
-        return;
-    }
-    SET_APART.set(policy);
+    let saved = match os::set_apart(0, policy) {
+        Ok(Some(saved)) => saved,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!("setting a long call's thread apart: {e}");
+            return;
+        }
+    };
+    SET_APART.set(Some((policy, saved)));
     if policy == LongCalls::Idle {
         let mut threads = idle_threads();
-        threads.push((os::thread_id(), Instant::now()));
+        threads.push((os::thread_id(), Instant::now(), saved));
         IDLE_COUNT.store(threads.len(), Ordering::Release);
     }
 }
 
-/// Undo [`set_apart`] on the calling thread, if it was set apart.
+/// Undo [`set_apart`] on the calling thread, if it was set apart: its
+/// policy and nice value go back to what they were.
 pub(crate) fn restore() {
-    let policy = SET_APART.replace(LongCalls::Normal);
-    if policy == LongCalls::Normal {
+    let Some((policy, saved)) = SET_APART.take() else {
         return;
-    }
-    if let Err(e) = os::apply(0, LongCalls::Normal) {
+    };
+    if let Err(e) = os::put_back(0, &saved) {
         // The probe tried this; failing now leaves a worker thread set
         // apart, which only slows it.
         tracing::error!("restoring a worker thread's scheduling policy: {e}");
@@ -149,7 +162,7 @@ pub(crate) fn restore() {
     if policy == LongCalls::Idle {
         let id = os::thread_id();
         let mut threads = idle_threads();
-        threads.retain(|(thread, _)| *thread != id);
+        threads.retain(|(thread, _, _)| *thread != id);
         IDLE_COUNT.store(threads.len(), Ordering::Release);
     }
 }
@@ -163,11 +176,11 @@ pub(crate) fn rescue_starved(limit: Duration) {
         return;
     }
     let mut threads = idle_threads();
-    threads.retain(|(thread, since)| {
+    threads.retain(|(thread, since, saved)| {
         if since.elapsed() < limit {
             return true;
         }
-        if let Err(e) = os::apply(*thread, LongCalls::Normal) {
+        if let Err(e) = os::put_back(*thread, saved) {
             // Gone already (a thread restores itself before it ends).
             tracing::debug!("restoring thread {thread}: {e}");
         }
@@ -179,7 +192,9 @@ pub(crate) fn rescue_starved(limit: Duration) {
 /// The policy the calling thread's guest code runs under now.
 #[cfg(test)]
 pub(crate) fn current() -> LongCalls {
-    SET_APART.get()
+    SET_APART
+        .get()
+        .map_or(LongCalls::Normal, |(policy, _)| policy)
 }
 
 /// `future`, with the thread restored whenever it stops running guest code
@@ -209,8 +224,8 @@ mod os {
     /// The kernel's `struct sched_attr` (linux/sched/types.h, version 1);
     /// libc does not bind it.
     #[repr(C)]
-    #[derive(Default)]
-    struct SchedAttr {
+    #[derive(Debug, Default, Clone, Copy)]
+    pub(super) struct SchedAttr {
         size: u32,
         policy: u32,
         flags: u64,
@@ -247,17 +262,50 @@ mod os {
         }
     }
 
+    /// What a thread's scheduling was before it was set apart.
+    pub(super) type Saved = SchedAttr;
+
     /// Put thread `thread` (0: the calling one) under `policy`, keeping
-    /// its nice value. `Normal` is `SCHED_OTHER` with the default slice.
-    pub(super) fn apply(thread: i32, policy: LongCalls) -> std::io::Result<()> {
-        let mut attr = read(thread)?;
-        attr.size = std::mem::size_of::<SchedAttr>() as u32;
-        attr.flags &= SCHED_FLAG_RESET_ON_FORK;
-        attr.priority = 0;
+    /// its nice value, and return what to put back; `None`, changing
+    /// nothing, when the thread is not under `SCHED_OTHER` or
+    /// `SCHED_BATCH`. A long slice keeps the thread's policy.
+    pub(super) fn set_apart(thread: i32, policy: LongCalls) -> std::io::Result<Option<Saved>> {
+        let saved = read(thread)?;
+        let fair = [libc::SCHED_OTHER as u32, libc::SCHED_BATCH as u32];
+        if !fair.contains(&saved.policy) {
+            return Ok(None);
+        }
+        let mut attr = saved;
         (attr.policy, attr.runtime) = match policy {
-            LongCalls::Normal => (libc::SCHED_OTHER as u32, 0),
-            LongCalls::LongSlice => (libc::SCHED_OTHER as u32, LONG_SLICE_NS),
+            LongCalls::Normal => return Ok(None),
+            LongCalls::LongSlice => (saved.policy, LONG_SLICE_NS),
             LongCalls::Idle => (libc::SCHED_IDLE as u32, 0),
+        };
+        write(thread, &attr)?;
+        Ok(Some(saved))
+    }
+
+    /// Give thread `thread` (0: the calling one) back its policy, nice
+    /// value and flags, with the default slice: `sched_getattr` reports
+    /// the slice in force, default or not, and writing that value back
+    /// would pin it as a custom one.
+    pub(super) fn put_back(thread: i32, saved: &Saved) -> std::io::Result<()> {
+        write(
+            thread,
+            &SchedAttr {
+                runtime: 0,
+                ..*saved
+            },
+        )
+    }
+
+    fn write(thread: i32, attr: &SchedAttr) -> std::io::Result<()> {
+        let attr = SchedAttr {
+            size: std::mem::size_of::<SchedAttr>() as u32,
+            // Only reset-on-fork is a setting; the other bits `read` may
+            // report are not accepted back.
+            flags: attr.flags & SCHED_FLAG_RESET_ON_FORK,
+            ..*attr
         };
         // SAFETY: `attr` is a valid, initialised sched_attr that outlives
         // the call, and the kernel only reads it; `thread` is a thread id
@@ -285,11 +333,15 @@ mod os {
         0
     }
 
-    pub(super) fn apply(_thread: i32, policy: LongCalls) -> std::io::Result<()> {
-        match policy {
-            LongCalls::Normal => Ok(()),
-            _ => Err(std::io::ErrorKind::Unsupported.into()),
-        }
+    #[derive(Debug, Clone, Copy)]
+    pub(super) struct Saved;
+
+    pub(super) fn set_apart(_thread: i32, _policy: LongCalls) -> std::io::Result<Option<Saved>> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+
+    pub(super) fn put_back(_thread: i32, _saved: &Saved) -> std::io::Result<()> {
+        Ok(())
     }
 
     pub(super) fn long_slice_kept() -> bool {
@@ -301,10 +353,11 @@ mod os {
 mod tests {
     use super::*;
 
-    /// The calling thread's policy and time slice (not shown for
-    /// `SCHED_IDLE`), from /proc/thread-self/sched.
+    /// The calling thread's policy, time slice (not shown for
+    /// `SCHED_IDLE`) and priority (120 plus its nice value), from
+    /// /proc/thread-self/sched.
     #[cfg(target_os = "linux")]
-    fn scheduling() -> (i32, Option<u64>) {
+    fn scheduling() -> (i32, Option<u64>, u64) {
         let sched = std::fs::read_to_string("/proc/thread-self/sched").unwrap();
         let field = |name: &str| {
             sched.lines().find_map(|line| {
@@ -312,33 +365,82 @@ mod tests {
                 (key.trim() == name).then(|| value.trim().parse::<u64>().ok())?
             })
         };
-        (field("policy").unwrap() as i32, field("se.slice"))
+        (
+            field("policy").unwrap() as i32,
+            field("se.slice"),
+            field("prio").unwrap(),
+        )
+    }
+
+    /// Put the calling thread under `policy` at `nice`, as an operator
+    /// could with `chrt` and `renice`; false where this process may not.
+    #[cfg(target_os = "linux")]
+    fn run_as(policy: i32, priority: i32, nice: i32) -> bool {
+        let param = libc::sched_param {
+            sched_priority: priority,
+        };
+        // SAFETY: plain values and a valid sched_param that outlives the
+        // call; both change only the calling thread.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::sched_setscheduler(0, policy, &param) == 0
+                && libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) == 0
+        }
     }
 
     #[cfg(target_os = "linux")]
     #[test]
-    fn a_thread_set_apart_gets_its_default_back_on_restore() {
-        for policy in [LongCalls::LongSlice, LongCalls::Idle] {
-            std::thread::spawn(move || {
-                let normal = scheduling();
-                assert_eq!(normal.0, libc::SCHED_OTHER);
-                let effective = policy.effective();
-                set_apart(effective);
-                assert_eq!(current(), effective);
-                let apart = scheduling();
-                match effective {
-                    LongCalls::Normal => assert_eq!(apart, normal),
-                    LongCalls::LongSlice => {
-                        assert_eq!(apart, (libc::SCHED_OTHER, Some(100_000_000)));
+    fn a_thread_set_apart_gets_its_own_setting_back_on_restore() {
+        let settings = [(libc::SCHED_OTHER, 0), (libc::SCHED_BATCH, 5)];
+        for (policy, nice) in settings {
+            for long_calls in [LongCalls::LongSlice, LongCalls::Idle] {
+                std::thread::spawn(move || {
+                    assert!(run_as(policy, 0, nice));
+                    let own = scheduling();
+                    assert_eq!((own.0, own.2), (policy, 120 + nice as u64));
+                    let effective = long_calls.effective();
+                    set_apart(effective);
+                    assert_eq!(current(), effective);
+                    let apart = scheduling();
+                    match effective {
+                        LongCalls::Normal => assert_eq!(apart, own),
+                        // The slice is the only change.
+                        LongCalls::LongSlice => {
+                            assert_eq!(apart, (policy, Some(100_000_000), own.2));
+                        }
+                        LongCalls::Idle => assert_eq!(apart.0, libc::SCHED_IDLE),
                     }
-                    LongCalls::Idle => assert_eq!(apart.0, libc::SCHED_IDLE),
-                }
-                restore();
-                assert_eq!(current(), LongCalls::Normal);
-                assert_eq!(scheduling(), normal);
-            })
-            .join()
-            .unwrap();
+                    restore();
+                    assert_eq!(current(), LongCalls::Normal);
+                    assert_eq!(scheduling(), own, "{long_calls:?} from {policy}");
+                })
+                .join()
+                .unwrap();
+            }
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_thread_outside_the_normal_classes_is_left_alone() {
+        // Real-time needs a privilege this process may not have.
+        let settings = [(libc::SCHED_IDLE, 0), (libc::SCHED_FIFO, 1)];
+        for (policy, priority) in settings {
+            for long_calls in [LongCalls::LongSlice, LongCalls::Idle] {
+                std::thread::spawn(move || {
+                    if !run_as(policy, priority, 0) {
+                        return;
+                    }
+                    let own = scheduling();
+                    set_apart(long_calls.effective());
+                    assert_eq!(current(), LongCalls::Normal);
+                    assert_eq!(scheduling(), own, "{long_calls:?} from {policy}");
+                    restore();
+                    assert_eq!(scheduling(), own);
+                })
+                .join()
+                .unwrap();
+            }
         }
     }
 
@@ -438,7 +540,7 @@ mod tests {
             policy
         });
         let thread = apart_rx.recv().unwrap();
-        let listed = || idle_threads().iter().any(|(t, _)| *t == thread);
+        let listed = || idle_threads().iter().any(|(t, _, _)| *t == thread);
         rescue_starved(Duration::from_secs(3600));
         assert!(listed(), "set apart only just now");
         rescue_starved(Duration::ZERO);
