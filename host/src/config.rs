@@ -188,6 +188,13 @@ pub struct RuntimeConfig {
     /// goes to the waiting plugin that has used the least guest CPU.
     /// Default: one per core.
     pub max_running_guest_calls: Option<usize>,
+    /// Of those, how many calls that compute past their first epoch tick
+    /// may run at once. Default: one fewer than `max-running-guest-calls`
+    /// (at least one), so guests that compute for long never hold every
+    /// core from nats-server and the host's own I/O, which every other
+    /// plugin's events need; set it equal to `max-running-guest-calls` on
+    /// a host whose plugins are all CPU-bound.
+    pub max_running_long_calls: Option<usize>,
     /// How the guest code of calls that compute past an epoch tick runs
     /// (Linux), so nats-server and the host's own I/O are not held up by
     /// it. `long-slice` (the default) asks for a long time slice, which
@@ -210,6 +217,7 @@ impl Default for RuntimeConfig {
             ack_wait_ms: 30_000,
             max_guest_memory_mb: crate::sandbox::DEFAULT_MEMORY_BUDGET_MB,
             max_running_guest_calls: None,
+            max_running_long_calls: None,
             long_calls: LongCalls::default(),
         }
     }
@@ -492,6 +500,9 @@ impl HostConfig {
         }
         if self.runtime.max_running_guest_calls == Some(0) {
             return Err("`runtime.max-running-guest-calls` must be at least 1".into());
+        }
+        if self.runtime.max_running_long_calls == Some(0) {
+            return Err("`runtime.max-running-long-calls` must be at least 1".into());
         }
         if self.runtime.max_guest_memory_mb == 0 {
             return Err("`runtime.max-guest-memory-mb` must be at least 1".into());

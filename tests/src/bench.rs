@@ -118,6 +118,14 @@ pub async fn weir_drain(
         config.runtime.long_calls = serde_json::from_value(serde_json::json!(policy))
             .unwrap_or_else(|e| panic!("BENCH_LONG_CALLS={policy}: {e}"));
     }
+    // `runtime.max-running-long-calls`, likewise.
+    if let Some(n) = std::env::var_os("BENCH_RUNNING_LONG_CALLS") {
+        let n = n.to_string_lossy();
+        config.runtime.max_running_long_calls = Some(
+            n.parse()
+                .unwrap_or_else(|e| panic!("BENCH_RUNNING_LONG_CALLS={n}: {e}")),
+        );
+    }
     // The latency row's host outlives the rows after it: every host gets
     // its own port.
     config.admin.listen = "127.0.0.1:0".into();

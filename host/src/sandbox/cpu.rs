@@ -22,6 +22,14 @@
 //! - A call granted a turn after waiting first yields to the runtime once,
 //!   so the tasks that became ready while it waited (acks, pulls) run
 //!   before it takes the thread.
+//! - A call still computing at its second epoch tick is *long*, and goes
+//!   on only while it also holds one of `long_slots` permits
+//!   (`runtime.max-running-long-calls`, one fewer than `slots` by
+//!   default). So on a machine whose cores could all be running guests
+//!   that compute for long, one stays free for what every other plugin's
+//!   events need besides guest code: nats-server storing a commit, the
+//!   host's socket reads, the committer. A long call gives its permit up
+//!   with its turn and asks again at its next tick.
 //!
 //! When nobody waits, taking and giving back a turn is one uncontended
 //! lock each, and a running guest is never interrupted.
@@ -54,6 +62,8 @@ pub struct CpuShare {
     turns: Mutex<Turns>,
     /// How long calls run their guest code ([`super::long_calls`]).
     long_calls: LongCalls,
+    /// Permits for long calls, or none when they may take every turn.
+    long_permits: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 #[derive(Debug, Default)]
@@ -107,11 +117,13 @@ impl Turns {
 }
 
 impl CpuShare {
-    /// `slots` guest calls may run at once; at least one. Long calls run
-    /// their guest code under `long_calls`, or what this process can do of
-    /// it ([`super::long_calls`]).
-    pub fn new(slots: usize, long_calls: LongCalls) -> Arc<Self> {
+    /// `slots` guest calls may run at once, at least one, and of them
+    /// `long_slots` calls that compute for long, at least one. Long calls
+    /// run their guest code under `long_calls`, or what this process can
+    /// do of it ([`super::long_calls`]).
+    pub fn new(slots: usize, long_slots: usize, long_calls: LongCalls) -> Arc<Self> {
         let slots = slots.max(1);
+        let long_slots = long_slots.max(1);
         Arc::new(CpuShare {
             origin: Instant::now(),
             waiting: AtomicUsize::new(0),
@@ -120,6 +132,8 @@ impl CpuShare {
                 ..Turns::default()
             }),
             long_calls: long_calls.effective(),
+            long_permits: (long_slots < slots)
+                .then(|| Arc::new(tokio::sync::Semaphore::new(long_slots))),
         })
     }
 
@@ -145,6 +159,7 @@ impl CpuShare {
             plugin: plugin.clone(),
             held: AtomicBool::new(false),
             since: AtomicU64::new(0),
+            long: Mutex::new(None),
         });
         inner.take().await;
         Turn(inner)
@@ -281,6 +296,31 @@ impl TurnHandle {
         self.0.share.long_calls
     }
 
+    /// At a tick of a call proven long: `None` when it may go on (it
+    /// holds a long-call permit, or none are needed), else a future that
+    /// gives the turn up, waits for a permit and then for a turn.
+    pub fn go_on_long(&self) -> Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> {
+        let permits = self.0.share.long_permits.as_ref()?;
+        let mut held = self.0.long_permit();
+        if held.is_some() {
+            return None;
+        }
+        if let Ok(permit) = permits.clone().try_acquire_owned() {
+            *held = Some(permit);
+            return None;
+        }
+        drop(held);
+        let (inner, permits) = (self.0.clone(), permits.clone());
+        Some(Box::pin(async move {
+            inner.give_up();
+            // Never closed: the share owns it.
+            if let Ok(permit) = permits.acquire_owned().await {
+                *inner.long_permit() = Some(permit);
+            }
+            inner.take().await;
+        }))
+    }
+
     /// Give the turn up and wait for it again: for the epoch callback,
     /// which cannot await.
     pub fn pass(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
@@ -316,6 +356,8 @@ struct TurnInner {
     held: AtomicBool,
     /// When the turn held now was taken, on the share's clock.
     since: AtomicU64,
+    /// The long-call permit held with the turn, if any.
+    long: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 impl TurnInner {
@@ -333,7 +375,15 @@ impl TurnInner {
         self.since.store(self.share.now(), Ordering::Release);
     }
 
+    fn long_permit(&self) -> MutexGuard<'_, Option<tokio::sync::OwnedSemaphorePermit>> {
+        // Only ever replaced whole, so a poisoned lock holds a valid value.
+        self.long.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn give_up(&self) {
+        // The permit goes with the turn: a long call waiting for its turn
+        // back must not keep another from running.
+        self.long_permit().take();
         if self.held.swap(false, Ordering::AcqRel) {
             let used = self
                 .share
@@ -404,7 +454,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_freed_turn_goes_to_the_plugin_that_used_least() {
-        let share = CpuShare::new(2, LongCalls::Normal);
+        let share = CpuShare::new(2, 2, LongCalls::Normal);
         let (spin, fraud) = (name("spin"), name("fraud"));
         let a = share.turn(&spin).await;
         let b = share.turn(&spin).await;
@@ -443,7 +493,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_turn_alternates_between_plugins() {
-        let share = CpuShare::new(1, LongCalls::Normal);
+        let share = CpuShare::new(1, 1, LongCalls::Normal);
         let (spin, fraud) = (name("spin"), name("fraud"));
         let running = share.turn(&spin).await;
         let mut spinners = Vec::new();
@@ -471,7 +521,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cancelled_waiter_loses_no_turn() {
-        let share = CpuShare::new(1, LongCalls::Normal);
+        let share = CpuShare::new(1, 1, LongCalls::Normal);
         let p = name("p");
         let held = share.turn(&p).await;
         let waiter = queue(&share, &p);
@@ -490,7 +540,7 @@ mod tests {
 
     #[tokio::test]
     async fn passing_hands_the_turn_to_a_waiting_plugin() {
-        let share = CpuShare::new(1, LongCalls::Normal);
+        let share = CpuShare::new(1, 1, LongCalls::Normal);
         let (spin, other) = (name("spin"), name("other"));
         let spinning = share.turn(&spin).await;
         let handle = spinning.handle();
@@ -506,5 +556,43 @@ mod tests {
         assert_eq!(share.lock().plugins[&spin].held, 1);
         drop(spinning);
         assert_eq!(share.lock().free, 1);
+    }
+
+    #[tokio::test]
+    async fn long_calls_leave_a_turn_for_everything_else() {
+        let share = CpuShare::new(2, 1, LongCalls::Normal);
+        let (spin, fraud) = (name("spin"), name("fraud"));
+        let first = share.turn(&spin).await;
+        let second = share.turn(&spin).await;
+        // The first long call takes the only long-call permit and goes on.
+        assert!(first.handle().go_on_long().is_none());
+        assert!(first.handle().go_on_long().is_none(), "held until given up");
+        // The second must wait, and gives its turn up while it does.
+        let waiting = tokio::spawn(second.handle().go_on_long().unwrap());
+        while share.lock().free == 0 {
+            tokio::task::yield_now().await;
+        }
+        // So a short call of another plugin runs at once.
+        let fraud_turn = share.turn(&fraud).await;
+        drop(fraud_turn);
+        assert!(!waiting.is_finished());
+        // Passing the turn passes the permit: the waiter goes on.
+        let pass = tokio::spawn(first.handle().pass());
+        waiting.await.unwrap();
+        assert!(second.handle().go_on_long().is_none());
+        drop(second);
+        pass.await.unwrap();
+        drop(first);
+        assert_eq!(share.lock().free, 2);
+        assert_eq!(share.long_permits.as_ref().unwrap().available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn long_calls_may_take_every_turn_when_asked() {
+        let share = CpuShare::new(2, 2, LongCalls::Normal);
+        let p = name("p");
+        let (a, b) = (share.turn(&p).await, share.turn(&p).await);
+        assert!(a.handle().go_on_long().is_none());
+        assert!(b.handle().go_on_long().is_none());
     }
 }

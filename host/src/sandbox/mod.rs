@@ -52,6 +52,9 @@ pub struct SandboxConfig {
     /// Guest calls that may run at once, shared fairly between plugins;
     /// 0 means one per core.
     pub running_guest_calls: usize,
+    /// Of those, calls that compute past their first epoch tick; 0 means
+    /// one fewer than `running_guest_calls`, at least one.
+    pub running_long_calls: usize,
     /// How the guest code of calls that compute past one epoch tick runs,
     /// where the process may (see [`Sandbox::long_calls`]).
     pub long_calls: LongCalls,
@@ -72,6 +75,7 @@ impl SandboxConfig {
             cache_dir: dir.map(|d| d.join("compiled")),
             memory_budget_bytes: DEFAULT_MEMORY_BUDGET_MB << 20,
             running_guest_calls: 0,
+            running_long_calls: 0,
             long_calls: LongCalls::default(),
         }
     }
@@ -138,18 +142,20 @@ impl Sandbox {
             .map_err(anyhow::Error::from)
             .context("linking the weir:plugin imports")?;
         let cache = CompileCache::new(config.cache_dir, &engine);
+        let slots = match config.running_guest_calls {
+            0 => cpu::CpuShare::default_slots(),
+            n => n,
+        };
+        let long_slots = match config.running_long_calls {
+            0 => slots.saturating_sub(1),
+            n => n,
+        };
         Ok(Sandbox {
             engine,
             linker,
             cache,
             budget: Arc::new(budget::MemoryBudget::new(config.memory_budget_bytes)),
-            cpu: cpu::CpuShare::new(
-                match config.running_guest_calls {
-                    0 => cpu::CpuShare::default_slots(),
-                    n => n,
-                },
-                config.long_calls,
-            ),
+            cpu: cpu::CpuShare::new(slots, long_slots, config.long_calls),
         })
     }
 

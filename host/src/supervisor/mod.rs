@@ -65,6 +65,7 @@ impl Supervisor {
         }
         sandbox_config.memory_budget_bytes = config.runtime.max_guest_memory_mb << 20;
         sandbox_config.running_guest_calls = config.runtime.max_running_guest_calls.unwrap_or(0);
+        sandbox_config.running_long_calls = config.runtime.max_running_long_calls.unwrap_or(0);
         sandbox_config.long_calls = config.runtime.long_calls;
         let sandbox = Arc::new(Sandbox::new(sandbox_config)?);
         if config.runtime.long_calls != sandbox.long_calls() {
