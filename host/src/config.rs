@@ -652,6 +652,7 @@ mod tests {
             [runtime]
             shutdown-grace-ms = 100
             long-calls = "idle"
+            max-running-long-calls = 3
             [admin]
             listen = "0.0.0.0:9000"
             token-file = "secrets/admin-token"
@@ -680,6 +681,8 @@ mod tests {
         assert_eq!(c.telemetry.otlp_headers["x-api-key"], "k");
         assert_eq!(c.telemetry.service_name, "weir");
         assert_eq!(c.runtime.long_calls, LongCalls::Idle);
+        assert_eq!(c.runtime.max_running_long_calls, Some(3));
+        assert_eq!(RuntimeConfig::default().max_running_long_calls, None);
         assert_eq!(RuntimeConfig::default().long_calls, LongCalls::LongSlice);
     }
 
@@ -718,6 +721,10 @@ mod tests {
             ("[state]\nbucket-prefix = \"a.b\"\n", "state.bucket-prefix"),
             ("[state]\ndone-ttl-s = 0\n", "done-ttl-s"),
             ("[plugins]\ndir = \"p\"\nmax-wasm-mb = 0\n", "max-wasm-mb"),
+            (
+                "[runtime]\nmax-running-long-calls = 0\n",
+                "max-running-long-calls",
+            ),
             (
                 "[[streams]]\nname = \"bad name\"\nsubjects = [\"a\"]\n",
                 "stream name \"bad name\" may not contain whitespace",
