@@ -17,6 +17,7 @@ use futures::StreamExt;
 use weir::dev::{NatsServer, free_port};
 
 pub mod bench;
+pub mod command_line;
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {

@@ -15,6 +15,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer};
 use bytes::Bytes;
 use futures::StreamExt;
+use weir_integration_tests::command_line;
 
 /// User plus system CPU time of process `pid`.
 fn cpu_time(pid: u32) -> Duration {
@@ -60,10 +61,8 @@ impl Probe {
 
 #[tokio::main]
 async fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .map(|a| a.parse().unwrap())
-        .unwrap_or(20000);
+    const USAGE: &str = "jetstream-costs [MESSAGES (20000)]";
+    let n = command_line::count(&command_line::args(USAGE), 0, 20_000, USAGE);
     let dir = tempfile::tempdir().unwrap();
     let server =
         weir::dev::NatsServer::start(&dir.path().join("nats"), weir::dev::free_port().unwrap())

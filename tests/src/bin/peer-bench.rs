@@ -23,7 +23,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use weir::config::HostConfig;
 use weir::supervisor::Supervisor;
-use weir_integration_tests::{dist, workspace};
+use weir_integration_tests::{command_line, dist, workspace};
 
 // The allocator the `weir` binary ships with.
 #[global_allocator]
@@ -44,16 +44,21 @@ fn args() -> Args {
         python: "python3".into(),
         node: "node".into(),
     };
-    let mut it = std::env::args().skip(1);
+    const USAGE: &str = "peer-bench [EVENTS (20000)] [--python PYTHON] [--node NODE]";
+    let mut it = command_line::args(USAGE).into_iter();
+    let value = |flag: &str, it: &mut std::vec::IntoIter<String>| -> PathBuf {
+        it.next()
+            .unwrap_or_else(|| command_line::refuse(&format!("{flag} needs a value"), USAGE))
+            .into()
+    };
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "--python" => args.python = it.next().unwrap().into(),
-            "--node" => args.node = it.next().unwrap().into(),
-            n => {
-                args.events = n
-                    .parse()
-                    .expect("usage: peer-bench [EVENTS] [--python P] [--node N]")
+            "--python" => args.python = value("--python", &mut it),
+            "--node" => args.node = value("--node", &mut it),
+            flag if flag.starts_with('-') => {
+                command_line::refuse(&format!("unknown option {flag}"), USAGE)
             }
+            n => args.events = command_line::count(&[n.to_owned()], 0, args.events, USAGE),
         }
     }
     args

@@ -28,7 +28,7 @@ use weir_integration_tests::bench::{
     Run, baseline_consumer_config, baseline_drain, baseline_latency, order, paced_publish,
     publish_keyed, tally, weir_drain, weir_latency,
 };
-use weir_integration_tests::{dist, publish_all};
+use weir_integration_tests::{command_line, dist, publish_all};
 
 // The allocator the `weir` binary ships with, so the host measured here is
 // the one users run.
@@ -37,12 +37,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let events: usize = args.get(1).map(|a| a.parse().unwrap()).unwrap_or(50_000);
-    let rate: usize = args.get(2).map(|a| a.parse().unwrap()).unwrap_or(5_000);
+    const USAGE: &str = "pipeline-bench [EVENTS (50000)] [RATE (5000)] [ROWS]";
+    let args = command_line::args(USAGE);
+    let events = command_line::count(&args, 0, 50_000, USAGE);
+    let rate = command_line::count(&args, 1, 5_000, USAGE);
     // Rows whose label contains this (all rows when absent); the latency
     // part runs only when the concurrency-16 fraud row does.
-    let only: Option<&str> = args.get(3).map(String::as_str);
+    let only: Option<&str> = args.get(2).map(String::as_str);
     let (dir, server, client) = weir_integration_tests::bench_broker().await;
     let js = jetstream::new(client.clone());
     for (name, subject) in [

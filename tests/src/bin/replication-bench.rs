@@ -22,7 +22,7 @@ use weir::dev::{NatsCluster, NatsServer, free_port};
 use weir_integration_tests::bench::{
     Run, baseline_drain, order, publish_keyed, tally, weir_drain, weir_latency,
 };
-use weir_integration_tests::publish_all;
+use weir_integration_tests::{command_line, publish_all};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -38,9 +38,10 @@ struct Figures {
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let events: usize = args.get(1).map(|a| a.parse().unwrap()).unwrap_or(20_000);
-    let rate: usize = args.get(2).map(|a| a.parse().unwrap()).unwrap_or(2_000);
+    const USAGE: &str = "replication-bench [EVENTS (20000)] [RATE (2000)]";
+    let args = command_line::args(USAGE);
+    let events = command_line::count(&args, 0, 20_000, USAGE);
+    let rate = command_line::count(&args, 1, 2_000, USAGE);
     println!("replication-bench: {events} events per row, latency at {rate} events/s offered");
 
     let single_dir = tempfile::tempdir().unwrap();
