@@ -224,6 +224,40 @@ pub async fn baseline_latency(
     while confirming.join_next().await.is_some() {}
 }
 
+/// A thread that computes without a break until dropped, at normal
+/// priority: a core taken from everything else, with no Weir involved.
+pub struct SpinningThread {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl SpinningThread {
+    pub fn start() -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut spins = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                spins = std::hint::black_box(spins.wrapping_add(1));
+            }
+            spins
+        });
+        SpinningThread {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for SpinningThread {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+}
+
 /// Publish `payloads` on `subject` at `rate` per second in 1 ms ticks;
 /// acks are awaited by a separate task so the pacing never stalls on them.
 ///

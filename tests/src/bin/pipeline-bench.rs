@@ -25,8 +25,8 @@ use async_nats::jetstream;
 use weir::supervisor::Supervisor;
 use weir::telemetry::latency::LatencyHistogram;
 use weir_integration_tests::bench::{
-    Run, baseline_consumer_config, baseline_drain, baseline_latency, order, paced_publish,
-    publish_keyed, tally, weir_drain, weir_latency,
+    Run, SpinningThread, baseline_consumer_config, baseline_drain, baseline_latency, order,
+    paced_publish, publish_keyed, tally, weir_drain, weir_latency,
 };
 use weir_integration_tests::{command_line, dist, publish_all};
 
@@ -163,15 +163,34 @@ async fn main() {
     let consumer_task = tokio::spawn(baseline_latency(consumer, count, base_latency.clone()));
     paced_publish(&server.url(), "base.orders", &orders[..count], rate).await;
     consumer_task.await.unwrap();
+    // The same consumer next to one thread spinning at normal priority: a
+    // core taken, as weir's spinners take one by default (one long-call
+    // permit on two turns). What the machine's own scheduling adds to a
+    // tail, with no Weir in it.
+    let beside_spin = LatencyHistogram::default();
+    let spinning = SpinningThread::start();
+    let consumer = stream
+        .create_consumer(baseline_consumer_config("latency-beside-spin"))
+        .await
+        .unwrap();
+    let consumer_task = tokio::spawn(baseline_latency(consumer, count, beside_spin.clone()));
+    paced_publish(&server.url(), "base.orders", &orders[..count], rate).await;
+    consumer_task.await.unwrap();
+    drop(spinning);
 
     let ms = |d: Option<Duration>| {
         d.map(|d| format!("{:.2} ms", d.as_secs_f64() * 1e3))
             .unwrap_or("-".into())
     };
-    let base_latency = base_latency.snapshot();
-    let base_p = (base_latency.quantile(0.5), base_latency.quantile(0.99));
+    let percentiles = |h: &LatencyHistogram| {
+        let s = h.snapshot();
+        (s.quantile(0.5), s.quantile(0.99))
+    };
+    let base_p = percentiles(&base_latency);
+    let beside_p = percentiles(&beside_spin);
     for (label, (p50, p99)) in [
         ("baseline: pull consumer, double-ack each", base_p),
+        ("baseline, next to one spinning thread", beside_p),
         ("weir + fraud, concurrency 16", unloaded),
         (
             "weir + fraud, c16, next to 16 spinning guest calls",
@@ -180,11 +199,24 @@ async fn main() {
     ] {
         println!("  {label:<52} p50 {:>9}   p99 {:>9}", ms(p50), ms(p99));
     }
-    if let (Some(alone), Some(beside)) = (unloaded.1, neighboured.1) {
-        println!(
-            "  p99 next to spinning guests / p99 alone: {:.2}x",
-            beside.as_secs_f64() / alone.as_secs_f64()
-        );
+    for (label, alone, beside) in [
+        (
+            "baseline: p99 next to a spinning thread / p99 alone",
+            base_p.1,
+            beside_p.1,
+        ),
+        (
+            "p99 next to spinning guests / p99 alone",
+            unloaded.1,
+            neighboured.1,
+        ),
+    ] {
+        if let (Some(alone), Some(beside)) = (alone, beside) {
+            println!(
+                "  {label}: {:.2}x",
+                beside.as_secs_f64() / alone.as_secs_f64()
+            );
+        }
     }
 }
 
