@@ -5,7 +5,8 @@
 //!    fraud plugin at several concurrencies, with idempotency records on
 //!    and off, and with a stateful plugin;
 //! 2. publish-to-ack latency (p50/p99) at a fixed offered rate, baseline
-//!    against weir.
+//!    against weir, each also with a core taken: weir next to a plugin
+//!    whose 16 calls spin, the baseline next to one spinning thread.
 //!
 //! ```sh
 //! cargo xtask build
