@@ -13,7 +13,7 @@ use futures::StreamExt;
 use weir::config::HostConfig;
 use weir::supervisor::Supervisor;
 use weir::telemetry::PluginStats;
-use weir::telemetry::latency::LatencyHistogram;
+use weir::telemetry::latency::{LatencyHistogram, LatencySnapshot};
 
 use crate::dist;
 
@@ -222,6 +222,33 @@ pub async fn baseline_latency(
         });
     }
     while confirming.join_next().await.is_some() {}
+}
+
+/// Publish `payloads` on `base.orders` at `rate` and measure a new
+/// baseline consumer `name`'s publish-to-confirmed-ack latency over them.
+pub async fn baseline_paced_latency(
+    js: &jetstream::Context,
+    url: &str,
+    name: &str,
+    payloads: &[String],
+    rate: usize,
+) -> LatencySnapshot {
+    let histogram = LatencyHistogram::default();
+    let consumer = js
+        .get_stream("BASE")
+        .await
+        .unwrap()
+        .create_consumer(baseline_consumer_config(name))
+        .await
+        .unwrap();
+    let consuming = tokio::spawn(baseline_latency(
+        consumer,
+        payloads.len(),
+        histogram.clone(),
+    ));
+    paced_publish(url, "base.orders", payloads, rate).await;
+    consuming.await.unwrap();
+    histogram.snapshot()
 }
 
 /// A thread that computes without a break until dropped, at normal

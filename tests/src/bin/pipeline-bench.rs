@@ -24,10 +24,10 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use weir::supervisor::Supervisor;
-use weir::telemetry::latency::LatencyHistogram;
+use weir::telemetry::latency::LatencySnapshot;
 use weir_integration_tests::bench::{
-    Run, SpinningThread, baseline_consumer_config, baseline_drain, baseline_latency, order,
-    paced_publish, publish_keyed, tally, weir_drain, weir_latency,
+    Run, SpinningThread, baseline_drain, baseline_paced_latency, order, publish_keyed, tally,
+    weir_drain, weir_latency,
 };
 use weir_integration_tests::{command_line, dist, publish_all};
 
@@ -155,38 +155,22 @@ async fn main() {
     let neighboured = weir_latency(&server.url(), &stats, &subject, &orders[..count], rate).await;
     host.shutdown().await;
 
-    let base_latency = LatencyHistogram::default();
-    let stream = js.get_stream("BASE").await.unwrap();
-    let consumer = stream
-        .create_consumer(baseline_consumer_config("latency"))
-        .await
-        .unwrap();
-    let consumer_task = tokio::spawn(baseline_latency(consumer, count, base_latency.clone()));
-    paced_publish(&server.url(), "base.orders", &orders[..count], rate).await;
-    consumer_task.await.unwrap();
+    let url = server.url();
+    let base_latency = baseline_paced_latency(&js, &url, "latency", &orders[..count], rate).await;
     // The same consumer next to one thread spinning at normal priority: a
     // core taken, as weir's spinners take one by default (one long-call
     // permit on two turns). What the machine's own scheduling adds to a
     // tail, with no Weir in it.
-    let beside_spin = LatencyHistogram::default();
     let spinning = SpinningThread::start();
-    let consumer = stream
-        .create_consumer(baseline_consumer_config("latency-beside-spin"))
-        .await
-        .unwrap();
-    let consumer_task = tokio::spawn(baseline_latency(consumer, count, beside_spin.clone()));
-    paced_publish(&server.url(), "base.orders", &orders[..count], rate).await;
-    consumer_task.await.unwrap();
+    let beside_spin =
+        baseline_paced_latency(&js, &url, "latency-beside-spin", &orders[..count], rate).await;
     drop(spinning);
 
     let ms = |d: Option<Duration>| {
         d.map(|d| format!("{:.2} ms", d.as_secs_f64() * 1e3))
             .unwrap_or("-".into())
     };
-    let percentiles = |h: &LatencyHistogram| {
-        let s = h.snapshot();
-        (s.quantile(0.5), s.quantile(0.99))
-    };
+    let percentiles = |s: &LatencySnapshot| (s.quantile(0.5), s.quantile(0.99));
     let base_p = percentiles(&base_latency);
     let beside_p = percentiles(&beside_spin);
     for (label, (p50, p99)) in [
