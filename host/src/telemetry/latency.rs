@@ -1,6 +1,6 @@
 //! Latency histograms with buckets fine enough for percentiles: the one
 //! record of how long events took from their stream to their ack, read by
-//! `/plugins` and the benchmarks and exported to Prometheus.
+//! `PluginStats::ack_latency` and the benchmarks and exported to Prometheus.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
