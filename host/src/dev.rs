@@ -31,7 +31,35 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Ports tried by the `*_on_free_port(s)` starts: another process may take
+/// a port between [`free_port`] finding it and the server binding it.
+const PORT_ATTEMPTS: usize = 3;
+
+/// `start` on fresh free ports until it works, [`PORT_ATTEMPTS`] times.
+fn on_free_ports<T>(
+    count: usize,
+    mut start: impl FnMut(&[u16]) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let mut failure = None;
+    for _ in 0..PORT_ATTEMPTS {
+        let ports = (0..count)
+            .map(|_| free_port())
+            .collect::<anyhow::Result<Vec<u16>>>()?;
+        match start(&ports) {
+            Ok(started) => return Ok(started),
+            Err(e) => failure = Some(e),
+        }
+    }
+    Err(failure.unwrap_or_else(|| anyhow::anyhow!("no attempt was made")))
+}
+
 impl NatsServer {
+    /// [`Self::start_with_conf`] on a free port, trying another if the one
+    /// picked is taken before the server binds it.
+    pub fn start_on_free_port(store: &Path, conf: &str) -> anyhow::Result<Self> {
+        on_free_ports(1, |ports| Self::start_with_conf(store, ports[0], conf))
+    }
+
     /// Start nats-server on `127.0.0.1:port` with JetStream storing in `store`.
     pub fn start(store: &Path, port: u16) -> anyhow::Result<Self> {
         Self::start_with_conf(store, port, "")
@@ -67,6 +95,11 @@ impl NatsServer {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("opening {}", self.log.display()))?;
+        // A killed predecessor leaves its ports file behind.
+        let ports_dir = self.ports_dir();
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir)
+            .with_context(|| format!("creating {}", ports_dir.display()))?;
         let child = Command::new("nats-server")
             .args([
                 "--jetstream",
@@ -77,6 +110,8 @@ impl NatsServer {
                 "--store_dir",
             ])
             .arg(&self.store)
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
             .args(
                 self.conf
                     .iter()
@@ -96,12 +131,41 @@ impl NatsServer {
         self.wait_ready(Duration::from_secs(20))
     }
 
-    /// Wait until the server accepts connections (JetStream recovery of a
-    /// big store can take a moment).
+    /// Where the server writes its ports file once it listens.
+    fn ports_dir(&self) -> PathBuf {
+        self.store.join("ports")
+    }
+
+    /// Whether this child (not whatever else may hold the port) listens on
+    /// it: its ports file names it. A connection alone cannot tell: with
+    /// tests picking free ports in parallel, another test's server can take
+    /// the port first, and this one then exits while the port still
+    /// answers (a cluster node lost that way left R3 streams without
+    /// enough peers for a minute).
+    fn listening(&self) -> bool {
+        let Some(pid) = self.pid() else {
+            return false;
+        };
+        let Ok(entries) = std::fs::read_dir(self.ports_dir()) else {
+            return false;
+        };
+        // `nats://` or, with TLS, `tls://`.
+        let address = format!("127.0.0.1:{}\"", self.port);
+        entries.flatten().any(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .ends_with(&format!("_{pid}.ports"))
+                && std::fs::read_to_string(entry.path()).is_ok_and(|ports| ports.contains(&address))
+        })
+    }
+
+    /// Wait until the server listens (JetStream recovery of a big store
+    /// can take a moment).
     fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let started = Instant::now();
         loop {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if self.listening() {
                 return Ok(());
             }
             if let Some(child) = self.child.as_mut()
@@ -116,7 +180,7 @@ impl NatsServer {
             }
             if started.elapsed() > timeout {
                 bail!(
-                    "nats-server did not accept connections on port {} within {timeout:?}",
+                    "nats-server did not listen on port {} within {timeout:?}",
                     self.port
                 );
             }
@@ -203,6 +267,19 @@ impl NatsCluster {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(NatsCluster { nodes })
+    }
+
+    /// `nodes` nodes on free client ports, with fresh ports for every node
+    /// when one of them is taken before its node binds it. `dir` should be
+    /// new: a failed attempt's stores are removed before the next.
+    pub fn start_on_free_ports(dir: &Path, nodes: usize) -> anyhow::Result<Self> {
+        on_free_ports(nodes, |ports| {
+            Self::start(dir, ports).inspect_err(|_| {
+                for i in 0..nodes {
+                    let _ = std::fs::remove_dir_all(dir.join(format!("n{i}")));
+                }
+            })
+        })
     }
 
     /// Every node's client URL, comma-separated, as `nats.url` takes them.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use weir::dev::{NatsServer, free_port};
+use weir::dev::NatsServer;
 
 pub mod bench;
 pub mod command_line;
@@ -100,7 +100,7 @@ impl TestEnv {
     /// (see [`WeirProcess::admin_addr`]) and lag is polled every 200 ms.
     pub fn with_config(streams: &[(&str, &[&str])], admin: &str, telemetry: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let server = NatsServer::start(&dir.path().join("nats"), free_port().unwrap()).unwrap();
+        let server = NatsServer::start_on_free_port(&dir.path().join("nats"), "").unwrap();
         std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
         let mut config = format!(
             "[nats]\nurl = \"{}\"\n[plugins]\ndir = \"plugins\"\n[runtime]\nshutdown-grace-ms = 5000\nack-wait-ms = 5000\n\
@@ -240,7 +240,7 @@ pub async fn bench_broker() -> (tempfile::TempDir, NatsServer, async_nats::Clien
         let _ = weir::telemetry::subscriber::init("warn", false, None);
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = NatsServer::start(&dir.path().join("nats"), free_port().unwrap()).unwrap();
+    let server = NatsServer::start_on_free_port(&dir.path().join("nats"), "").unwrap();
     let client = async_nats::connect(server.url()).await.unwrap();
     (dir, server, client)
 }

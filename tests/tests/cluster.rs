@@ -18,8 +18,7 @@ use weir_integration_tests::{
 
 /// Three nats-servers routed into one cluster; their client URLs.
 fn cluster(dir: &std::path::Path) -> (Vec<NatsServer>, String) {
-    let ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
-    let cluster = NatsCluster::start(dir, &ports).unwrap();
+    let cluster = NatsCluster::start_on_free_ports(dir, 3).unwrap();
     let urls = cluster.urls();
     (cluster.nodes, urls)
 }

@@ -19,7 +19,7 @@ use weir_integration_tests::weir_binary;
 
 /// A nats-server started with `conf`, in its own directory.
 fn server(dir: &Path, conf: &str) -> NatsServer {
-    NatsServer::start_with_conf(&dir.join("nats"), free_port().unwrap(), conf).unwrap()
+    NatsServer::start_on_free_port(&dir.join("nats"), conf).unwrap()
 }
 
 /// The `[nats]` part of a host config for `server`, plus `extra` lines.

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use weir::dev::{NatsServer, free_port};
+use weir::dev::NatsServer;
 use weir_integration_tests::{
     WeirProcess, count, dist, publish_all, wait_until, weir_cli, workspace,
 };
@@ -76,12 +76,7 @@ fn orders(n: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_guides_least_privilege_users_run_deploy_reset_and_remove() {
     let dir = tempfile::tempdir().unwrap();
-    let server = NatsServer::start_with_conf(
-        &dir.path().join("nats"),
-        free_port().unwrap(),
-        &server_conf(),
-    )
-    .unwrap();
+    let server = NatsServer::start_on_free_port(&dir.path().join("nats"), &server_conf()).unwrap();
     let url = server.url();
     let host_config = config(dir.path(), &url, "weir-host", "h0st", "plugins");
     let operator = config(dir.path(), &url, "weir-operator", "0perator", "ops-plugins");

@@ -64,9 +64,7 @@ async fn main() {
     const USAGE: &str = "jetstream-costs [MESSAGES (20000)]";
     let n = command_line::count(&command_line::args(USAGE), 0, 20_000, USAGE);
     let dir = tempfile::tempdir().unwrap();
-    let server =
-        weir::dev::NatsServer::start(&dir.path().join("nats"), weir::dev::free_port().unwrap())
-            .unwrap();
+    let server = weir::dev::NatsServer::start_on_free_port(&dir.path().join("nats"), "").unwrap();
     let pid = server.pid().unwrap();
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client.clone());

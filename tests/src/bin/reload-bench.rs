@@ -57,9 +57,7 @@ async fn swap(host: &Supervisor, dir: &Path, tag: &str) -> Duration {
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
-    let server =
-        weir::dev::NatsServer::start(&dir.path().join("nats"), weir::dev::free_port().unwrap())
-            .unwrap();
+    let server = weir::dev::NatsServer::start_on_free_port(&dir.path().join("nats"), "").unwrap();
     let plugins = dir.path().join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
     deploy(&plugins, "v1");

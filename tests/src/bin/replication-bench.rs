@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use weir::dev::{NatsCluster, NatsServer, free_port};
+use weir::dev::{NatsCluster, NatsServer};
 use weir_integration_tests::bench::{
     Run, baseline_drain, order, publish_keyed, tally, weir_drain, weir_latency,
 };
@@ -46,16 +46,15 @@ async fn main() {
 
     let single_dir = tempfile::tempdir().unwrap();
     let single = {
-        let server =
-            NatsServer::start(&single_dir.path().join("nats"), free_port().unwrap()).unwrap();
+        let server = NatsServer::start_on_free_port(&single_dir.path().join("nats"), "").unwrap();
         let figures = measure(single_dir.path(), &server.url(), 1, events, rate).await;
         drop(server);
         figures
     };
     let cluster_dir = tempfile::tempdir().unwrap();
     let replicated = {
-        let ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
-        let cluster = NatsCluster::start(&cluster_dir.path().join("cluster"), &ports).unwrap();
+        let cluster =
+            NatsCluster::start_on_free_ports(&cluster_dir.path().join("cluster"), 3).unwrap();
         let figures = measure(cluster_dir.path(), &cluster.urls(), 3, events, rate).await;
         drop(cluster);
         figures
