@@ -151,11 +151,9 @@ impl NatsServer {
         };
         // `nats://` or, with TLS, `tls://`.
         let address = format!("127.0.0.1:{}\"", self.port);
+        let name_ends = format!("_{pid}.ports");
         entries.flatten().any(|entry| {
-            entry
-                .file_name()
-                .to_string_lossy()
-                .ends_with(&format!("_{pid}.ports"))
+            entry.file_name().to_string_lossy().ends_with(&name_ends)
                 && std::fs::read_to_string(entry.path()).is_ok_and(|ports| ports.contains(&address))
         })
     }

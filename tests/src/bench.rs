@@ -255,7 +255,7 @@ pub async fn baseline_paced_latency(
 /// priority: a core taken from everything else, with no Weir involved.
 pub struct SpinningThread {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<u64>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl SpinningThread {
@@ -267,7 +267,6 @@ impl SpinningThread {
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 spins = std::hint::black_box(spins.wrapping_add(1));
             }
-            spins
         });
         SpinningThread {
             stop,

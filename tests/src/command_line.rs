@@ -14,12 +14,13 @@ pub fn args(usage: &str) -> Vec<String> {
 
 /// Positional argument `index` as a count, or `default` when it is absent.
 pub fn count(args: &[String], index: usize, default: usize, usage: &str) -> usize {
-    match args.get(index) {
-        None => default,
-        Some(a) => a
-            .parse()
-            .unwrap_or_else(|_| refuse(&format!("{a:?} is not a count"), usage)),
-    }
+    args.get(index).map_or(default, |a| parse_count(a, usage))
+}
+
+/// `text` as a count, or the usage and exit status 2.
+pub fn parse_count(text: &str, usage: &str) -> usize {
+    text.parse()
+        .unwrap_or_else(|_| refuse(&format!("{text:?} is not a count"), usage))
 }
 
 /// Print what is wrong and the usage, and exit with status 2.

@@ -60,12 +60,14 @@ fn serve(args: DevArgs, mut config: HostConfig) -> anyhow::Result<ExitCode> {
             None
         }
         _ => {
-            let port = match local_port(&config.nats_url()) {
-                Some(port) => port,
-                None if std::net::TcpListener::bind("127.0.0.1:4222").is_ok() => 4222,
-                None => weir::dev::free_port()?,
+            let store = args.state_dir.join("nats");
+            let server = match local_port(&config.nats_url()) {
+                Some(port) => NatsServer::start(&store, port)?,
+                None if std::net::TcpListener::bind("127.0.0.1:4222").is_ok() => {
+                    NatsServer::start(&store, 4222)?
+                }
+                None => NatsServer::start_on_free_port(&store, "")?,
             };
-            let server = NatsServer::start(&args.state_dir.join("nats"), port)?;
             tracing::info!(url = %server.url(), store = %server.store_dir().display(), "started a private nats-server");
             config.nats.url = Some(server.url());
             Some(server)

@@ -58,7 +58,7 @@ fn args() -> Args {
             flag if flag.starts_with('-') => {
                 command_line::refuse(&format!("unknown option {flag}"), USAGE)
             }
-            n => args.events = command_line::count(&[n.to_owned()], 0, args.events, USAGE),
+            n => args.events = command_line::parse_count(n, USAGE),
         }
     }
     args
