@@ -148,6 +148,27 @@ async fn guest_that_always_traps_is_dead_lettered_after_max_deliveries() {
     );
 }
 
+/// Ctrl-C on `weir dev` reaches its private nats-server too, which may
+/// be gone before the host shuts down: the shutdown's last flush then
+/// waited for a reconnect that never came, and the host never exited.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_after_nats_is_gone_still_exits() {
+    let mut env = env_with_hostile(|m| m);
+    let host = env.start_host();
+    env.server.kill();
+    let status = env.host(host).terminate();
+    assert!(
+        status.success(),
+        "graceful exit, got {status}; log:\n{}",
+        env.host(host).log_text()
+    );
+    assert!(
+        env.host(host).log_text().contains("NATS is unreachable"),
+        "{}",
+        env.host(host).log_text()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_mid_stream_then_restart_loses_nothing() {
     let mut env =

@@ -37,6 +37,9 @@ use scan::Scanner;
 pub use signals::shutdown_signal;
 use watch::RESCAN_INTERVAL;
 
+/// How long shutdown waits for the last acks to leave for NATS.
+const FLUSH_ON_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A running host: its plugins, and the services that keep them in step.
 pub struct Supervisor {
     inner: Arc<Core>,
@@ -236,9 +239,16 @@ impl Supervisor {
         for (name, running) in running {
             stop(&name, running).await;
         }
-        // Make sure the last acks have left the process.
-        if let Err(e) = self.inner.client.flush().await {
-            tracing::warn!("flushing NATS on shutdown: {e}");
+        // Make sure the last acks have left the process. A flush waits for
+        // a reconnect, so with the server gone too (Ctrl-C on `weir dev`
+        // stops its private server first) it is bounded: an ack that never
+        // left means a redelivery, which the done marks finish.
+        match tokio::time::timeout(FLUSH_ON_SHUTDOWN, self.inner.client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("flushing NATS on shutdown: {e}"),
+            Err(_) => tracing::warn!(
+                "NATS is unreachable: acks not sent within {FLUSH_ON_SHUTDOWN:?} of shutdown are redelivered later"
+            ),
         }
     }
 }
