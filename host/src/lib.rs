@@ -13,6 +13,7 @@ pub mod bindings;
 pub mod config;
 #[cfg(feature = "dev")]
 pub mod dev;
+mod digest;
 pub mod event;
 pub mod jetstream;
 mod labels;

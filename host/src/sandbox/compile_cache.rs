@@ -5,15 +5,31 @@
 //! component and by the engine's compatibility hash (wasmtime version,
 //! compiler settings, CPU features), so an upgrade or a different machine
 //! never loads an artifact it cannot run.
+//!
+//! An entry is two files: `<digest>.cwasm`, the artifact exactly as wasmtime
+//! serialized it, and `<digest>.sha256`, the SHA-256 of that artifact. The
+//! artifact is mapped from the file, not read into memory: a 35 MB Python
+//! artifact read into a fresh buffer cost a new host most of its start-up
+//! in page faults, and mapped it is shared with the page cache and with
+//! every other host on the machine. Writers only ever rename complete
+//! files into place, which is what makes the mapping safe: a file that
+//! someone rewrites in place while a host has it mapped would take that
+//! host down.
 
 use std::hash::{Hash, Hasher};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
+use crate::digest::sha256_read;
 use crate::labels::labelled;
+
+/// Part of the directory key: a cache written in another layout (the
+/// checksum in front of the artifact, before) is never read as this one.
+const LAYOUT: &str = "artifact + sha256 file";
 
 labelled! {
     /// Whether a load was served from the cache.
@@ -31,7 +47,7 @@ labelled! {
 /// engine's compatibility hash, so a restart or another host's copy of the
 /// same plugin skips the compile.
 pub struct CompileCache {
-    /// `<root>/<engine hash>`; `None` when caching is off.
+    /// `<root>/<engine and layout hash>`; `None` when caching is off.
     dir: Option<PathBuf>,
 }
 
@@ -49,16 +65,13 @@ impl Hasher for Sha256Hasher {
     }
 }
 
-/// Artifacts start with the SHA-256 of the rest. Deserializing trusts its
-/// input (it is native code), so a torn or corrupted file must never reach it.
-const CHECKSUM_LEN: usize = 32;
-
 impl CompileCache {
     /// A cache under `root` for `engine`'s code; `None` disables caching.
     pub fn new(root: Option<PathBuf>, engine: &Engine) -> Self {
         let dir = root.map(|root| {
             let mut hasher = Sha256Hasher(Sha256::new());
             engine.precompile_compatibility_hash().hash(&mut hasher);
+            LAYOUT.hash(&mut hasher);
             root.join(&hex::encode(hasher.0.finalize())[..16])
         });
         CompileCache { dir }
@@ -69,31 +82,47 @@ impl CompileCache {
         self.dir.as_deref()
     }
 
-    /// The compiled form of `wasm`, from the cache when possible.
-    pub fn load_or_compile(
+    /// The compiled form of the component whose SHA-256 is `digest`: from
+    /// the cache when it holds it, in which case `wasm` is never called;
+    /// otherwise compiled from what `wasm` returns, and cached.
+    pub fn load_or_compile<W: AsRef<[u8]>, E>(
         &self,
         engine: &Engine,
-        wasm: &[u8],
-    ) -> wasmtime::Result<(Component, CacheStatus)> {
+        digest: &[u8; 32],
+        wasm: impl FnOnce() -> Result<W, E>,
+    ) -> Result<(Component, CacheStatus), CompileError<E>> {
         let Some(dir) = &self.dir else {
-            return Ok((Component::new(engine, wasm)?, CacheStatus::Disabled));
+            let wasm = wasm().map_err(CompileError::Source)?;
+            let component = Component::new(engine, wasm.as_ref()).map_err(CompileError::Compile)?;
+            return Ok((component, CacheStatus::Disabled));
         };
-        let path = dir.join(format!("{}.cwasm", hex::encode(Sha256::digest(wasm))));
-        match read_artifact(engine, &path) {
+        let entry = Entry::new(dir, digest);
+        match entry.read(engine) {
             Ok(Some(component)) => return Ok((component, CacheStatus::Hit)),
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(path = %path.display(), "ignoring unusable compile cache entry: {e:#}")
+                tracing::warn!(path = %entry.artifact.display(), "ignoring unusable compile cache entry: {e:#}")
             }
         }
-        let component = Component::new(engine, wasm)?;
+        let wasm = wasm().map_err(CompileError::Source)?;
+        let component = Component::new(engine, wasm.as_ref()).map_err(CompileError::Compile)?;
         // A cache that cannot be written (read-only disk, full disk) costs a
         // recompile next time, nothing more.
-        if let Err(e) = write_artifact(&component, dir, &path) {
-            tracing::warn!(path = %path.display(), "could not write compile cache entry: {e:#}");
+        if let Err(e) = entry.write(&component, dir) {
+            tracing::warn!(path = %entry.artifact.display(), "could not write compile cache entry: {e:#}");
         }
         Ok((component, CacheStatus::Miss))
     }
+}
+
+/// Why [`CompileCache::load_or_compile`] has no component. An unusable
+/// cache entry is not among the reasons: it is logged and compiled over.
+#[derive(Debug)]
+pub enum CompileError<E> {
+    /// The component's bytes could not be had.
+    Source(E),
+    /// Wasmtime could not compile them.
+    Compile(wasmtime::Error),
 }
 
 /// Why a cache entry could not be used or kept. Either way the plugin is
@@ -102,49 +131,93 @@ impl CompileCache {
 enum ArtifactError {
     #[error(transparent)]
     Io(#[from] std::io::Error),
-    #[error("truncated artifact")]
-    Truncated,
+    #[error("the checksum file is not 32 bytes")]
+    BadChecksumFile,
     #[error("checksum mismatch")]
     Checksum,
+    #[error("replaced while it was being loaded")]
+    Replaced,
     #[error(transparent)]
     Wasmtime(#[from] wasmtime::Error),
     #[error(transparent)]
     Persist(#[from] tempfile::PersistError),
 }
 
-fn read_artifact(engine: &Engine, path: &Path) -> Result<Option<Component>, ArtifactError> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    if bytes.len() <= CHECKSUM_LEN {
-        return Err(ArtifactError::Truncated);
-    }
-    let (checksum, artifact) = bytes.split_at(CHECKSUM_LEN);
-    if Sha256::digest(artifact).as_slice() != checksum {
-        return Err(ArtifactError::Checksum);
-    }
-    Ok(Some(deserialize(engine, artifact)?))
+/// The two files of one component's entry.
+struct Entry {
+    artifact: PathBuf,
+    checksum: PathBuf,
 }
 
-#[allow(unsafe_code)]
-fn deserialize(engine: &Engine, artifact: &[u8]) -> wasmtime::Result<Component> {
-    // SAFETY: `artifact` was produced by `Component::serialize` of an engine
-    // with the same compatibility hash (it is in the directory name), written
-    // by `write_artifact` below under its checksum, which was verified just
-    // now. Wasmtime additionally checks the header and engine settings.
-    unsafe { Component::deserialize(engine, artifact) }
+impl Entry {
+    fn new(dir: &Path, digest: &[u8; 32]) -> Self {
+        let stem = hex::encode(digest);
+        Entry {
+            artifact: dir.join(format!("{stem}.cwasm")),
+            checksum: dir.join(format!("{stem}.sha256")),
+        }
+    }
+
+    /// The cached component, `None` when there is no complete entry.
+    fn read(&self, engine: &Engine) -> Result<Option<Component>, ArtifactError> {
+        let expected = match std::fs::read(&self.checksum) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let expected: [u8; 32] = expected
+            .try_into()
+            .map_err(|_| ArtifactError::BadChecksumFile)?;
+        let mut file = match std::fs::File::open(&self.artifact) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let verified = file.metadata()?;
+        if sha256_read(&mut file)? != expected {
+            return Err(ArtifactError::Checksum);
+        }
+        // Wasmtime maps the artifact by its path. Files are only ever
+        // renamed into place, never written in place, so the same inode
+        // before and after the mapping means the mapped file is the one
+        // just verified.
+        let component = deserialize_file(engine, &self.artifact)?;
+        let mapped = std::fs::metadata(&self.artifact)?;
+        if (mapped.dev(), mapped.ino()) != (verified.dev(), verified.ino()) {
+            return Err(ArtifactError::Replaced);
+        }
+        Ok(Some(component))
+    }
+
+    /// The artifact first, then its checksum, each renamed into place
+    /// whole: a reader finds no checksum, or one for a complete artifact.
+    fn write(&self, component: &Component, dir: &Path) -> Result<(), ArtifactError> {
+        let artifact = component.serialize()?;
+        std::fs::create_dir_all(dir)?;
+        write_whole(dir, &self.artifact, &artifact)?;
+        write_whole(dir, &self.checksum, &Sha256::digest(&artifact))?;
+        Ok(())
+    }
 }
 
-fn write_artifact(component: &Component, dir: &Path, path: &Path) -> Result<(), ArtifactError> {
-    let artifact = component.serialize()?;
-    std::fs::create_dir_all(dir)?;
-    // Write beside the target and rename: readers see the whole file or none.
+/// Write beside `path` and rename: readers see the whole file or none, and
+/// a host that has the old file mapped keeps its own copy.
+fn write_whole(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), ArtifactError> {
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    std::io::Write::write_all(&mut tmp, &Sha256::digest(&artifact))?;
-    std::io::Write::write_all(&mut tmp, &artifact)?;
+    std::io::Write::write_all(&mut tmp, bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path)?;
     Ok(())
+}
+
+#[allow(unsafe_code)]
+fn deserialize_file(engine: &Engine, path: &Path) -> wasmtime::Result<Component> {
+    // SAFETY: the file was produced by `Component::serialize` of an engine
+    // with the same compatibility hash (it is in the directory name) and
+    // renamed into place whole by `write_whole`; its checksum was verified
+    // just now, and the caller checks that the file mapped is the file
+    // verified. Nothing in Weir writes an entry in place, so the mapping
+    // cannot change under the engine. Wasmtime additionally checks the
+    // header and engine settings.
+    unsafe { Component::deserialize_file(engine, path) }
 }

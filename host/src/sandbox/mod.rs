@@ -22,12 +22,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::{HasSelf, Linker};
 
 use crate::bindings::{Plugin as PluginWorld, PluginPre};
 use crate::manifest::{Manifest, ManifestError};
-use crate::sandbox::compile_cache::CompileCache;
+use crate::sandbox::compile_cache::{CompileCache, CompileError};
 use crate::sandbox::plugin::{Plugin, PluginVersion};
 
 pub use engine::EPOCH_TICK;
@@ -111,6 +112,13 @@ pub enum LoadError {
         /// What does not match.
         message: String,
     },
+    /// The component file no longer has the contents it was fingerprinted
+    /// with: it is being replaced, and the next scan will load the new one.
+    #[error("{} changed while it was being loaded", path.display())]
+    Changed {
+        /// The component's path.
+        path: PathBuf,
+    },
     /// The file name is not a valid plugin name.
     #[error("{}: {message} (expected NAME.wasm)", path.display())]
     Name {
@@ -186,15 +194,41 @@ impl Sandbox {
     /// Load `wasm` with a manifest given by the caller.
     pub fn load_with_manifest(&self, wasm: &Path, manifest: Manifest) -> Result<Plugin, LoadError> {
         let name = plugin_name(wasm)?;
-        let bytes = std::fs::read(wasm).map_err(|error| LoadError::Read {
+        let digest = crate::digest::sha256_file(wasm).map_err(|error| LoadError::Read {
             path: wasm.to_owned(),
             error,
         })?;
-        self.load_bytes(name, wasm, &bytes, manifest)
+        self.load_file(name, wasm, &digest, manifest)
     }
 
-    /// Load a component from bytes already read (the host reads each file
-    /// once, so the version it fingerprints is the version it loads).
+    /// Load the component at `path`, whose SHA-256 the caller has taken
+    /// (the supervisor's scan has). On a compile-cache hit the file is not
+    /// read at all; otherwise it is read and must still have that digest,
+    /// so the version fingerprinted is exactly the version loaded.
+    pub fn load_file(
+        &self,
+        name: String,
+        path: &Path,
+        digest: &[u8; 32],
+        manifest: Manifest,
+    ) -> Result<Plugin, LoadError> {
+        let read = || {
+            let bytes = std::fs::read(path).map_err(|error| LoadError::Read {
+                path: path.to_owned(),
+                error,
+            })?;
+            if Sha256::digest(&bytes).as_slice() != digest {
+                return Err(LoadError::Changed {
+                    path: path.to_owned(),
+                });
+            }
+            Ok(bytes)
+        };
+        self.load_component(name, path, digest, read, manifest)
+    }
+
+    /// Load a component from bytes already in memory (a deployment being
+    /// checked before it is stored).
     pub fn load_bytes(
         &self,
         name: String,
@@ -202,14 +236,29 @@ impl Sandbox {
         bytes: &[u8],
         manifest: Manifest,
     ) -> Result<Plugin, LoadError> {
-        let version = PluginVersion::of(bytes);
-        let (component, cache_status) =
-            self.cache
-                .load_or_compile(&self.engine, bytes)
-                .map_err(|e| LoadError::Compile {
+        let digest: [u8; 32] = Sha256::digest(bytes).into();
+        self.load_component(name, path, &digest, || Ok(bytes), manifest)
+    }
+
+    fn load_component<W: AsRef<[u8]>>(
+        &self,
+        name: String,
+        path: &Path,
+        digest: &[u8; 32],
+        wasm: impl FnOnce() -> Result<W, LoadError>,
+        manifest: Manifest,
+    ) -> Result<Plugin, LoadError> {
+        let version = PluginVersion::from_digest(digest);
+        let (component, cache_status) = self
+            .cache
+            .load_or_compile(&self.engine, digest, wasm)
+            .map_err(|e| match e {
+                CompileError::Source(e) => e,
+                CompileError::Compile(e) => LoadError::Compile {
                     path: path.to_owned(),
                     message: format!("{e:#}"),
-                })?;
+                },
+            })?;
         let world_error = |e: wasmtime::Error| LoadError::World {
             path: path.to_owned(),
             message: format!("{e:#}"),

@@ -23,7 +23,12 @@ pub struct PluginVersion(String);
 impl PluginVersion {
     /// The version of the component `wasm`.
     pub fn of(wasm: &[u8]) -> Self {
-        PluginVersion(hex::encode(Sha256::digest(wasm))[..12].to_owned())
+        Self::from_digest(&Sha256::digest(wasm).into())
+    }
+
+    /// The version of the component whose SHA-256 is `digest`.
+    pub fn from_digest(digest: &[u8; 32]) -> Self {
+        PluginVersion(hex::encode(&digest[..6]))
     }
 
     /// The 12 hex digits.

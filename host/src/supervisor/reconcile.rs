@@ -201,10 +201,13 @@ impl Core {
             }
         })?;
         let sandbox = self.sandbox.clone();
-        let wasm = found.bytes()?;
-        let (name, path) = (name.to_owned(), found.wasm_path.clone());
+        let (name, path, digest) = (
+            name.to_owned(),
+            found.wasm_path.clone(),
+            found.fingerprint.wasm,
+        );
         Ok(
-            tokio::task::spawn_blocking(move || sandbox.load_bytes(name, &path, &wasm, manifest))
+            tokio::task::spawn_blocking(move || sandbox.load_file(name, &path, &digest, manifest))
                 .await??,
         )
     }

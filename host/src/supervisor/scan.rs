@@ -1,21 +1,26 @@
 //! Reading the plugin directory: which `NAME.wasm` + `NAME.toml` pairs it
 //! holds, and the fingerprint of each.
 //!
-//! Each file is read once per change, so the version that is fingerprinted
-//! is exactly the version that gets loaded, however the files change
-//! meanwhile. A `.wasm` whose size, modification time and inode are as on
-//! the previous scan is not read again (the 30-second rescan of a directory
-//! of large Python components would otherwise re-hash them forever), and
-//! one above the size cap is refused without being read.
+//! A component is fingerprinted by its SHA-256, read through a small
+//! buffer, and loaded by that digest: from the compile cache, which keys
+//! artifacts by it, or read again and checked against it (see
+//! [`Sandbox::load_file`](crate::sandbox::Sandbox::load_file)). So the
+//! version that is fingerprinted is exactly the version that gets loaded,
+//! however the files change meanwhile. A `.wasm` whose size, modification
+//! time and inode are as on the previous scan is not read again (the
+//! 30-second rescan of a directory of large Python components would
+//! otherwise re-hash them forever), and one above the size cap is refused
+//! without being read.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use sha2::{Digest, Sha256};
+
+use crate::digest::sha256_file;
 
 /// How long a `.wasm` may sit without its `.toml` (or the reverse) before
 /// it is reported: long enough for any deployment to finish copying.
@@ -35,9 +40,6 @@ pub struct Fingerprint {
 pub struct Found {
     /// `NAME.wasm`.
     pub wasm_path: PathBuf,
-    /// `None` when the component is unchanged since the previous scan and
-    /// was not read again; it is read when it must be loaded.
-    pub wasm: Option<Arc<Vec<u8>>>,
     /// `NAME.toml`, as read.
     pub manifest_text: String,
     /// What the two files were when read.
@@ -235,49 +237,28 @@ impl Scanner {
             .get(wasm_path)
             .filter(|(seen, _)| Some(*seen) == stamp)
             .map(|(_, digest)| *digest);
-        let (wasm, digest) = match cached {
-            Some(digest) => (None, digest),
+        let digest = match cached {
+            Some(digest) => digest,
             None => {
-                let Ok(bytes) = std::fs::read(wasm_path) else {
+                let Ok(digest) = sha256_file(wasm_path) else {
                     return Ok(None);
                 };
-                let digest: [u8; 32] = Sha256::digest(&bytes).into();
                 // Stamped from before the read: a write racing the read
                 // changes the stamp, so the next scan reads it again.
                 if let Some(stamp) = stamp {
                     self.digests.insert(wasm_path.to_owned(), (stamp, digest));
                 }
-                (Some(Arc::new(bytes)), digest)
+                digest
             }
         };
         Ok(Some(Found {
             wasm_path: wasm_path.to_owned(),
-            wasm,
             fingerprint: Fingerprint {
                 wasm: digest,
                 manifest: Sha256::digest(manifest_text.as_bytes()).into(),
             },
             manifest_text,
         }))
-    }
-}
-
-impl Found {
-    /// The component's bytes, reading them if the scan did not; `None`
-    /// if the file no longer has the fingerprinted contents.
-    pub fn bytes(&self) -> anyhow::Result<Arc<Vec<u8>>> {
-        if let Some(bytes) = &self.wasm {
-            return Ok(bytes.clone());
-        }
-        let bytes = std::fs::read(&self.wasm_path)
-            .with_context(|| format!("reading {}", self.wasm_path.display()))?;
-        let digest: [u8; 32] = Sha256::digest(&bytes).into();
-        anyhow::ensure!(
-            digest == self.fingerprint.wasm,
-            "{} changed while it was being loaded",
-            self.wasm_path.display()
-        );
-        Ok(Arc::new(bytes))
     }
 }
 
@@ -316,13 +297,19 @@ mod tests {
         let Entry::Found(first) = scanner.scan().unwrap().remove("a").unwrap() else {
             panic!("a should be found");
         };
-        assert!(first.wasm.is_some());
+        // Rewritten in place with the same length and modification time:
+        // the stamp is unchanged, so the scan must not hash it again.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("a.wasm"))
+            .unwrap();
+        let modified = file.metadata().unwrap().modified().unwrap();
+        std::io::Write::write_all(&mut &file, b"eno").unwrap();
+        file.set_modified(modified).unwrap();
         let Entry::Found(again) = scanner.scan().unwrap().remove("a").unwrap() else {
             panic!("a should be found");
         };
-        assert!(again.wasm.is_none(), "unchanged file was read again");
-        assert_eq!(again.fingerprint, first.fingerprint);
-        assert_eq!(*again.bytes().unwrap(), b"one");
+        assert_eq!(again.fingerprint, first.fingerprint, "unchanged file was read again");
         // Replaced the way deployments do it: a new inode.
         write(dir.path(), ".a.tmp", b"two!");
         std::fs::rename(dir.path().join(".a.tmp"), dir.path().join("a.wasm")).unwrap();
