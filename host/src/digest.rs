@@ -49,6 +49,9 @@ mod tests {
         let whole: [u8; 32] = Sha256::digest(&bytes).into();
         assert_eq!(sha256_file(&path).unwrap(), whole);
         std::fs::write(&path, b"").unwrap();
-        assert_eq!(sha256_file(&path).unwrap(), <[u8; 32]>::from(Sha256::digest(b"")));
+        assert_eq!(
+            sha256_file(&path).unwrap(),
+            <[u8; 32]>::from(Sha256::digest(b""))
+        );
     }
 }

@@ -292,10 +292,17 @@ async fn cli_lists_and_removes_plugins_of_a_running_host() {
         "{stdout}"
     );
     assert!(stdout.contains("hostile.in"), "{stdout}");
+    assert!(stdout.contains("p99 ms"), "{stdout}");
     let (ok, stdout, stderr) = weir(&config, &["plugins", "list", "--json"]);
     assert!(ok, "{stderr}");
     let answer: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
     assert_eq!(answer["plugins"][0]["processed"], 5);
+    // Five events acked, so their latency percentiles are there too.
+    let (p50, p99) = (
+        answer["plugins"][0]["ack_p50_us"].as_u64().unwrap(),
+        answer["plugins"][0]["ack_p99_us"].as_u64().unwrap(),
+    );
+    assert!(0 < p50 && p50 <= p99, "p50 {p50} µs, p99 {p99} µs");
     // Each answer says where that host's admin endpoint listens.
     assert_eq!(answer["admin"], env.host(0).admin_addr());
 

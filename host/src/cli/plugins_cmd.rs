@@ -126,7 +126,7 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                     }
                     println!("host {}", answer.host);
                     println!(
-                        "  {:<20} {:<13} {:<9} {:>4} {:>10} {:>8} {:>8} {:>8} {:>8}  subjects",
+                        "  {:<20} {:<13} {:<9} {:>4} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}  subjects",
                         "plugin",
                         "version",
                         "status",
@@ -135,11 +135,12 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                         "retried",
                         "dead",
                         "skipped",
-                        "lag"
+                        "lag",
+                        "p99 ms"
                     );
                     for p in &answer.plugins {
                         println!(
-                            "  {:<20} {:<13} {:<9} {:>4} {:>10} {:>8} {:>8} {:>8} {:>8}  {} ({})",
+                            "  {:<20} {:<13} {:<9} {:>4} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}  {} ({})",
                             p.name,
                             p.version,
                             p.status,
@@ -149,6 +150,9 @@ pub fn run(args: PluginsArgs) -> anyhow::Result<ExitCode> {
                             p.counters.dead_lettered,
                             p.counters.duplicates,
                             p.counters.lag.pending,
+                            p.counters
+                                .ack_p99_us
+                                .map_or("-".to_owned(), |us| format!("{:.2}", us as f64 / 1e3)),
                             p.subjects.join(", "),
                             p.stream
                         );

@@ -309,7 +309,10 @@ mod tests {
         let Entry::Found(again) = scanner.scan().unwrap().remove("a").unwrap() else {
             panic!("a should be found");
         };
-        assert_eq!(again.fingerprint, first.fingerprint, "unchanged file was read again");
+        assert_eq!(
+            again.fingerprint, first.fingerprint,
+            "unchanged file was read again"
+        );
         // Replaced the way deployments do it: a new inode.
         write(dir.path(), ".a.tmp", b"two!");
         std::fs::rename(dir.path().join(".a.tmp"), dir.path().join("a.wasm")).unwrap();

@@ -57,6 +57,14 @@ pub struct StatsSnapshot {
     /// The consumer's lag at the last poll.
     #[serde(flatten)]
     pub lag: ConsumerLag,
+    /// Median time from an event's arrival in its stream to its confirmed
+    /// ack, over the events processed since the pipeline started, in
+    /// microseconds (within 5%); absent until one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack_p50_us: Option<u64>,
+    /// The same, 99th percentile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack_p99_us: Option<u64>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -140,6 +148,10 @@ impl PluginStats {
             snapshot.host_errors += t.host_errors;
             snapshot.terminated += t.terminated;
         }
+        let latency = self.ack_latency();
+        let micros = |q| latency.quantile(q).map(|d| d.as_micros() as u64);
+        snapshot.ack_p50_us = micros(0.5);
+        snapshot.ack_p99_us = micros(0.99);
         snapshot
     }
 
@@ -192,6 +204,10 @@ mod tests {
             (1, 1, 1, 1, 1)
         );
         assert_eq!(stats.ack_latency().count(), 2);
+        let within_5_percent =
+            |us: Option<u64>, of: u64| us.is_some_and(|us| us >= of && us <= of + of / 20);
+        assert!(within_5_percent(s.ack_p50_us, 1_000), "{s:?}");
+        assert!(within_5_percent(s.ack_p99_us, 2_000), "{s:?}");
         // The Prometheus view counts since the host started.
         assert_eq!(v1.totals().processed, 2);
     }
