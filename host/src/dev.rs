@@ -280,6 +280,22 @@ impl NatsCluster {
         })
     }
 
+    /// `nodes` nodes whose stores in `dir` are kept from run to run (`weir
+    /// dev --cluster`), the first on `first` when given so clients
+    /// configured with that port find the cluster. When another process
+    /// takes one of the other ports before its node binds it, the nodes
+    /// start again on fresh ports; their stores, which name no port, are
+    /// kept.
+    pub fn start_kept(dir: &Path, first: Option<u16>, nodes: usize) -> anyhow::Result<Self> {
+        on_free_ports(nodes, |ports| {
+            let mut ports = ports.to_vec();
+            if let (Some(first), Some(port)) = (first, ports.first_mut()) {
+                *port = first;
+            }
+            Self::start(dir, &ports)
+        })
+    }
+
     /// Every node's client URL, comma-separated, as `nats.url` takes them.
     pub fn urls(&self) -> String {
         self.nodes

@@ -90,14 +90,9 @@ fn start_cluster(
     }
     // The first node takes the configured loopback port, so clients
     // configured the same way find the cluster.
-    let mut ports = vec![match local_port(&config.nats_url()) {
-        Some(port) if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() => port,
-        _ => weir::dev::free_port()?,
-    }];
-    for _ in 1..nodes {
-        ports.push(weir::dev::free_port()?);
-    }
-    let cluster = NatsCluster::start(&state_dir.join("cluster"), &ports)?;
+    let first = local_port(&config.nats_url())
+        .filter(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok());
+    let cluster = NatsCluster::start_kept(&state_dir.join("cluster"), first, nodes)?;
     for (i, node) in cluster.nodes.iter().enumerate() {
         tracing::info!(
             node = format!("n{i}"),
