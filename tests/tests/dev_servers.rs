@@ -1,5 +1,7 @@
 //! The private nats-servers that `weir dev`, the demo and these tests start.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
+
 use async_nats::jetstream::stream;
 use weir::dev::{NatsCluster, NatsServer};
 
