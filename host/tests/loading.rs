@@ -156,6 +156,43 @@ fn a_cache_hit_does_not_read_the_component() {
     assert_eq!(first.version(), second.version());
 }
 
+/// Hosts sharing a cache directory (a volume, or one host's reload racing
+/// its own start) compile the same plugin at once: every writer renames
+/// whole files into place, so each load succeeds, whatever order the
+/// renames land in, and the cache serves the next one.
+#[test]
+fn concurrent_first_loads_share_one_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let wasm = install(dir.path(), HOSTILE, "shared");
+    let versions: Vec<String> = std::thread::scope(|scope| {
+        let loads: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    let plugin = sandbox(Some(cache.path())).load(&wasm).unwrap();
+                    plugin.version().to_string()
+                })
+            })
+            .collect();
+        loads.into_iter().map(|l| l.join().unwrap()).collect()
+    });
+    assert!(versions.windows(2).all(|w| w[0] == w[1]), "{versions:?}");
+    let after = sandbox(Some(cache.path())).load(&wasm).unwrap();
+    assert_eq!(after.cache_status(), CacheStatus::Hit);
+    // Nothing half-written is left behind.
+    let mut names: Vec<String> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .flat_map(|engine_dir| std::fs::read_dir(engine_dir.unwrap().path()).unwrap())
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(
+        names[0].ends_with(".cwasm") && names[1].ends_with(".sha256"),
+        "{names:?}"
+    );
+}
+
 #[test]
 fn a_component_that_no_longer_has_its_digest_is_not_loaded() {
     let dir = tempfile::tempdir().unwrap();
