@@ -91,24 +91,24 @@ impl CompileCache {
         digest: &[u8; 32],
         wasm: impl FnOnce() -> Result<W, E>,
     ) -> Result<(Component, CacheStatus), CompileError<E>> {
-        let Some(dir) = &self.dir else {
-            let wasm = wasm().map_err(CompileError::Source)?;
-            let component = Component::new(engine, wasm.as_ref()).map_err(CompileError::Compile)?;
-            return Ok((component, CacheStatus::Disabled));
-        };
-        let entry = Entry::new(dir, digest);
-        match entry.read(engine) {
-            Ok(Some(component)) => return Ok((component, CacheStatus::Hit)),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(path = %entry.artifact.display(), "ignoring unusable compile cache entry: {e:#}")
+        let entry = self.dir.as_deref().map(|dir| Entry::new(dir, digest));
+        if let Some(entry) = &entry {
+            match entry.read(engine) {
+                Ok(Some(component)) => return Ok((component, CacheStatus::Hit)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(path = %entry.artifact.display(), "ignoring unusable compile cache entry: {e:#}")
+                }
             }
         }
         let wasm = wasm().map_err(CompileError::Source)?;
         let component = Component::new(engine, wasm.as_ref()).map_err(CompileError::Compile)?;
+        let Some(entry) = entry else {
+            return Ok((component, CacheStatus::Disabled));
+        };
         // A cache that cannot be written (read-only disk, full disk) costs a
         // recompile next time, nothing more.
-        if let Err(e) = entry.write(&component, dir) {
+        if let Err(e) = entry.write(&component) {
             tracing::warn!(path = %entry.artifact.display(), "could not write compile cache entry: {e:#}");
         }
         Ok((component, CacheStatus::Miss))
@@ -144,15 +144,17 @@ enum ArtifactError {
 }
 
 /// The two files of one component's entry.
-struct Entry {
+struct Entry<'a> {
+    dir: &'a Path,
     artifact: PathBuf,
     checksum: PathBuf,
 }
 
-impl Entry {
-    fn new(dir: &Path, digest: &[u8; 32]) -> Self {
+impl<'a> Entry<'a> {
+    fn new(dir: &'a Path, digest: &[u8; 32]) -> Self {
         let stem = hex::encode(digest);
         Entry {
+            dir,
             artifact: dir.join(format!("{stem}.cwasm")),
             checksum: dir.join(format!("{stem}.sha256")),
         }
@@ -191,11 +193,11 @@ impl Entry {
 
     /// The artifact first, then its checksum, each renamed into place
     /// whole: a reader finds no checksum, or one for a complete artifact.
-    fn write(&self, component: &Component, dir: &Path) -> Result<(), ArtifactError> {
+    fn write(&self, component: &Component) -> Result<(), ArtifactError> {
         let artifact = component.serialize()?;
-        std::fs::create_dir_all(dir)?;
-        write_whole(dir, &self.artifact, &artifact)?;
-        write_whole(dir, &self.checksum, &Sha256::digest(&artifact))?;
+        std::fs::create_dir_all(self.dir)?;
+        write_whole(self.dir, &self.artifact, &artifact)?;
+        write_whole(self.dir, &self.checksum, &Sha256::digest(&artifact))?;
         Ok(())
     }
 }
