@@ -583,6 +583,23 @@ where
     }
 }
 
+/// A client of a cluster (`urls` comma-separated, as `NatsCluster::urls`
+/// gives them), once it has a JetStream meta leader.
+pub async fn cluster_client(urls: &str) -> jetstream::Context {
+    let client = async_nats::ConnectOptions::new()
+        .connect(urls.split(',').collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let js = jetstream::new(client);
+    wait_until(
+        Duration::from_secs(60),
+        "a JetStream meta leader",
+        || async { js.query_account().await.is_ok() },
+    )
+    .await;
+    js
+}
+
 /// Publish `payloads` on `subject`, pipelined, and wait for every PubAck.
 /// With `ids`, each message gets `Nats-Msg-Id: <prefix>-<index>`.
 pub async fn publish_all(

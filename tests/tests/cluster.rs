@@ -12,8 +12,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use weir::dev::{NatsCluster, NatsServer, free_port};
 use weir_integration_tests::{
-    WeirProcess, count, custom_section, dist, header, publish_all, read_stream, version_of,
-    wait_until, weir_cli,
+    WeirProcess, cluster_client, count, custom_section, dist, header, publish_all, read_stream,
+    version_of, wait_until, weir_cli,
 };
 
 /// Three nats-servers routed into one cluster; their client URLs.
@@ -67,22 +67,6 @@ async fn assert_replicated_three_ways(js: &jetstream::Context) {
             "{stream}: a leader and two replicas"
         );
     }
-}
-
-/// A client of the cluster, once it has a JetStream meta leader.
-async fn cluster_client(urls: &str) -> jetstream::Context {
-    let client = async_nats::ConnectOptions::new()
-        .connect(urls.split(',').collect::<Vec<_>>())
-        .await
-        .unwrap();
-    let js = jetstream::new(client);
-    wait_until(
-        Duration::from_secs(60),
-        "a JetStream meta leader",
-        || async { js.query_account().await.is_ok() },
-    )
-    .await;
-    js
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -2,8 +2,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail by panicking
 
+use std::time::Duration;
+
 use async_nats::jetstream::stream;
 use weir::dev::{NatsCluster, NatsServer};
+use weir_integration_tests::{cluster_client, wait_until};
+
+/// A new cluster elects its leaders a moment after its nodes are up.
+const WAIT: Duration = Duration::from_secs(60);
 
 /// A port someone else holds is not mistaken for the server's own: the
 /// start fails with the server's reason instead of passing for started
@@ -33,8 +39,8 @@ async fn a_kept_cluster_takes_the_first_port_and_keeps_its_streams() {
     let first = weir::dev::free_port().unwrap();
     let cluster = NatsCluster::start_kept(dir.path(), Some(first), 3).unwrap();
     assert_eq!(cluster.nodes[0].port(), first);
-    let js = cluster_context(&cluster.nodes[0].url()).await;
-    wait_for(|| async {
+    let js = cluster_client(&cluster.urls()).await;
+    wait_until(WAIT, "an R3 stream on the new cluster", || async {
         js.get_or_create_stream(stream::Config {
             name: "KEPT".into(),
             subjects: vec!["kept.>".into()],
@@ -53,37 +59,14 @@ async fn a_kept_cluster_takes_the_first_port_and_keeps_its_streams() {
     drop(cluster);
 
     let cluster = NatsCluster::start_kept(dir.path(), None, 3).unwrap();
-    let js = cluster_context(&cluster.nodes[0].url()).await;
-    let started = std::time::Instant::now();
-    let messages = loop {
-        if let Ok(mut kept) = js.get_stream("KEPT").await
-            && let Ok(info) = kept.info().await
-        {
-            break info.state.messages;
+    let js = cluster_client(&cluster.urls()).await;
+    wait_until(WAIT, "the restarted cluster serving KEPT", || async {
+        match js.get_stream("KEPT").await {
+            Ok(mut kept) => kept.info().await.is_ok(),
+            Err(_) => false,
         }
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(60),
-            "the restarted cluster never served KEPT"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    };
-    assert_eq!(messages, 1);
-}
-
-async fn cluster_context(url: &str) -> async_nats::jetstream::Context {
-    let client = async_nats::connect(url).await.unwrap();
-    async_nats::jetstream::new(client)
-}
-
-/// Until `ready` holds, for at most a minute: a new cluster elects its
-/// leaders a moment after its nodes are up.
-async fn wait_for<F: std::future::Future<Output = bool>>(mut ready: impl FnMut() -> F) {
-    let started = std::time::Instant::now();
-    while !ready().await {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(60),
-            "the cluster never became ready"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    }
+    })
+    .await;
+    let mut kept = js.get_stream("KEPT").await.unwrap();
+    assert_eq!(kept.info().await.unwrap().state.messages, 1);
 }
