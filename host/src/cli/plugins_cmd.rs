@@ -357,16 +357,18 @@ async fn validate_release(
     if let Some(dir) = &config.runtime.cache_dir {
         sandbox_config.cache_dir = Some(dir.clone());
     }
-    let (path, plugin_name, component) = (wasm.to_owned(), name.clone(), bytes.clone());
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+    let (path, plugin_name) = (wasm.to_owned(), name.clone());
+    // The bytes go to the loader and back, rather than being copied for it,
+    // and the version is the one it took.
+    let (bytes, version) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let sandbox = weir::sandbox::Sandbox::new(sandbox_config)?;
-        sandbox.load_bytes(plugin_name, &path, &component, parsed)?;
-        Ok(())
+        let plugin = sandbox.load_bytes(plugin_name, &path, &bytes, parsed)?;
+        Ok((bytes, plugin.version().clone()))
     })
     .await?
     .with_context(|| format!("{} is not a plugin Weir can run", wasm.display()))?;
     Ok(Release {
-        version: weir::sandbox::plugin::PluginVersion::of(&bytes),
+        version,
         name,
         manifest: text,
         wasm: bytes,
