@@ -119,6 +119,14 @@ fn compile_cache_serves_the_second_load_and_survives_corruption() {
     assert_eq!(fifth.cache_status(), CacheStatus::Miss);
     let sixth = sandbox(Some(cache.path())).load(&wasm).unwrap();
     assert_eq!(sixth.cache_status(), CacheStatus::Hit);
+
+    // Nor is one whose checksum file is not a checksum.
+    drop((third, fourth, fifth, sixth));
+    std::fs::write(cache_files(cache.path(), "sha256"), b"not 32 bytes").unwrap();
+    let seventh = sandbox(Some(cache.path())).load(&wasm).unwrap();
+    assert_eq!(seventh.cache_status(), CacheStatus::Miss);
+    let eighth = sandbox(Some(cache.path())).load(&wasm).unwrap();
+    assert_eq!(eighth.cache_status(), CacheStatus::Hit);
 }
 
 /// The one cache file with extension `ext`.
