@@ -47,11 +47,14 @@ impl Probe {
         }
     }
     fn report(self, label: &str, n: usize) {
+        self.report_per(label, n, "msg");
+    }
+    fn report_per(self, label: &str, n: usize, unit: &str) {
         let wall = self.wall.elapsed().as_secs_f64();
         let server = (cpu_time(self.pid) - self.server).as_secs_f64();
         let me = (self_cpu() - self.me).as_secs_f64();
         println!(
-            "{label:<60} {:>9.0}/s  server {:>6.1} us/msg  client {:>6.1} us/msg",
+            "{label:<60} {:>9.0}/s  server {:>6.1} us/{unit}  client {:>6.1} us/{unit}",
             n as f64 / wall,
             server * 1e6 / n as f64,
             me * 1e6 / n as f64
@@ -203,35 +206,12 @@ async fn main() {
         let batches = n / k;
         let mut inflight = futures::stream::FuturesUnordered::new();
         for b in 0..batches {
-            let id = format!("b{k}x{b}");
-            for j in 0..k {
-                let mut h = HeaderMap::new();
-                h.insert("Nats-Batch-Id", id.as_str());
-                h.insert("Nats-Batch-Sequence", (j + 1).to_string().as_str());
-                h.insert("Nats-TTL", "600");
-                h.insert("Nats-Expected-Last-Subject-Sequence", "0");
-                let subject = format!("kv.atomic{k}.{b}.{j}");
-                if j + 1 < k {
-                    client
-                        .publish_with_headers(subject, h, payload.clone())
-                        .await
-                        .unwrap();
-                } else {
-                    h.insert("Nats-Batch-Commit", "1");
-                    let c = client.clone();
-                    inflight.push(async move {
-                        let r = c
-                            .request_with_headers(subject, h, payload_of())
-                            .await
-                            .unwrap();
-                        assert!(
-                            !String::from_utf8_lossy(&r.payload).contains("error"),
-                            "{}",
-                            String::from_utf8_lossy(&r.payload)
-                        );
-                    });
-                }
-            }
+            let messages = (0..k).map(|j| (format!("kv.atomic{k}.{b}.{j}"), payload.clone()));
+            inflight.push(atomic_batch(
+                &client,
+                format!("b{k}x{b}"),
+                messages.collect(),
+            ));
             if inflight.len() >= 8 {
                 inflight.next().await;
             }
@@ -242,8 +222,70 @@ async fn main() {
             batches * k,
         );
     }
+
+    // A group as the loyalty plugin's committer writes it under load
+    // (BENCHMARKS.md, peer benchmark): 114 state keys of a few bytes each
+    // and a 24 KB done block, one group in flight; then the same values
+    // packed into one message beside the block. What packing state would
+    // save the server, per group.
+    let groups = (n / GROUP_KEYS).max(1);
+    for packed in [false, true] {
+        let probe = Probe::start(pid);
+        for g in 0..groups {
+            let mut messages: Vec<(String, Bytes)> = if packed {
+                vec![(
+                    format!("kv.packed.{g}"),
+                    Bytes::from(vec![b'v'; GROUP_KEYS * 32]),
+                )]
+            } else {
+                (0..GROUP_KEYS)
+                    .map(|j| (format!("kv.keys.{g}.{j}"), Bytes::from_static(b"1234")))
+                    .collect()
+            };
+            messages.push((
+                format!("kv.block.{packed}.{g}"),
+                Bytes::from(vec![b'd'; 24 * 1024]),
+            ));
+            atomic_batch(&client, format!("g{packed}x{g}"), messages).await;
+        }
+        let label = if packed {
+            "a group packed: 1 state message + block"
+        } else {
+            "a group: 114 state messages + block"
+        };
+        probe.report_per(label, groups, "group");
+    }
 }
 
-fn payload_of() -> Bytes {
-    Bytes::from(vec![b'x'; 200])
+/// Keys one loyalty group writes, on average, under load.
+const GROUP_KEYS: usize = 114;
+
+/// Store `messages` as one atomic batch, each guarded by "must not exist"
+/// and given a TTL as the committer's are, and wait for its PubAck.
+async fn atomic_batch(client: &async_nats::Client, id: String, messages: Vec<(String, Bytes)>) {
+    let last = messages.len();
+    for (j, (subject, payload)) in messages.into_iter().enumerate() {
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Batch-Id", id.as_str());
+        h.insert("Nats-Batch-Sequence", (j + 1).to_string().as_str());
+        h.insert("Nats-TTL", "600");
+        h.insert("Nats-Expected-Last-Subject-Sequence", "0");
+        if j + 1 < last {
+            client
+                .publish_with_headers(subject, h, payload)
+                .await
+                .unwrap();
+        } else {
+            h.insert("Nats-Batch-Commit", "1");
+            let r = client
+                .request_with_headers(subject, h, payload)
+                .await
+                .unwrap();
+            assert!(
+                !String::from_utf8_lossy(&r.payload).contains("error"),
+                "{}",
+                String::from_utf8_lossy(&r.payload)
+            );
+        }
+    }
 }
