@@ -363,17 +363,9 @@ async fn plugins_list_ignores_replies_that_are_not_a_hosts() {
     .await
     .unwrap();
     env.start_host();
-    let out = std::process::Command::new(weir_integration_tests::weir_binary())
-        .args(["plugins", "list", "--json", "--config"])
-        .arg(env.config_path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    let (listed, stdout, stderr) =
+        weir_integration_tests::weir_cli(&env.config_path(), &["plugins", "list", "--json"], "");
+    assert!(listed, "{stderr}");
     assert_eq!(stdout.lines().count(), 1, "one host answered: {stdout}");
     assert!(stdout.contains("\"hostile\""), "{stdout}");
 }

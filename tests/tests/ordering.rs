@@ -180,18 +180,10 @@ async fn a_slow_plugin_holds_bounded_work_and_does_not_slow_a_fast_one() {
 
 /// Processed counts of plugin `name` per host, from `weir plugins list --json`.
 fn processed_per_host(env: &TestEnv, name: &str) -> Vec<(String, u64)> {
-    let out = std::process::Command::new(weir_integration_tests::weir_binary())
-        .args(["plugins", "list", "--json", "--config"])
-        .arg(env.config_path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
+    let (listed, stdout, stderr) =
+        weir_integration_tests::weir_cli(&env.config_path(), &["plugins", "list", "--json"], "");
+    assert!(listed, "{stderr}");
+    stdout
         .lines()
         .map(|line| {
             let answer: serde_json::Value = serde_json::from_str(line).unwrap();

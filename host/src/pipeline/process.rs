@@ -435,8 +435,8 @@ impl Run<'_> {
                     // than by spinning.
                     let delay = backoff(self.plugin, s.delivery.event.attempt);
                     tracing::warn!(parent: &s.delivery.span, "state kept changing under the event; retrying in {delay:?}");
-                    let disposition = self.retry_later(&s.delivery, delay).await;
-                    self.settle(&s.delivery, disposition);
+                    self.retry_later(&s.delivery, delay).await;
+                    self.settle(&s.delivery, Disposition::Retried);
                 }
                 (Vec::new(), again, false)
             }
@@ -589,12 +589,13 @@ impl Run<'_> {
             delivery.event.attempt += 1;
             return Some(delivery);
         }
-        let disposition = self.retry_later(&delivery, delay).await;
-        self.settle(&delivery, disposition);
+        self.retry_later(&delivery, delay).await;
+        self.settle(&delivery, Disposition::Retried);
         None
     }
 
-    async fn retry_later(&self, delivery: &Delivery, delay: Duration) -> Disposition {
+    /// Send the event back to be delivered again after `delay`.
+    async fn retry_later(&self, delivery: &Delivery, delay: Duration) {
         ack(
             &delivery.message,
             AckKind::Nak(Some(delay)),
@@ -602,7 +603,6 @@ impl Run<'_> {
             &delivery.event,
         )
         .await;
-        Disposition::Retried
     }
 
     /// The host could not make the effects durable: send the event back with
@@ -622,13 +622,7 @@ impl Run<'_> {
         }
         let delay = backoff(self.plugin, delivery.event.attempt);
         tracing::warn!(parent: &delivery.span, attempt = delivery.event.attempt, "effects not durable, retrying in {delay:?}: {e}");
-        ack(
-            &delivery.message,
-            AckKind::Nak(Some(delay)),
-            self.plugin,
-            &delivery.event,
-        )
-        .await;
+        self.retry_later(delivery, delay).await;
         Disposition::HostError
     }
 
