@@ -183,6 +183,8 @@ impl<'a> Entry<'a> {
         // renamed into place, never written in place, so the same inode
         // before and after the mapping means the mapped file is the one
         // just verified.
+        #[cfg(test)]
+        tests::between_verifying_and_mapping(&self.artifact);
         let component = deserialize_file(engine, &self.artifact)?;
         let mapped = std::fs::metadata(&self.artifact)?;
         if (mapped.dev(), mapped.ino()) != (verified.dev(), verified.ino()) {
@@ -222,4 +224,60 @@ fn deserialize_file(engine: &Engine, path: &Path) -> wasmtime::Result<Component>
     // cannot change under the engine. Wasmtime additionally checks the
     // header and engine settings.
     unsafe { Component::deserialize_file(engine, path) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    /// The smallest component there is: the header of an empty one.
+    const EMPTY_COMPONENT: &[u8] = b"\0asm\x0d\0\x01\0";
+
+    type Step = Box<dyn FnOnce(&Path)>;
+
+    thread_local! {
+        /// What happens to the artifact's path between its checksum and its mapping.
+        static MEANWHILE: RefCell<Option<Step>> = RefCell::new(None);
+    }
+
+    pub(super) fn between_verifying_and_mapping(artifact: &Path) {
+        if let Some(step) = MEANWHILE.with(|m| m.borrow_mut().take()) {
+            step(artifact);
+        }
+    }
+
+    fn engine() -> Engine {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        Engine::new(&config).unwrap()
+    }
+
+    #[test]
+    fn an_artifact_replaced_before_it_is_mapped_is_not_used() {
+        let engine = engine();
+        let root = tempfile::tempdir().unwrap();
+        let cache = CompileCache::new(Some(root.path().to_path_buf()), &engine);
+        let digest = [7u8; 32];
+        let compile = || Ok::<_, std::convert::Infallible>(EMPTY_COMPONENT);
+        let (_, status) = cache.load_or_compile(&engine, &digest, compile).unwrap();
+        assert_eq!(status, CacheStatus::Miss);
+
+        // Another writer renames an artifact into place after this reader
+        // verified the old one: same bytes, so only the inode tells.
+        let dir = cache.dir().unwrap().to_path_buf();
+        MEANWHILE.with(|m| {
+            *m.borrow_mut() = Some(Box::new(move |artifact: &Path| {
+                let bytes = std::fs::read(artifact).unwrap();
+                write_whole(&dir, artifact, &bytes).unwrap();
+            }))
+        });
+        let entry = Entry::new(cache.dir().unwrap(), &digest);
+        assert!(matches!(entry.read(&engine), Err(ArtifactError::Replaced)));
+
+        // Left alone, the replacement is a whole entry and is served.
+        let (_, status) = cache.load_or_compile(&engine, &digest, compile).unwrap();
+        assert_eq!(status, CacheStatus::Hit);
+    }
 }
