@@ -30,6 +30,13 @@ struct Served {
     latency_before: LatencySnapshot,
 }
 
+impl Served {
+    /// Ack latencies of this version since the pipeline started.
+    fn latency(&self) -> LatencySnapshot {
+        self.series.latency().since(&self.latency_before)
+    }
+}
+
 /// A copy of [`PluginStats`] at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
@@ -138,7 +145,9 @@ impl PluginStats {
             },
             ..StatsSnapshot::default()
         };
+        let mut latency = LatencySnapshot::default();
         for served in lock(&self.versions).iter() {
+            latency.add(&served.latency());
             let t = served.series.totals().since(&served.totals_before);
             snapshot.processed += t.processed;
             snapshot.retried += t.retried;
@@ -148,7 +157,6 @@ impl PluginStats {
             snapshot.host_errors += t.host_errors;
             snapshot.terminated += t.terminated;
         }
-        let latency = self.ack_latency();
         let micros = |q| latency.quantile(q).map(|d| d.as_micros() as u64);
         snapshot.ack_p50_us = micros(0.5);
         snapshot.ack_p99_us = micros(0.99);
@@ -160,7 +168,7 @@ impl PluginStats {
     pub fn ack_latency(&self) -> LatencySnapshot {
         let mut all = LatencySnapshot::default();
         for served in lock(&self.versions).iter() {
-            all.add(&served.series.latency().since(&served.latency_before));
+            all.add(&served.latency());
         }
         all
     }
