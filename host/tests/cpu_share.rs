@@ -122,6 +122,40 @@ async fn a_spinning_event_does_not_stall_its_own_plugin() {
     all_hit_their_deadline(spinning).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_asleep_hold_no_turn() {
+    let sandbox = sandbox(1);
+    let sleeper = spinner(&sandbox);
+    let fraud = sandbox.load(Path::new(FRAUD)).unwrap();
+    // Four calls asleep in a WASI poll for 2 s each, on a host with one turn.
+    let sleeping: Vec<_> = (0..4)
+        .map(|_| {
+            let sleeper = sleeper.clone();
+            tokio::spawn(async move {
+                sleeper
+                    .invoke(&event("hostile.in", "sleep 2000"), memory_state())
+                    .await
+                    .outcome
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::spawn(async move {
+        for i in 0..50 {
+            place_order(&fraud, i).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        sleeping.iter().all(|call| !call.is_finished()),
+        "a sleeping call ended before the other plugin's calls were served"
+    );
+    for call in sleeping {
+        assert_eq!(call.await.unwrap(), Outcome::Ok);
+    }
+}
+
 /// Each thread's scheduling policy and time slice, from
 /// /proc/self/task/<tid>/sched.
 #[cfg(target_os = "linux")]

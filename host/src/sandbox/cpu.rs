@@ -16,7 +16,8 @@
 //!   and a plugin whose calls take microseconds is served ahead of one
 //!   whose calls spin.
 //! - A call holds its turn while its guest code runs. It gives the turn
-//!   back when it ends, while it awaits the state store, at every epoch
+//!   back when it ends, whenever it waits for the host (a state read, a
+//!   WASI poll such as a sleep), at every epoch
 //!   tick at which a call of another plugin is waiting, and after
 //!   [`SLICE`] when only its own plugin's calls wait.
 //! - A call granted a turn after waiting first yields to the runtime once,
@@ -158,6 +159,7 @@ impl CpuShare {
             share: self.clone(),
             plugin: plugin.clone(),
             held: AtomicBool::new(false),
+            ticking: AtomicBool::new(false),
             since: AtomicU64::new(0),
             long: Mutex::new(None),
         });
@@ -321,6 +323,52 @@ impl TurnHandle {
         }))
     }
 
+    /// `wait`, the future an epoch tick makes the guest await: the call
+    /// stops there for the tick's own sake, and keeps or passes its turn
+    /// as `wait` decides (see [`Self::computing`]).
+    pub fn at_tick(
+        &self,
+        wait: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+        let inner = self.0.clone();
+        inner.ticking.store(true, Ordering::Release);
+        Box::pin(async move {
+            wait.await;
+            inner.ticking.store(false, Ordering::Release);
+        })
+    }
+
+    /// Run the guest call `call`. Whenever it stops to wait for the host
+    /// (a WASI poll: a sleep, a timer) while holding its turn, other than
+    /// at its own epoch tick, the turn is given up: a guest that sleeps
+    /// is not computing, and a turn held through a 50 ms sleep is a core's
+    /// worth of guest CPU no other call may use. The turn is taken back
+    /// before the guest goes on.
+    pub async fn computing<F: Future>(&self, call: F) -> F::Output {
+        let inner = &self.0;
+        let mut call = std::pin::pin!(call);
+        let mut retaking: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = None;
+        std::future::poll_fn(|cx| {
+            if let Some(take) = &mut retaking {
+                std::task::ready!(take.as_mut().poll(cx));
+                retaking = None;
+            }
+            let poll = call.as_mut().poll(cx);
+            // A call waiting without its turn ([`Self::without`], a pass)
+            // takes it back itself.
+            if poll.is_pending()
+                && !inner.ticking.load(Ordering::Acquire)
+                && inner.held.load(Ordering::Acquire)
+            {
+                inner.give_up();
+                let inner = inner.clone();
+                retaking = Some(Box::pin(async move { inner.take().await }));
+            }
+            poll
+        })
+        .await
+    }
+
     /// Give the turn up and wait for it again: for the epoch callback,
     /// which cannot await.
     pub fn pass(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
@@ -354,6 +402,9 @@ struct TurnInner {
     /// Whether this call holds a turn now; the call is suspended while it
     /// waits, so only one of its futures ever touches these at a time.
     held: AtomicBool,
+    /// Whether the call is stopped at an epoch tick, whose own future
+    /// decides what becomes of the turn.
+    ticking: AtomicBool,
     /// When the turn held now was taken, on the share's clock.
     since: AtomicU64,
     /// The long-call permit held with the turn, if any.
@@ -594,5 +645,71 @@ mod tests {
         let (a, b) = (share.turn(&p).await, share.turn(&p).await);
         assert!(a.handle().go_on_long().is_none());
         assert!(b.handle().go_on_long().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_call_waiting_for_the_host_gives_its_turn_up() {
+        let share = CpuShare::new(1, 1, LongCalls::Normal);
+        let (sleepy, other) = (name("sleepy"), name("other"));
+        let turn = share.turn(&sleepy).await;
+        let (wake, woken) = tokio::sync::oneshot::channel::<()>();
+        let handle = turn.handle();
+        // A guest asleep in a WASI poll: pending until the host wakes it.
+        let call = tokio::spawn(async move { handle.computing(woken).await });
+        let given_up = async {
+            while share.lock().free == 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), given_up)
+            .await
+            .expect("a call waiting for the host kept its turn");
+        // So another plugin's call runs on the only turn meanwhile.
+        let other_turn = share.turn(&other).await;
+        wake.send(()).unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!call.is_finished(), "the guest went on without a turn");
+        drop(other_turn);
+        call.await.unwrap().unwrap();
+        assert_eq!(share.lock().plugins[&sleepy].held, 1, "taken back");
+        drop(turn);
+        assert_eq!(share.lock().free, 1);
+    }
+
+    #[tokio::test]
+    async fn a_call_stopped_at_its_tick_keeps_its_turn() {
+        let share = CpuShare::new(1, 1, LongCalls::Normal);
+        let p = name("p");
+        let turn = share.turn(&p).await;
+        let (go_on, tick_over) = tokio::sync::oneshot::channel::<()>();
+        let (handle, ticking) = (turn.handle(), turn.handle());
+        let call = tokio::spawn(async move {
+            handle
+                .computing(async move {
+                    let wait = Box::pin(async move {
+                        let _ = tick_over.await;
+                    });
+                    ticking.at_tick(wait).await;
+                })
+                .await
+        });
+        let waiter = queue(&share, &name("other"));
+        while !share.contended() {
+            tokio::task::yield_now().await;
+        }
+        assert!(!call.is_finished());
+        assert_eq!(
+            share.lock().free,
+            0,
+            "the tick's future decides, not the wait"
+        );
+        go_on.send(()).unwrap();
+        call.await.unwrap();
+        assert_eq!(share.lock().plugins[&p].held, 1);
+        drop(turn);
+        drop(waiter.await.unwrap());
+        assert_eq!(share.lock().free, 1);
     }
 }

@@ -81,14 +81,18 @@ fn new_store(
             Some(turn) if data.ticks >= 2 => turn.long_calls(),
             _ => LongCalls::Normal,
         };
+        let wait = match policy {
+            LongCalls::Normal => wait,
+            _ => Box::pin(async move {
+                wait.await;
+                long_calls::set_apart(policy);
+            }),
+        };
         Ok(UpdateDeadline::YieldCustom(
             1,
-            match policy {
-                LongCalls::Normal => wait,
-                _ => Box::pin(async move {
-                    wait.await;
-                    long_calls::set_apart(policy);
-                }),
+            match &data.turn {
+                Some(turn) => turn.at_tick(wait),
+                None => wait,
             },
         ))
     });
@@ -123,6 +127,7 @@ pub(crate) async fn invoke(
     let started = Instant::now();
     let deadline = started + timeout;
     let hard_stop = tokio::time::Instant::from_std(deadline + IMPORT_GRACE);
+    let handle = turn.handle();
     let mut instance = match pool.take() {
         Some(instance) => instance,
         None => {
@@ -130,7 +135,8 @@ pub(crate) async fn invoke(
             start_call(&mut store, event, deadline, &turn, state.clone());
             pool.created();
             tracing::debug!(plugin = %ctx.name, "new instance");
-            let instantiating = long_calls::restoring(pre.instantiate_async(&mut store));
+            let instantiating =
+                handle.computing(long_calls::restoring(pre.instantiate_async(&mut store)));
             match tokio::time::timeout_at(hard_stop, instantiating).await {
                 Ok(Ok(world)) => Instance {
                     store,
@@ -146,12 +152,12 @@ pub(crate) async fn invoke(
     let wit_event = event.to_wit();
     let result = tokio::time::timeout_at(
         hard_stop,
-        long_calls::restoring(
+        handle.computing(long_calls::restoring(
             instance
                 .world
                 .weir_plugin_handler()
                 .call_handle(&mut instance.store, &wit_event),
-        ),
+        )),
     )
     .await;
     // Only a call that returned leaves the instance in a state fit for
