@@ -13,6 +13,13 @@
 //! and each run takes a fair share of it, so a backlog is handled in large
 //! runs and a trickle of live events one by one without delay.
 //!
+//! Runs that compute are kept to about what the host can execute: runs
+//! beyond that only queue for the guest CPU, and measured, they slow
+//! every call (BENCHMARKS.md, "runs in flight"). A run waiting on
+//! something else (a state read from the server, a retry's backoff) is
+//! *parked* and does not count, so a plugin whose calls wait still keeps
+//! its whole concurrency busy.
+//!
 //! Lanes hold only what the server delivered, and the server delivers no
 //! more than the consumer's `max_ack_pending`: memory stays bounded however
 //! far behind the plugin is.
@@ -20,6 +27,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::Poll;
 
 use tokio_util::task::TaskTracker;
 
@@ -44,6 +52,8 @@ struct State<T> {
     queued: usize,
     /// Runs going.
     runs: usize,
+    /// Runs going that wait on something other than the CPU.
+    parked: usize,
 }
 
 impl<T> Default for State<T> {
@@ -54,6 +64,7 @@ impl<T> Default for State<T> {
             busy: HashSet::new(),
             queued: 0,
             runs: 0,
+            parked: 0,
         }
     }
 }
@@ -61,20 +72,23 @@ impl<T> Default for State<T> {
 /// The key of the shared queue.
 const SHARED: &str = "";
 
-/// Given to a run: hands a key back once the run is done with it.
+/// Given to a run: hands a key back once the run is done with it, and
+/// tells the lanes when the run waits on something other than the CPU.
 #[derive(Clone)]
-pub(crate) struct KeyRelease {
-    lanes: Weak<dyn Release>,
+pub(crate) struct RunHandle {
+    lanes: Weak<dyn LaneControl>,
     /// Keys the run still holds. A key handed back early may be in another
     /// run by the time this one ends, so the end hands back only these.
     held: Arc<Mutex<Vec<String>>>,
 }
 
-trait Release: Send + Sync {
+trait LaneControl: Send + Sync {
     fn release(&self, key: &str);
+    /// A run parks (`true`) or goes on (`false`).
+    fn park(&self, parked: bool);
 }
 
-impl KeyRelease {
+impl RunHandle {
     /// The run has settled every event of `key` it had: other runs may
     /// take the key's later events now.
     pub(super) fn release(&self, key: &str) {
@@ -91,6 +105,39 @@ impl KeyRelease {
     fn take_held(&self) -> Vec<String> {
         std::mem::take(&mut *lock(&self.held))
     }
+
+    /// Await `wait`, something other than the CPU (a read from the
+    /// server, a backoff), with the run parked, so another run may start
+    /// meanwhile. A wait that is over at once parks nothing.
+    pub(super) async fn parked<F: Future>(&self, wait: F) -> F::Output {
+        let mut wait = std::pin::pin!(wait);
+        let first = std::future::poll_fn(|cx| Poll::Ready(wait.as_mut().poll(cx))).await;
+        if let Poll::Ready(out) = first {
+            return out;
+        }
+        let _parked = Parked::new(self.lanes.upgrade());
+        wait.await
+    }
+}
+
+/// A run parked until dropped (so also when its wait is cancelled).
+struct Parked(Option<Arc<dyn LaneControl>>);
+
+impl Parked {
+    fn new(lanes: Option<Arc<dyn LaneControl>>) -> Self {
+        if let Some(lanes) = &lanes {
+            lanes.park(true);
+        }
+        Parked(lanes)
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        if let Some(lanes) = &self.0 {
+            lanes.park(false);
+        }
+    }
 }
 
 /// Hands the events to `work` in runs of `(lane key, event)`.
@@ -99,6 +146,8 @@ pub(crate) struct Lanes<T, W> {
     shape: Shape,
     /// Runs going at most.
     max_runs: usize,
+    /// Runs going at most, not counting parked ones.
+    computing_runs: usize,
     /// Events in one run at most.
     max_run: usize,
     tasks: TaskTracker,
@@ -109,14 +158,25 @@ pub(crate) struct Lanes<T, W> {
 impl<T, W, F> Lanes<T, W>
 where
     T: Clone + Send + 'static,
-    W: Fn(Vec<(String, T)>, KeyRelease) -> F + Send + Sync + 'static,
+    W: Fn(Vec<(String, T)>, RunHandle) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
-    pub(super) fn new(shape: Shape, max_runs: usize, max_run: usize, work: W) -> Arc<Self> {
+    /// Lanes of `shape` with at most `max_runs` runs going, of which at
+    /// most `computing_runs` not parked, and at most `max_run` events in
+    /// a run.
+    pub(super) fn new(
+        shape: Shape,
+        max_runs: usize,
+        computing_runs: usize,
+        max_run: usize,
+        work: W,
+    ) -> Arc<Self> {
+        let max_runs = max_runs.max(1);
         Arc::new_cyclic(|this| Lanes {
             state: Mutex::new(State::default()),
             shape,
-            max_runs: max_runs.max(1),
+            max_runs,
+            computing_runs: computing_runs.clamp(1, max_runs),
             max_run: max_run.max(1),
             tasks: TaskTracker::new(),
             work,
@@ -159,9 +219,15 @@ where
     /// Start runs while there is work and room for it.
     fn fill(self: &Arc<Self>) {
         let mut state = self.lock();
-        while state.runs < self.max_runs && !state.ready.is_empty() {
+        while state.runs < self.max_runs
+            && state.runs - state.parked < self.computing_runs
+            && !state.ready.is_empty()
+        {
             // A fair share of what waits, so a backlog keeps every run busy.
-            let share = state.queued.div_ceil(self.max_runs).clamp(1, self.max_run);
+            let share = state
+                .queued
+                .div_ceil(self.computing_runs)
+                .clamp(1, self.max_run);
             let mut run: Vec<(String, T)> = Vec::with_capacity(share);
             while run.len() < share
                 && let Some(key) = state.ready.pop_front()
@@ -201,8 +267,8 @@ where
             }
             Shape::Shared => Vec::new(),
         };
-        let release = KeyRelease {
-            lanes: self.this.clone() as Weak<dyn Release>,
+        let release = RunHandle {
+            lanes: self.this.clone() as Weak<dyn LaneControl>,
             held: Arc::new(Mutex::new(keys)),
         };
         let work = (self.work)(run, release.clone());
@@ -278,10 +344,10 @@ where
     }
 }
 
-impl<T, W, F> Release for Lanes<T, W>
+impl<T, W, F> LaneControl for Lanes<T, W>
 where
     T: Clone + Send + 'static,
-    W: Fn(Vec<(String, T)>, KeyRelease) -> F + Send + Sync + 'static,
+    W: Fn(Vec<(String, T)>, RunHandle) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
     fn release(&self, key: &str) {
@@ -290,6 +356,22 @@ where
                 let mut state = this.lock();
                 Self::free(&mut state, key);
             }
+            this.fill();
+        }
+    }
+
+    fn park(&self, parked: bool) {
+        let Some(this) = self.this.upgrade() else {
+            return;
+        };
+        {
+            let mut state = this.lock();
+            match parked {
+                true => state.parked += 1,
+                false => state.parked -= 1,
+            }
+        }
+        if parked {
             this.fill();
         }
     }
@@ -311,6 +393,7 @@ mod tests {
             let (log, running) = (log.clone(), running.clone());
             Lanes::new(
                 Shape::Keyed,
+                4,
                 4,
                 3,
                 move |run: Vec<(String, (String, u32, u64))>, _| {
@@ -371,8 +454,9 @@ mod tests {
             Lanes::new(
                 Shape::Keyed,
                 1,
+                1,
                 100,
-                move |run: Vec<(String, u32)>, release: KeyRelease| {
+                move |run: Vec<(String, u32)>, release: RunHandle| {
                     runs.lock().unwrap().push(run.clone());
                     async move {
                         // Done with "a" at once; the rest takes a while.
@@ -410,8 +494,9 @@ mod tests {
             Lanes::new(
                 Shape::Keyed,
                 4,
+                4,
                 1,
-                move |run: Vec<(String, u64)>, release: KeyRelease| {
+                move |run: Vec<(String, u64)>, release: RunHandle| {
                     let (overlaps, running) = (overlaps.clone(), running.clone());
                     async move {
                         let (key, hold_ms) = run[0].clone();
@@ -453,10 +538,16 @@ mod tests {
         let sizes = Arc::new(StdMutex::new(Vec::new()));
         let lanes = {
             let sizes = sizes.clone();
-            Lanes::new(Shape::Shared, 4, 100, move |run: Vec<(String, u32)>, _| {
-                sizes.lock().unwrap().push(run.len());
-                tokio::time::sleep(Duration::from_millis(20))
-            })
+            Lanes::new(
+                Shape::Shared,
+                4,
+                4,
+                100,
+                move |run: Vec<(String, u32)>, _| {
+                    sizes.lock().unwrap().push(run.len());
+                    tokio::time::sleep(Duration::from_millis(20))
+                },
+            )
         };
         // The first events start runs at once; the rest are shared.
         for i in 0..41 {
@@ -474,7 +565,7 @@ mod tests {
 
     #[tokio::test]
     async fn queued_events_can_be_taken_back() {
-        let lanes = Lanes::new(Shape::Keyed, 1, 8, |_: Vec<(String, u32)>, _| {
+        let lanes = Lanes::new(Shape::Keyed, 1, 1, 8, |_: Vec<(String, u32)>, _| {
             tokio::time::sleep(Duration::from_millis(50))
         });
         for i in 0..5 {
@@ -489,5 +580,50 @@ mod tests {
         assert_eq!(lanes.take_queued(), vec![1, 2, 3, 4]);
         lanes.wait_running().await;
         assert_eq!(lanes.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn runs_that_compute_are_capped_and_parked_ones_do_not_count() {
+        let lanes = Lanes::new(
+            Shape::Keyed,
+            4,
+            1,
+            1,
+            |run: Vec<(String, bool)>, handle: RunHandle| async move {
+                let wait = tokio::time::sleep(Duration::from_millis(100));
+                match run[0].1 {
+                    // Waits on the server, say: parked.
+                    true => handle.parked(wait).await,
+                    // Computes (or queues for the CPU).
+                    false => wait.await,
+                }
+            },
+        );
+        lanes.push("computes-1".into(), false);
+        lanes.push("computes-2".into(), false);
+        lanes.push("computes-3".into(), false);
+        assert_eq!(lanes.running(), 1, "one computing run at most");
+        while lanes.held() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        lanes.push("waits".into(), true);
+        lanes.push("computes-4".into(), false);
+        lanes.push("computes-5".into(), false);
+        assert_eq!(lanes.running(), 1);
+        // Once the first run parks, one more starts; not two.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while lanes.running() < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("a parked run left room for another");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(lanes.running(), 2);
+        assert_eq!(lanes.queued().len(), 1);
+        while lanes.held() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        lanes.wait_running().await;
     }
 }

@@ -247,21 +247,26 @@ pub async fn run(
     let release = CancellationToken::new();
     // Keyed runs are bounded by what the server delivers (max-in-flight),
     // sandbox calls by the execution permits: a run waiting for its commit
-    // holds no permit. Unordered events are taken by twice as many runs as
-    // may execute, so some run while others commit.
+    // holds no permit. Events are taken by twice as many runs as may
+    // execute, so some run while others commit; and of the runs not
+    // parked on a read or a backoff, by no more than twice what the host's
+    // guest CPU executes at once (BENCHMARKS.md, "runs in flight").
     let shape = if ordered || manifest.concurrency == 1 {
         lanes::Shape::Keyed
     } else {
         lanes::Shape::Shared
     };
+    let computing_runs =
+        2 * (manifest.concurrency as usize).min(plugin.borrow().guest_call_slots());
     let lanes = {
         let (ctx, plugin, release) = (ctx.clone(), plugin.clone(), release.clone());
         let stopping = shutdown.clone();
         Lanes::new(
             shape,
             2 * manifest.concurrency as usize,
+            computing_runs,
             crate::jetstream::source::MAX_RUN,
-            move |run: Vec<(String, jetstream::Message)>, keys: lanes::KeyRelease| {
+            move |run: Vec<(String, jetstream::Message)>, keys: lanes::RunHandle| {
                 let (ctx, release, stopping) = (ctx.clone(), release.clone(), stopping.clone());
                 let current = plugin.borrow().clone();
                 async move {

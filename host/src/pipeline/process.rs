@@ -23,7 +23,7 @@ use crate::jetstream::outbox::{Outgoing, PublishError};
 use crate::jetstream::source;
 use crate::jetstream::store::{Commit, CommitRequest, EventEffects, PluginStore, Read, Scope};
 use crate::outcome::{Outcome, OutcomeKind};
-use crate::pipeline::lanes::{KeyRelease, Shape};
+use crate::pipeline::lanes::{RunHandle, Shape};
 use crate::pipeline::{PipelineContext, lock};
 use crate::sandbox::plugin::Plugin;
 use crate::state::{CommittedState, StateChange, StateReadError, Versioned};
@@ -97,7 +97,7 @@ pub(super) async fn process_run(
     messages: Vec<(String, jetstream::Message)>,
     ends: Ends,
     shape: Shape,
-    keys: KeyRelease,
+    keys: RunHandle,
 ) {
     let release = ends.release;
     let incarnation = ctx.incarnation();
@@ -226,7 +226,8 @@ struct Run<'a> {
     /// Events of each lane not settled yet; at zero the lane's key goes
     /// back to the lanes for other runs.
     left: Mutex<HashMap<String, usize>>,
-    keys: KeyRelease,
+    /// Hands keys back, and parks the run while it waits.
+    keys: RunHandle,
 }
 
 /// How a stretch of a run ended.
@@ -295,7 +296,7 @@ impl Run<'_> {
     /// cannot be events, are finished on the way. A retry waiting for its
     /// time ends the stretch, or (at the start of one) is waited for.
     async fn execute(&self, queue: &mut VecDeque<Delivery>, limit: usize) -> Stretch {
-        let state = Arc::new(RunState::new(self.ctx.store.clone()));
+        let state = Arc::new(RunState::new(self.ctx.store.clone(), self.keys.clone()));
         let mut succeeded: Vec<Succeeded> = Vec::new();
         while succeeded.len() < limit
             && !self.stopping.is_cancelled()
@@ -306,7 +307,7 @@ impl Run<'_> {
                     queue.push_front(delivery);
                     break;
                 }
-                tokio::time::sleep_until(at).await;
+                self.keys.parked(tokio::time::sleep_until(at)).await;
             }
             if let Some(raw) = source::malformed_headers(&delivery.message) {
                 let raw = raw.to_vec();
@@ -752,6 +753,8 @@ fn defer(queue: &mut VecDeque<Delivery>, retry: Delivery) {
 /// read of each key before the run wrote it guards the run's commit.
 struct RunState {
     store: Arc<PluginStore>,
+    /// Parked while a read waits on the server.
+    run: RunHandle,
     inner: Mutex<RunInner>,
 }
 
@@ -763,9 +766,10 @@ struct RunInner {
 }
 
 impl RunState {
-    fn new(store: Arc<PluginStore>) -> Self {
+    fn new(store: Arc<PluginStore>, run: RunHandle) -> Self {
         RunState {
             store,
+            run,
             inner: Mutex::new(RunInner::default()),
         }
     }
@@ -811,7 +815,7 @@ impl CommittedState for RunState {
                     });
                 }
             }
-            let (versioned, read) = self.store.read(key).await?;
+            let (versioned, read) = self.run.parked(self.store.read(key)).await?;
             lock(&self.inner)
                 .reads
                 .entry(key.to_owned())

@@ -55,6 +55,8 @@ const SLICE_NS: u64 = SLICE.as_nanos() as u64;
 /// The host's guest-CPU turns, shared by every plugin.
 #[derive(Debug)]
 pub struct CpuShare {
+    /// Turns, all told.
+    slots: usize,
     /// Origin of the nanosecond clock turns are timed with.
     origin: Instant,
     /// Calls waiting for a turn, readable without the lock by the epoch
@@ -126,6 +128,7 @@ impl CpuShare {
         let slots = slots.max(1);
         let long_slots = long_slots.max(1);
         Arc::new(CpuShare {
+            slots,
             origin: Instant::now(),
             waiting: AtomicUsize::new(0),
             turns: Mutex::new(Turns {
@@ -141,6 +144,11 @@ impl CpuShare {
     /// How long calls run their guest code.
     pub fn long_calls(&self) -> LongCalls {
         self.long_calls
+    }
+
+    /// How many guest calls may run at once.
+    pub fn slots(&self) -> usize {
+        self.slots
     }
 
     /// The default number of turns: one per core.

@@ -120,6 +120,12 @@ impl Plugin {
         self.0.instances.stats()
     }
 
+    /// How many guest calls of the host's (this plugin's and others')
+    /// may run at once: more of its calls than this only queue.
+    pub fn guest_call_slots(&self) -> usize {
+        self.0.ctx.cpu.slots()
+    }
+
     /// Handle `event`, reading committed state from `state`, in an instance
     /// as the manifest's `[instances]` policy says. Never fails: whatever
     /// went wrong is in the outcome.
