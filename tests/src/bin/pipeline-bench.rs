@@ -5,8 +5,10 @@
 //!    fraud plugin at several concurrencies, with idempotency records on
 //!    and off, and with a stateful plugin;
 //! 2. publish-to-ack latency (p50/p99) at a fixed offered rate, baseline
-//!    against weir, each also with a core taken: weir next to a plugin
-//!    whose 16 calls spin, the baseline next to one spinning thread.
+//!    against weir, each also with a core taken: weir next to a plugin at
+//!    concurrency 16 whose calls spin (as many of them at once as the host
+//!    lets one plugin compute: twice its guest-call slots), the baseline
+//!    next to one spinning thread.
 //!
 //! ```sh
 //! cargo xtask build
@@ -148,8 +150,8 @@ async fn main() {
     };
     let unloaded = weir_latency(&server.url(), &stats, &subject, &orders[..count], rate).await;
     // The same host and plugin again, now sharing the host with a plugin
-    // whose 16 calls spin until their deadline: what fair sharing of the
-    // guest CPU has to protect.
+    // at concurrency 16 whose calls spin until their deadline: what fair
+    // sharing of the guest CPU has to protect.
     let spin_window = Duration::from_secs_f64(count as f64 / rate as f64);
     start_spinners(&js, &host, &dir.path().join("plugins-2"), spin_window).await;
     let neighboured = weir_latency(&server.url(), &stats, &subject, &orders[..count], rate).await;
@@ -178,7 +180,7 @@ async fn main() {
         ("baseline, next to one spinning thread", beside_p),
         ("weir + fraud, concurrency 16", unloaded),
         (
-            "weir + fraud, c16, next to 16 spinning guest calls",
+            "weir + fraud, c16, next to a spinning plugin, c16",
             neighboured,
         ),
     ] {
@@ -205,9 +207,10 @@ async fn main() {
     }
 }
 
-/// Add the hostile test guest to `host` as a plugin with 16 concurrent
-/// calls, and feed it events that spin until their 1 s deadline, enough to
-/// keep all 16 spinning for `window` and beyond; returns once they spin.
+/// Add the hostile test guest to `host` as a plugin at concurrency 16,
+/// and feed it events that spin until their 1 s deadline, enough to keep
+/// 16 calls spinning for `window` and beyond (the host runs as many of
+/// them at once as it lets one plugin compute); returns once they spin.
 async fn start_spinners(
     js: &jetstream::Context,
     host: &Supervisor,
