@@ -5,10 +5,10 @@
 //!    fraud plugin at several concurrencies, with idempotency records on
 //!    and off, and with a stateful plugin;
 //! 2. publish-to-ack latency (p50/p99) at a fixed offered rate, baseline
-//!    against weir, each also with a core taken: weir next to a plugin at
-//!    concurrency 16 whose calls spin (as many of them at once as the host
-//!    lets one plugin compute: twice its guest-call slots), the baseline
-//!    next to one spinning thread.
+//!    against weir, each also with a core taken: weir next to 16 guest
+//!    calls that spin (plugins at concurrency 16, as many as it takes: the
+//!    host runs no more of one plugin's calls computing than twice its
+//!    guest-call slots), the baseline next to one spinning thread.
 //!
 //! ```sh
 //! cargo xtask build
@@ -149,9 +149,9 @@ async fn main() {
         return;
     };
     let unloaded = weir_latency(&server.url(), &stats, &subject, &orders[..count], rate).await;
-    // The same host and plugin again, now sharing the host with a plugin
-    // at concurrency 16 whose calls spin until their deadline: what fair
-    // sharing of the guest CPU has to protect.
+    // The same host and plugin again, now sharing the host with 16 calls
+    // that spin until their deadline: what fair sharing of the guest CPU
+    // has to protect.
     let spin_window = Duration::from_secs_f64(count as f64 / rate as f64);
     start_spinners(&js, &host, &dir.path().join("plugins-2"), spin_window).await;
     let neighboured = weir_latency(&server.url(), &stats, &subject, &orders[..count], rate).await;
@@ -180,7 +180,7 @@ async fn main() {
         ("baseline, next to one spinning thread", beside_p),
         ("weir + fraud, concurrency 16", unloaded),
         (
-            "weir + fraud, c16, next to a spinning plugin, c16",
+            "weir + fraud, c16, next to 16 spinning guest calls",
             neighboured,
         ),
     ] {
@@ -207,34 +207,45 @@ async fn main() {
     }
 }
 
-/// Add the hostile test guest to `host` as a plugin at concurrency 16,
-/// and feed it events that spin until their 1 s deadline, enough to keep
-/// 16 calls spinning for `window` and beyond (the host runs as many of
-/// them at once as it lets one plugin compute); returns once they spin.
+/// Calls spinning at once next to the measured plugin.
+const SPINNING_CALLS: usize = 16;
+
+/// Add the hostile test guest to `host` as plugins at concurrency 16, as
+/// many as it takes for [`SPINNING_CALLS`] calls to spin at once (the host
+/// runs no more of one plugin's calls computing than twice its cores), and
+/// feed them events that spin until their 1 s deadline, enough for
+/// `window` and beyond; returns once they spin.
 async fn start_spinners(
     js: &jetstream::Context,
     host: &Supervisor,
     plugins: &Path,
     window: Duration,
 ) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_plugin = 2 * cores.min(16);
+    let names: Vec<String> = (0..SPINNING_CALLS.div_ceil(per_plugin))
+        .map(|i| format!("spinners-{i}"))
+        .collect();
     let wasm = dist("test-guests/hostile.wasm");
-    std::fs::copy(&wasm, plugins.join("spinners.wasm")).unwrap();
-    std::fs::write(
-        plugins.join("spinners.toml"),
-        "subjects = [\"hostile.spin\"]\nstream = \"HOSTILE\"\nstart = \"all\"\n\
-         concurrency = 16\n[retry]\nmax-deliveries = 1\n\
-         [limits]\nmemory-mb = 16\ntimeout-ms = 1000\n",
-    )
-    .unwrap();
-    let spins = 16 * (window.as_secs() as usize + 4);
+    for name in &names {
+        std::fs::copy(&wasm, plugins.join(format!("{name}.wasm"))).unwrap();
+        std::fs::write(
+            plugins.join(format!("{name}.toml")),
+            "subjects = [\"hostile.spin\"]\nstream = \"HOSTILE\"\nstart = \"all\"\n\
+             concurrency = 16\n[retry]\nmax-deliveries = 1\n\
+             [limits]\nmemory-mb = 16\ntimeout-ms = 1000\n",
+        )
+        .unwrap();
+    }
+    // Every plugin consumes every spin: each gets enough for its calls.
+    let spins = per_plugin.max(16) * (window.as_secs() as usize + 4);
     let loops: Vec<String> = (0..spins).map(|_| "loop".to_owned()).collect();
     publish_all(js, "hostile.spin", &loops, None).await;
     host.reconcile().await.unwrap();
-    let spinners = host
-        .stats("spinners")
-        .await
-        .expect("the spinners plugin runs");
-    while spinners.snapshot().in_flight < 16 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    for name in &names {
+        let spinners = host.stats(name).await.expect("the spinners plugin runs");
+        while spinners.snapshot().in_flight < per_plugin as u64 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
