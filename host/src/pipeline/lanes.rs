@@ -582,48 +582,84 @@ mod tests {
         assert_eq!(lanes.held(), 0);
     }
 
-    #[tokio::test]
-    async fn runs_that_compute_are_capped_and_parked_ones_do_not_count() {
-        let lanes = Lanes::new(
-            Shape::Keyed,
-            4,
-            1,
-            1,
-            |run: Vec<(String, bool)>, handle: RunHandle| async move {
-                let wait = tokio::time::sleep(Duration::from_millis(100));
-                match run[0].1 {
-                    // Waits on the server, say: parked.
-                    true => handle.parked(wait).await,
-                    // Computes (or queues for the CPU).
-                    false => wait.await,
-                }
-            },
-        );
-        lanes.push("computes-1".into(), false);
-        lanes.push("computes-2".into(), false);
-        lanes.push("computes-3".into(), false);
-        assert_eq!(lanes.running(), 1, "one computing run at most");
-        while lanes.held() > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+    /// A run's work in the parking test: wait for `go`, parked or not,
+    /// then log `name`.
+    #[derive(Clone)]
+    struct Step {
+        name: &'static str,
+        parked: bool,
+        go: Arc<tokio::sync::Notify>,
+    }
+
+    fn step(name: &'static str, parked: bool) -> Step {
+        Step {
+            name,
+            parked,
+            go: Arc::default(),
         }
-        lanes.push("waits".into(), true);
-        lanes.push("computes-4".into(), false);
-        lanes.push("computes-5".into(), false);
-        assert_eq!(lanes.running(), 1);
-        // Once the first run parks, one more starts; not two.
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
         tokio::time::timeout(Duration::from_secs(10), async {
-            while lanes.running() < 2 {
+            while !done() {
                 tokio::task::yield_now().await;
             }
         })
         .await
-        .expect("a parked run left room for another");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(lanes.running(), 2);
-        assert_eq!(lanes.queued().len(), 1);
-        while lanes.held() > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        .unwrap_or_else(|_| panic!("never: {what}"));
+    }
+
+    #[tokio::test]
+    async fn runs_that_compute_are_capped_and_parked_ones_do_not_count() {
+        let log = Arc::new(StdMutex::new(Vec::new()));
+        let lanes = {
+            let log = log.clone();
+            Lanes::new(
+                Shape::Keyed,
+                4,
+                1,
+                1,
+                move |run: Vec<(String, Step)>, handle: RunHandle| {
+                    let log = log.clone();
+                    async move {
+                        let step = run[0].1.clone();
+                        let go = step.go.notified();
+                        match step.parked {
+                            // Waits on the server, say.
+                            true => handle.parked(go).await,
+                            // Computes (or queues for the CPU).
+                            false => go.await,
+                        }
+                        log.lock().unwrap().push(step.name);
+                    }
+                },
+            )
+        };
+        let (waits, first, second) = (
+            step("waits", true),
+            step("first", false),
+            step("second", false),
+        );
+        lanes.push("waits".into(), waits.clone());
+        lanes.push("first".into(), first.clone());
+        lanes.push("second".into(), second.clone());
+        assert_eq!(lanes.running(), 1, "one computing run at most");
+        // "waits" parks, so "first" starts; "second" does not.
+        until("a parked run makes room", || lanes.running() == 2).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
         }
+        assert_eq!(lanes.running(), 2, "one more run, not two");
+        assert_eq!(lanes.queued().len(), 1);
+        waits.go.notify_one();
+        until("the parked run ended", || lanes.running() == 1).await;
+        assert_eq!(lanes.queued().len(), 1, "\"first\" still computes");
+        first.go.notify_one();
+        until("\"second\" started", || lanes.queued().is_empty()).await;
+        second.go.notify_one();
+        until("all ran", || log.lock().unwrap().len() == 3).await;
+        assert_eq!(*log.lock().unwrap(), ["waits", "first", "second"]);
         lanes.wait_running().await;
+        assert_eq!(lanes.lock().parked, 0);
     }
 }

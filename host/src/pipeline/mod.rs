@@ -266,7 +266,7 @@ pub async fn run(
             2 * manifest.concurrency as usize,
             computing_runs,
             crate::jetstream::source::MAX_RUN,
-            move |run: Vec<(String, jetstream::Message)>, keys: lanes::RunHandle| {
+            move |run: Vec<(String, jetstream::Message)>, handle: lanes::RunHandle| {
                 let (ctx, release, stopping) = (ctx.clone(), release.clone(), stopping.clone());
                 let current = plugin.borrow().clone();
                 async move {
@@ -274,7 +274,7 @@ pub async fn run(
                     let n = run.len() as u64;
                     ctx.stats.in_flight().inc_by(n as i64);
                     let ends = process::Ends { stopping, release };
-                    process::process_run(ctx.clone(), current, run, ends, shape, keys).await;
+                    process::process_run(ctx.clone(), current, run, ends, shape, handle).await;
                     ctx.stats.in_flight().dec_by(n as i64);
                     ctx.held.release(bytes);
                 }

@@ -97,7 +97,7 @@ pub(super) async fn process_run(
     messages: Vec<(String, jetstream::Message)>,
     ends: Ends,
     shape: Shape,
-    keys: RunHandle,
+    lanes: RunHandle,
 ) {
     let release = ends.release;
     let incarnation = ctx.incarnation();
@@ -133,7 +133,7 @@ pub(super) async fn process_run(
         stopping: ends.stopping,
         settled: Mutex::new(Vec::new()),
         left: Mutex::new(left),
-        keys,
+        lanes,
     };
     let work = run.handle(queue);
     tokio::pin!(work);
@@ -227,7 +227,7 @@ struct Run<'a> {
     /// back to the lanes for other runs.
     left: Mutex<HashMap<String, usize>>,
     /// Hands keys back, and parks the run while it waits.
-    keys: RunHandle,
+    lanes: RunHandle,
 }
 
 /// How a stretch of a run ended.
@@ -296,7 +296,7 @@ impl Run<'_> {
     /// cannot be events, are finished on the way. A retry waiting for its
     /// time ends the stretch, or (at the start of one) is waited for.
     async fn execute(&self, queue: &mut VecDeque<Delivery>, limit: usize) -> Stretch {
-        let state = Arc::new(RunState::new(self.ctx.store.clone(), self.keys.clone()));
+        let state = Arc::new(RunState::new(self.ctx.store.clone(), self.lanes.clone()));
         let mut succeeded: Vec<Succeeded> = Vec::new();
         while succeeded.len() < limit
             && !self.stopping.is_cancelled()
@@ -307,7 +307,7 @@ impl Run<'_> {
                     queue.push_front(delivery);
                     break;
                 }
-                self.keys.parked(tokio::time::sleep_until(at)).await;
+                self.lanes.parked(tokio::time::sleep_until(at)).await;
             }
             if let Some(raw) = source::malformed_headers(&delivery.message) {
                 let raw = raw.to_vec();
@@ -723,7 +723,7 @@ impl Run<'_> {
             *n -= 1;
             if *n == 0 {
                 left.remove(&delivery.lane);
-                self.keys.release(&delivery.lane);
+                self.lanes.release(&delivery.lane);
             }
         }
     }
