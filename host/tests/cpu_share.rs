@@ -54,15 +54,19 @@ async fn place_order(fraud: &Plugin, i: usize) {
     assert_eq!(invocation.outcome, Outcome::Ok, "{:?}", invocation.logs);
 }
 
-/// Start `n` calls of `plugin` that spin until their deadline, and give
+/// Start `n` calls of the hostile `plugin` running `command`, and give
 /// them time to take the turns.
-async fn spin(plugin: &Plugin, n: usize) -> Vec<tokio::task::JoinHandle<Outcome>> {
+async fn start_calls(
+    plugin: &Plugin,
+    n: usize,
+    command: &'static str,
+) -> Vec<tokio::task::JoinHandle<Outcome>> {
     let calls = (0..n)
         .map(|_| {
             let plugin = plugin.clone();
             tokio::spawn(async move {
                 plugin
-                    .invoke(&event("hostile.in", "loop"), memory_state())
+                    .invoke(&event("hostile.in", command), memory_state())
                     .await
                     .outcome
             })
@@ -70,6 +74,11 @@ async fn spin(plugin: &Plugin, n: usize) -> Vec<tokio::task::JoinHandle<Outcome>
         .collect();
     tokio::time::sleep(Duration::from_millis(100)).await;
     calls
+}
+
+/// Start `n` calls of `plugin` that spin until their deadline.
+async fn spin(plugin: &Plugin, n: usize) -> Vec<tokio::task::JoinHandle<Outcome>> {
+    start_calls(plugin, n, "loop").await
 }
 
 async fn all_hit_their_deadline(spinning: Vec<tokio::task::JoinHandle<Outcome>>) {
@@ -128,18 +137,7 @@ async fn guests_asleep_hold_no_turn() {
     let sleeper = spinner(&sandbox);
     let fraud = sandbox.load(Path::new(FRAUD)).unwrap();
     // Four calls asleep in a WASI poll for 2 s each, on a host with one turn.
-    let sleeping: Vec<_> = (0..4)
-        .map(|_| {
-            let sleeper = sleeper.clone();
-            tokio::spawn(async move {
-                sleeper
-                    .invoke(&event("hostile.in", "sleep 2000"), memory_state())
-                    .await
-                    .outcome
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sleeping = start_calls(&sleeper, 4, "sleep 2000").await;
     tokio::spawn(async move {
         for i in 0..50 {
             place_order(&fraud, i).await;
