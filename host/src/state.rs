@@ -24,7 +24,18 @@ pub struct Versioned {
 pub trait CommittedState: Send + Sync + 'static {
     /// The committed value of `key`.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Versioned, StateReadError>>;
+
+    /// The call reading this state stopped computing to wait for the host
+    /// (a WASI poll, such as a sleep) and goes on computing once the
+    /// returned guard is dropped: for whoever schedules the calls (the
+    /// pipeline lets another run start meanwhile). Nothing by default.
+    fn waiting(&self) -> Option<WaitGuard> {
+        None
+    }
 }
+
+/// Held while a call waits for the host; see [`CommittedState::waiting`].
+pub type WaitGuard = Box<dyn Send + Sync>;
 
 /// Committed state could not be read (the store did not answer). The call
 /// that asked fails as a host error and its event is retried.

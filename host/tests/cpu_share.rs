@@ -12,11 +12,14 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+use futures::future::BoxFuture;
 
 use weir::manifest::Manifest;
 use weir::sandbox::LongCalls;
-use weir::state::{CommittedState, MemoryState};
+use weir::state::{CommittedState, MemoryState, StateReadError, Versioned, WaitGuard};
 use weir::testing::event;
 use weir::{Outcome, Plugin, Sandbox, SandboxConfig};
 
@@ -152,6 +155,51 @@ async fn guests_asleep_hold_no_turn() {
     for call in sleeping {
         assert_eq!(call.await.unwrap(), Outcome::Ok);
     }
+}
+
+/// Empty state that counts the calls reading it which wait for the host.
+struct CountingWaits(MemoryState, Arc<AtomicUsize>);
+
+struct Waiting(Arc<AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl CommittedState for CountingWaits {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Versioned, StateReadError>> {
+        self.0.get(key)
+    }
+
+    fn waiting(&self) -> Option<WaitGuard> {
+        self.1.fetch_add(1, Ordering::AcqRel);
+        Some(Box::new(Waiting(self.1.clone())))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_asleep_is_reported_as_waiting_until_it_wakes() {
+    let sandbox = sandbox(1);
+    let sleeper = spinner(&sandbox);
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let state = Arc::new(CountingWaits(MemoryState::new(), waiting.clone()));
+    let call = tokio::spawn(async move {
+        sleeper
+            .invoke(&event("hostile.in", "sleep 500"), state)
+            .await
+            .outcome
+    });
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while waiting.load(Ordering::Acquire) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the sleeping call was never reported as waiting");
+    assert_eq!(call.await.unwrap(), Outcome::Ok);
+    assert_eq!(waiting.load(Ordering::Acquire), 0, "still reported waiting");
 }
 
 /// Each thread's scheduling policy and time slice, from

@@ -16,8 +16,8 @@
 //! Runs that compute are kept to about what the host can execute: runs
 //! beyond that only queue for the guest CPU, and measured, they slow
 //! every call (BENCHMARKS.md, "runs in flight"). A run waiting on
-//! something else (a state read from the server, a retry's backoff) is
-//! *parked* and does not count, so a plugin whose calls wait still keeps
+//! something else (a state read from the server, a retry's backoff, its
+//! guest asleep in a WASI poll) is *parked* and does not count, so a plugin whose calls wait still keeps
 //! its whole concurrency busy.
 //!
 //! Lanes hold only what the server delivered, and the server delivers no
@@ -115,13 +115,19 @@ impl RunHandle {
         if let Poll::Ready(out) = first {
             return out;
         }
-        let _parked = Parked::new(self.lanes.upgrade());
+        let _parked = self.park();
         wait.await
+    }
+
+    /// Park the run until the guard is dropped: for a wait the run does
+    /// not await itself (its guest's, in a WASI poll).
+    pub(super) fn park(&self) -> Parked {
+        Parked::new(self.lanes.upgrade())
     }
 }
 
 /// A run parked until dropped (so also when its wait is cancelled).
-struct Parked(Option<Arc<dyn LaneControl>>);
+pub(super) struct Parked(Option<Arc<dyn LaneControl>>);
 
 impl Parked {
     fn new(lanes: Option<Arc<dyn LaneControl>>) -> Self {

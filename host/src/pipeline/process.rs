@@ -26,7 +26,7 @@ use crate::outcome::{Outcome, OutcomeKind};
 use crate::pipeline::lanes::{RunHandle, Shape};
 use crate::pipeline::{PipelineContext, lock};
 use crate::sandbox::plugin::Plugin;
-use crate::state::{CommittedState, StateChange, StateReadError, Versioned};
+use crate::state::{CommittedState, StateChange, StateReadError, Versioned, WaitGuard};
 use crate::telemetry::metrics::TerminationReason;
 use crate::telemetry::{Counted, propagation, spans};
 
@@ -753,7 +753,7 @@ fn defer(queue: &mut VecDeque<Delivery>, retry: Delivery) {
 /// read of each key before the run wrote it guards the run's commit.
 struct RunState {
     store: Arc<PluginStore>,
-    /// Parked while a read waits on the server.
+    /// Parked while a read waits on the server, or the guest for the host.
     run: RunHandle,
     inner: Mutex<RunInner>,
 }
@@ -822,6 +822,10 @@ impl CommittedState for RunState {
                 .or_insert(read);
             Ok(versioned)
         })
+    }
+
+    fn waiting(&self) -> Option<WaitGuard> {
+        Some(Box::new(self.run.park()))
     }
 }
 

@@ -351,12 +351,16 @@ impl TurnHandle {
     /// at its own epoch tick, the turn is given up: a guest that sleeps
     /// is not computing, and a turn held through a 50 ms sleep is a core's
     /// worth of guest CPU no other call may use. The turn is taken back
-    /// before the guest goes on.
-    pub async fn computing<F: Future>(&self, call: F) -> F::Output {
+    /// before the guest goes on. `waiting` is called as the wait begins,
+    /// and what it returns is dropped once the call is woken.
+    pub async fn computing<F: Future, G>(&self, call: F, waiting: impl Fn() -> G) -> F::Output {
         let inner = &self.0;
         let mut call = std::pin::pin!(call);
         let mut retaking: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = None;
+        let mut waited: Option<G> = None;
         std::future::poll_fn(|cx| {
+            // Woken: no longer waiting, though maybe queued for the CPU.
+            waited = None;
             if let Some(take) = &mut retaking {
                 std::task::ready!(take.as_mut().poll(cx));
                 retaking = None;
@@ -369,6 +373,7 @@ impl TurnHandle {
                 && inner.held.load(Ordering::Acquire)
             {
                 inner.give_up();
+                waited = Some(waiting());
                 let inner = inner.clone();
                 retaking = Some(Box::pin(async move { inner.take().await }));
             }
@@ -663,7 +668,7 @@ mod tests {
         let (wake, woken) = tokio::sync::oneshot::channel::<()>();
         let handle = turn.handle();
         // A guest asleep in a WASI poll: pending until the host wakes it.
-        let call = tokio::spawn(async move { handle.computing(woken).await });
+        let call = tokio::spawn(async move { handle.computing(woken, || ()).await });
         let given_up = async {
             while share.lock().free == 0 {
                 tokio::task::yield_now().await;
@@ -695,12 +700,15 @@ mod tests {
         let (handle, ticking) = (turn.handle(), turn.handle());
         let call = tokio::spawn(async move {
             handle
-                .computing(async move {
-                    let wait = Box::pin(async move {
-                        let _ = tick_over.await;
-                    });
-                    ticking.at_tick(wait).await;
-                })
+                .computing(
+                    async move {
+                        let wait = Box::pin(async move {
+                            let _ = tick_over.await;
+                        });
+                        ticking.at_tick(wait).await;
+                    },
+                    || (),
+                )
                 .await
         });
         let waiter = queue(&share, &name("other"));

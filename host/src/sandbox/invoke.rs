@@ -128,6 +128,10 @@ pub(crate) async fn invoke(
     let deadline = started + timeout;
     let hard_stop = tokio::time::Instant::from_std(deadline + IMPORT_GRACE);
     let handle = turn.handle();
+    // Told when the guest waits for the host, so its scheduler can count
+    // the call as not computing meanwhile.
+    let view = state.clone();
+    let waiting = || view.waiting();
     let mut instance = match pool.take() {
         Some(instance) => instance,
         None => {
@@ -135,8 +139,10 @@ pub(crate) async fn invoke(
             start_call(&mut store, event, deadline, &turn, state.clone());
             pool.created();
             tracing::debug!(plugin = %ctx.name, "new instance");
-            let instantiating =
-                handle.computing(long_calls::restoring(pre.instantiate_async(&mut store)));
+            let instantiating = handle.computing(
+                long_calls::restoring(pre.instantiate_async(&mut store)),
+                waiting,
+            );
             match tokio::time::timeout_at(hard_stop, instantiating).await {
                 Ok(Ok(world)) => Instance {
                     store,
@@ -152,12 +158,15 @@ pub(crate) async fn invoke(
     let wit_event = event.to_wit();
     let result = tokio::time::timeout_at(
         hard_stop,
-        handle.computing(long_calls::restoring(
-            instance
-                .world
-                .weir_plugin_handler()
-                .call_handle(&mut instance.store, &wit_event),
-        )),
+        handle.computing(
+            long_calls::restoring(
+                instance
+                    .world
+                    .weir_plugin_handler()
+                    .call_handle(&mut instance.store, &wit_event),
+            ),
+            waiting,
+        ),
     )
     .await;
     // Only a call that returned leaves the instance in a state fit for
