@@ -26,7 +26,8 @@ pub trait CommittedState: Send + Sync + 'static {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Versioned, StateReadError>>;
 
     /// The call reading this state stopped computing to wait for the host
-    /// (a WASI poll, such as a sleep) and goes on computing once the
+    /// (a read of this state from its store, a WASI poll such as a sleep)
+    /// and goes on computing once the
     /// returned guard is dropped: for whoever schedules the calls (the
     /// pipeline lets another run start meanwhile). Nothing by default.
     fn waiting(&self) -> Option<WaitGuard> {

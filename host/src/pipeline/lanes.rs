@@ -17,8 +17,8 @@
 //! beyond that only queue for the guest CPU, and measured, they slow
 //! every call (BENCHMARKS.md, "runs in flight"). A run waiting on
 //! something else (a state read from the server, a retry's backoff, its
-//! guest asleep in a WASI poll) is *parked* and does not count, so a plugin whose calls wait still keeps
-//! its whole concurrency busy.
+//! guest asleep in a WASI poll) is *parked* and does not count, so a
+//! plugin whose calls wait still keeps its whole concurrency busy.
 //!
 //! Lanes hold only what the server delivered, and the server delivers no
 //! more than the consumer's `max_ack_pending`: memory stays bounded however

@@ -753,7 +753,8 @@ fn defer(queue: &mut VecDeque<Delivery>, retry: Delivery) {
 /// read of each key before the run wrote it guards the run's commit.
 struct RunState {
     store: Arc<PluginStore>,
-    /// Parked while a read waits on the server, or the guest for the host.
+    /// Parked while the call waits for the host (a read from the server,
+    /// a WASI poll).
     run: RunHandle,
     inner: Mutex<RunInner>,
 }
@@ -815,7 +816,9 @@ impl CommittedState for RunState {
                     });
                 }
             }
-            let (versioned, read) = self.run.parked(self.store.read(key)).await?;
+            // A read that waits on the server parks the run through
+            // `waiting`, as the call gives its turn up.
+            let (versioned, read) = self.store.read(key).await?;
             lock(&self.inner)
                 .reads
                 .entry(key.to_owned())

@@ -38,7 +38,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -347,11 +346,13 @@ impl TurnHandle {
     }
 
     /// Run the guest call `call`. Whenever it stops to wait for the host
-    /// (a WASI poll: a sleep, a timer) while holding its turn, other than
-    /// at its own epoch tick, the turn is given up: a guest that sleeps
-    /// is not computing, and a turn held through a 50 ms sleep is a core's
-    /// worth of guest CPU no other call may use. The turn is taken back
-    /// before the guest goes on. `waiting` is called as the wait begins,
+    /// (a state read from the server, a WASI poll: a sleep, a timer) while
+    /// holding its turn, other than at its own epoch tick, the turn is
+    /// given up: a guest that waits is not computing, and a turn held
+    /// through a 50 ms sleep is a core's worth of guest CPU no other call
+    /// may use. A host call that is ready at once (a read served from
+    /// memory) never stops the call, so it keeps the turn. The turn is
+    /// taken back before the guest goes on. `waiting` is called as the wait begins,
     /// and what it returns is dropped once the call is woken.
     pub async fn computing<F: Future, G>(&self, call: F, waiting: impl Fn() -> G) -> F::Output {
         let inner = &self.0;
@@ -366,8 +367,8 @@ impl TurnHandle {
                 retaking = None;
             }
             let poll = call.as_mut().poll(cx);
-            // A call waiting without its turn ([`Self::without`], a pass)
-            // takes it back itself.
+            // A call waiting without its turn (passing it at a tick, or
+            // waiting for a long-call permit) takes it back itself.
             if poll.is_pending()
                 && !inner.ticking.load(Ordering::Acquire)
                 && inner.held.load(Ordering::Acquire)
@@ -390,21 +391,6 @@ impl TurnHandle {
             inner.give_up();
             inner.take().await;
         })
-    }
-
-    /// Run `work` (a host call that may await I/O), giving the turn up
-    /// while it waits. Work that is ready at once (a read served from
-    /// memory) keeps the turn: handing it over would only switch instances.
-    pub async fn without<F: Future>(&self, work: F) -> F::Output {
-        let mut work = std::pin::pin!(work);
-        let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
-        if let Poll::Ready(out) = first {
-            return out;
-        }
-        self.0.give_up();
-        let out = work.await;
-        self.0.take().await;
-        out
     }
 }
 

@@ -263,13 +263,9 @@ impl state::Host for CallContext {
         if let Some(pending) = self.pending.get(&key) {
             return Ok(pending);
         }
-        // The store may go to the server: other calls run meanwhile.
-        let read = self.committed.get(&key);
-        let read = match &self.turn {
-            Some(turn) => turn.without(read).await,
-            None => read.await,
-        };
-        match read {
+        // The store may go to the server: the call then gives its turn up
+        // and reports itself waiting (`TurnHandle::computing`).
+        match self.committed.get(&key).await {
             Ok(versioned) => {
                 self.reads.entry(key).or_insert(versioned.revision);
                 Ok(versioned.value)
