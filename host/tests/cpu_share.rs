@@ -26,6 +26,14 @@ use weir::{Outcome, Plugin, Sandbox, SandboxConfig};
 const HOSTILE: &str = "../dist/test-guests/hostile.wasm";
 const FRAUD: &str = "../dist/plugins/fraud.wasm";
 
+/// Held by the tests that make calls compute for long or look at how
+/// threads are scheduled: the scheduling is the whole process's, so a
+/// test looking for threads set apart must not see another test's.
+async fn scheduling_alone() -> tokio::sync::MutexGuard<'static, ()> {
+    static SCHEDULING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SCHEDULING.lock().await
+}
+
 /// A sandbox whose guest calls share `turns` turns.
 fn sandbox(turns: usize) -> Sandbox {
     let mut config = SandboxConfig::with_default_cache();
@@ -97,6 +105,7 @@ async fn all_hit_their_deadline(spinning: Vec<tokio::task::JoinHandle<Outcome>>)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_plugin_is_served_while_sixteen_calls_spin_on_every_core() {
+    let _alone = scheduling_alone().await;
     let sandbox = sandbox(2);
     let spinner = spinner(&sandbox);
     let fraud = sandbox.load(Path::new(FRAUD)).unwrap();
@@ -117,6 +126,7 @@ async fn another_plugin_is_served_while_sixteen_calls_spin_on_every_core() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spinning_event_does_not_stall_its_own_plugin() {
+    let _alone = scheduling_alone().await;
     let sandbox = sandbox(1);
     let plugin = spinner(&sandbox);
     let spinning = spin(&plugin, 1).await;
@@ -157,8 +167,9 @@ async fn guests_asleep_hold_no_turn() {
     }
 }
 
-/// Empty state that counts the calls reading it which wait for the host.
-struct CountingWaits(MemoryState, Arc<AtomicUsize>);
+/// Empty state that counts the calls reading it which wait for the host,
+/// and takes `read` to answer each read, as a store going to the server.
+struct CountingWaits(MemoryState, Arc<AtomicUsize>, Duration);
 
 struct Waiting(Arc<AtomicUsize>);
 
@@ -170,7 +181,10 @@ impl Drop for Waiting {
 
 impl CommittedState for CountingWaits {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Versioned, StateReadError>> {
-        self.0.get(key)
+        Box::pin(async move {
+            tokio::time::sleep(self.2).await;
+            self.0.get(key).await
+        })
     }
 
     fn waiting(&self) -> Option<WaitGuard> {
@@ -184,7 +198,11 @@ async fn a_guest_asleep_is_reported_as_waiting_until_it_wakes() {
     let sandbox = sandbox(1);
     let sleeper = spinner(&sandbox);
     let waiting = Arc::new(AtomicUsize::new(0));
-    let state = Arc::new(CountingWaits(MemoryState::new(), waiting.clone()));
+    let state = Arc::new(CountingWaits(
+        MemoryState::new(),
+        waiting.clone(),
+        Duration::ZERO,
+    ));
     let call = tokio::spawn(async move {
         sleeper
             .invoke(&event("hostile.in", "sleep 500"), state)
@@ -198,6 +216,44 @@ async fn a_guest_asleep_is_reported_as_waiting_until_it_wakes() {
     })
     .await
     .expect("the sleeping call was never reported as waiting");
+    assert_eq!(call.await.unwrap(), Outcome::Ok);
+    assert_eq!(waiting.load(Ordering::Acquire), 0, "still reported waiting");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_read_that_waits_gives_the_turn_up_and_is_reported_waiting() {
+    let sandbox = sandbox(1);
+    let reader = spinner(&sandbox);
+    let fraud = sandbox.load(Path::new(FRAUD)).unwrap();
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let state = Arc::new(CountingWaits(
+        MemoryState::new(),
+        waiting.clone(),
+        Duration::from_secs(2),
+    ));
+    // Reads "count" from a store that answers after 2 s.
+    let call = tokio::spawn(async move {
+        reader
+            .invoke(&event("hostile.in", "count"), state)
+            .await
+            .outcome
+    });
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while waiting.load(Ordering::Acquire) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the reading call was never reported as waiting");
+    // The only turn is free for another plugin meanwhile.
+    tokio::spawn(async move {
+        for i in 0..50 {
+            place_order(&fraud, i).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!call.is_finished(), "the read ended before the others ran");
     assert_eq!(call.await.unwrap(), Outcome::Ok);
     assert_eq!(waiting.load(Ordering::Acquire), 0, "still reported waiting");
 }
@@ -261,6 +317,7 @@ fn set_apart((policy, slice): (i32, Option<u64>), as_: LongCalls) -> bool {
 
 #[cfg(target_os = "linux")]
 async fn long_calls_are_set_apart_while_they_compute(policy: LongCalls) {
+    let _alone = scheduling_alone().await;
     let mut config = SandboxConfig::with_default_cache();
     config.running_guest_calls = 1;
     config.long_calls = policy;
@@ -320,6 +377,7 @@ async fn long_calls_compute_at_idle_priority_when_asked_and_give_their_threads_b
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_calls_run_like_any_thread_when_asked() {
+    let _alone = scheduling_alone().await;
     let mut config = SandboxConfig::with_default_cache();
     config.running_guest_calls = 2;
     config.long_calls = LongCalls::Normal;
