@@ -193,19 +193,20 @@ impl CommittedState for CountingWaits {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_guest_asleep_is_reported_as_waiting_until_it_wakes() {
-    let sandbox = sandbox(1);
-    let sleeper = spinner(&sandbox);
+/// Start a call of the hostile `plugin` running `command` against state
+/// whose reads take `read`, and return once it is reported waiting for
+/// the host, with the count of calls so reported.
+async fn start_reported_waiting(
+    plugin: &Plugin,
+    command: &'static str,
+    read: Duration,
+) -> (tokio::task::JoinHandle<Outcome>, Arc<AtomicUsize>) {
     let waiting = Arc::new(AtomicUsize::new(0));
-    let state = Arc::new(CountingWaits(
-        MemoryState::new(),
-        waiting.clone(),
-        Duration::ZERO,
-    ));
+    let state = Arc::new(CountingWaits(MemoryState::new(), waiting.clone(), read));
+    let plugin = plugin.clone();
     let call = tokio::spawn(async move {
-        sleeper
-            .invoke(&event("hostile.in", "sleep 500"), state)
+        plugin
+            .invoke(&event("hostile.in", command), state)
             .await
             .outcome
     });
@@ -215,7 +216,15 @@ async fn a_guest_asleep_is_reported_as_waiting_until_it_wakes() {
         }
     })
     .await
-    .expect("the sleeping call was never reported as waiting");
+    .unwrap_or_else(|_| panic!("{command:?} was never reported waiting for the host"));
+    (call, waiting)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_asleep_is_reported_as_waiting_until_it_wakes() {
+    let sandbox = sandbox(1);
+    let sleeper = spinner(&sandbox);
+    let (call, waiting) = start_reported_waiting(&sleeper, "sleep 500", Duration::ZERO).await;
     assert_eq!(call.await.unwrap(), Outcome::Ok);
     assert_eq!(waiting.load(Ordering::Acquire), 0, "still reported waiting");
 }
@@ -225,26 +234,8 @@ async fn a_state_read_that_waits_gives_the_turn_up_and_is_reported_waiting() {
     let sandbox = sandbox(1);
     let reader = spinner(&sandbox);
     let fraud = sandbox.load(Path::new(FRAUD)).unwrap();
-    let waiting = Arc::new(AtomicUsize::new(0));
-    let state = Arc::new(CountingWaits(
-        MemoryState::new(),
-        waiting.clone(),
-        Duration::from_secs(2),
-    ));
     // Reads "count" from a store that answers after 2 s.
-    let call = tokio::spawn(async move {
-        reader
-            .invoke(&event("hostile.in", "count"), state)
-            .await
-            .outcome
-    });
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while waiting.load(Ordering::Acquire) == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await
-    .expect("the reading call was never reported as waiting");
+    let (call, waiting) = start_reported_waiting(&reader, "count", Duration::from_secs(2)).await;
     // The only turn is free for another plugin meanwhile.
     tokio::spawn(async move {
         for i in 0..50 {
