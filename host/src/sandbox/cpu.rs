@@ -30,7 +30,8 @@
 //!   that compute for long, one stays free for what every other plugin's
 //!   events need besides guest code: nats-server storing a commit, the
 //!   host's socket reads, the committer. A long call gives its permit up
-//!   with its turn and asks again at its next tick.
+//!   with its turn, and after a [`SLICE`] when another long call waits for
+//!   one; it takes a turn back only once it holds a permit again.
 //!
 //! When nobody waits, taking and giving back a turn is one uncontended
 //! lock each, and a running guest is never interrupted.
@@ -66,6 +67,8 @@ pub struct CpuShare {
     long_calls: LongCalls,
     /// Permits for long calls, or none when they may take every turn.
     long_permits: Option<Arc<tokio::sync::Semaphore>>,
+    /// Long calls waiting for a permit.
+    long_waiting: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +140,7 @@ impl CpuShare {
             long_calls: long_calls.effective(),
             long_permits: (long_slots < slots)
                 .then(|| Arc::new(tokio::sync::Semaphore::new(long_slots))),
+            long_waiting: AtomicUsize::new(0),
         })
     }
 
@@ -169,6 +173,7 @@ impl CpuShare {
             ticking: AtomicBool::new(false),
             since: AtomicU64::new(0),
             long: Mutex::new(None),
+            proven_long: AtomicBool::new(false),
         });
         inner.take().await;
         Turn(inner)
@@ -305,29 +310,57 @@ impl TurnHandle {
         self.0.share.long_calls
     }
 
-    /// At a tick of a call proven long: `None` when it may go on (it
-    /// holds a long-call permit, or none are needed), else a future that
-    /// gives the turn up, waits for a permit and then for a turn.
-    pub fn go_on_long(&self) -> Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> {
-        let permits = self.0.share.long_permits.as_ref()?;
+    /// What a call stopped at an epoch tick waits for before its guest
+    /// goes on. `long` says it was still computing at its second tick.
+    ///
+    /// - A call passes its turn on when [`Self::wanted`].
+    /// - A long call also needs a long-call permit, while permits are
+    ///   fewer than turns. It passes the permit on with its turn, and
+    ///   after a [`SLICE`] when another long call waits for one, and it
+    ///   takes a turn back only once it holds a permit again (after a
+    ///   tick, and after a wait for the host). Retaking
+    ///   the turn first would let every long call that passed run
+    ///   without a permit until its next tick: with several plugins'
+    ///   long calls waiting, that is nearly always, and the turn kept
+    ///   from long calls would be lost to them.
+    /// - Otherwise it yields anyway, so the host's own tasks queued on
+    ///   this thread (acks, pulls) are not held up behind a guest that
+    ///   never calls the host. Tokio's `yield_now` goes to the back of
+    ///   the queue; the plain `Yield` wakes the task at once, and tokio
+    ///   may poll it again before anything else.
+    pub fn after_tick(&self, long: bool) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+        if long {
+            self.0.proven_long.store(true, Ordering::Release);
+        }
+        match self.0.share.long_permits.as_ref().filter(|_| long) {
+            Some(permits) if self.long_goes_on(permits) => Box::pin(tokio::task::yield_now()),
+            Some(_) => self.pass(),
+            None if self.wanted() => self.pass(),
+            None => Box::pin(tokio::task::yield_now()),
+        }
+    }
+
+    /// Whether a long call may go on at once: it holds a permit, or takes
+    /// a free one, and neither its turn nor its permit is wanted.
+    fn long_goes_on(&self, permits: &Arc<tokio::sync::Semaphore>) -> bool {
         let mut held = self.0.long_permit();
-        if held.is_some() {
-            return None;
-        }
-        if let Ok(permit) = permits.clone().try_acquire_owned() {
+        if held.is_none()
+            && let Ok(permit) = permits.clone().try_acquire_owned()
+        {
             *held = Some(permit);
-            return None;
         }
-        drop(held);
-        let (inner, permits) = (self.0.clone(), permits.clone());
-        Some(Box::pin(async move {
-            inner.give_up();
-            // Never closed: the share owns it.
-            if let Ok(permit) = permits.acquire_owned().await {
-                *inner.long_permit() = Some(permit);
-            }
-            inner.take().await;
-        }))
+        held.is_some() && !self.wanted() && !self.permit_wanted()
+    }
+
+    /// Whether this call has held its turn for a whole [`SLICE`] while
+    /// another long call waits for a permit.
+    fn permit_wanted(&self) -> bool {
+        let share = &self.0.share;
+        share.long_waiting.load(Ordering::Acquire) > 0
+            && share
+                .now()
+                .saturating_sub(self.0.since.load(Ordering::Acquire))
+                >= SLICE_NS
     }
 
     /// `wait`, the future an epoch tick makes the guest await: the call
@@ -352,7 +385,8 @@ impl TurnHandle {
     /// through a 50 ms sleep is a core's worth of guest CPU no other call
     /// may use. A host call that is ready at once (a read served from
     /// memory) never stops the call, so it keeps the turn. The turn is
-    /// taken back before the guest goes on. `waiting` is called as the wait begins,
+    /// taken back before the guest goes on, by a long call only once it
+    /// holds a long-call permit again. `waiting` is called as the wait begins,
     /// and what it returns is dropped once the call is woken.
     pub async fn computing<F: Future, G>(&self, call: F, waiting: impl Fn() -> G) -> F::Output {
         let inner = &self.0;
@@ -376,20 +410,19 @@ impl TurnHandle {
                 inner.give_up();
                 waited = Some(waiting());
                 let inner = inner.clone();
-                retaking = Some(Box::pin(async move { inner.take().await }));
+                retaking = Some(Box::pin(async move { inner.take_back().await }));
             }
             poll
         })
         .await
     }
 
-    /// Give the turn up and wait for it again: for the epoch callback,
-    /// which cannot await.
-    pub fn pass(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+    /// Give the turn (and permit) up and wait to take it back.
+    fn pass(&self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
         let inner = self.0.clone();
         Box::pin(async move {
             inner.give_up();
-            inner.take().await;
+            inner.take_back().await;
         })
     }
 }
@@ -408,6 +441,8 @@ struct TurnInner {
     since: AtomicU64,
     /// The long-call permit held with the turn, if any.
     long: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+    /// Whether the call has proven long: it needs a permit to go on.
+    proven_long: AtomicBool,
 }
 
 impl TurnInner {
@@ -423,6 +458,22 @@ impl TurnInner {
             tokio::task::yield_now().await;
         }
         self.since.store(self.share.now(), Ordering::Release);
+    }
+
+    /// Take the turn back after giving it up; a call proven long first
+    /// waits for a long-call permit (see [`TurnHandle::after_tick`]).
+    async fn take_back(&self) {
+        if self.proven_long.load(Ordering::Acquire)
+            && let Some(permits) = &self.share.long_permits
+        {
+            let waiting = LongWaiter::new(&self.share);
+            // Never closed: the share owns it.
+            if let Ok(permit) = permits.clone().acquire_owned().await {
+                *self.long_permit() = Some(permit);
+            }
+            drop(waiting);
+        }
+        self.take().await;
     }
 
     fn long_permit(&self) -> MutexGuard<'_, Option<tokio::sync::OwnedSemaphorePermit>> {
@@ -441,6 +492,22 @@ impl TurnInner {
                 .saturating_sub(self.since.load(Ordering::Acquire));
             self.share.give_back(&self.plugin, used);
         }
+    }
+}
+
+/// A long call counted in [`CpuShare::long_waiting`] while it exists.
+struct LongWaiter(Arc<CpuShare>);
+
+impl LongWaiter {
+    fn new(share: &Arc<CpuShare>) -> Self {
+        share.long_waiting.fetch_add(1, Ordering::AcqRel);
+        LongWaiter(share.clone())
+    }
+}
+
+impl Drop for LongWaiter {
+    fn drop(&mut self) {
+        self.0.long_waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -608,6 +675,28 @@ mod tests {
         assert_eq!(share.lock().free, 1);
     }
 
+    /// Whether `turn`'s call, stopped at a tick as a long call, goes on.
+    fn long_goes_on(share: &Arc<CpuShare>, turn: &super::Turn) -> bool {
+        turn.0
+            .proven_long
+            .store(true, std::sync::atomic::Ordering::Release);
+        turn.handle()
+            .long_goes_on(share.long_permits.as_ref().expect("permits"))
+    }
+
+    /// `turn`'s call at a tick as a long call that does not go on: what it
+    /// waits for, in a task of its own.
+    fn pass_long(share: &Arc<CpuShare>, turn: &super::Turn) -> tokio::task::JoinHandle<()> {
+        assert!(!long_goes_on(share, turn));
+        tokio::spawn(turn.handle().after_tick(true))
+    }
+
+    async fn until(done: impl Fn() -> bool) {
+        while !done() {
+            tokio::task::yield_now().await;
+        }
+    }
+
     #[tokio::test]
     async fn long_calls_leave_a_turn_for_everything_else() {
         let share = CpuShare::new(2, 1, LongCalls::Normal);
@@ -615,21 +704,23 @@ mod tests {
         let first = share.turn(&spin).await;
         let second = share.turn(&spin).await;
         // The first long call takes the only long-call permit and goes on.
-        assert!(first.handle().go_on_long().is_none());
-        assert!(first.handle().go_on_long().is_none(), "held until given up");
+        assert!(long_goes_on(&share, &first));
+        assert!(long_goes_on(&share, &first), "held until given up");
         // The second must wait, and gives its turn up while it does.
-        let waiting = tokio::spawn(second.handle().go_on_long().unwrap());
-        while share.lock().free == 0 {
-            tokio::task::yield_now().await;
-        }
+        let waiting = pass_long(&share, &second);
+        until(|| share.lock().free == 1).await;
         // So a short call of another plugin runs at once.
         let fraud_turn = share.turn(&fraud).await;
-        drop(fraud_turn);
         assert!(!waiting.is_finished());
-        // Passing the turn passes the permit: the waiter goes on.
-        let pass = tokio::spawn(first.handle().pass());
+        // Another waits: passing the turn passes the permit, and the long
+        // call waiting takes it, then a turn.
+        let other = queue(&share, &fraud);
+        until(|| share.contended()).await;
+        let pass = pass_long(&share, &first);
+        drop(other.await.unwrap());
+        drop(fraud_turn);
         waiting.await.unwrap();
-        assert!(second.handle().go_on_long().is_none());
+        assert!(long_goes_on(&share, &second));
         drop(second);
         pass.await.unwrap();
         drop(first);
@@ -638,12 +729,107 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_long_call_that_passed_its_turn_runs_again_only_with_a_permit() {
+        let share = CpuShare::new(2, 1, LongCalls::Normal);
+        let (a, b, c, fraud) = (name("a"), name("b"), name("c"), name("fraud"));
+        let long_a = share.turn(&a).await;
+        let long_b = share.turn(&b).await;
+        assert!(long_goes_on(&share, &long_a));
+        let b_waits = pass_long(&share, &long_b);
+        until(|| share.lock().free == 1).await;
+        // A new call of a third plugin takes the free turn, and a short
+        // call queues behind it.
+        let new_c = share.turn(&c).await;
+        let fraud_call = queue(&share, &fraud);
+        until(|| share.contended()).await;
+        // The long call holding the permit passes both at its tick.
+        let a_waits = pass_long(&share, &long_a);
+        drop(fraud_call.await.unwrap());
+        // The freed turn goes to the long call now holding the permit.
+        b_waits.await.unwrap();
+        // A turn comes free, but the long call that passed has no permit,
+        // so it does not run on it.
+        drop(new_c);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!a_waits.is_finished(), "a long call ran without a permit");
+        assert_eq!(share.lock().free, 1);
+        drop(long_b);
+        a_waits.await.unwrap();
+        assert!(long_goes_on(&share, &long_a));
+        drop(long_a);
+        assert_eq!(share.lock().free, 2);
+    }
+
+    #[tokio::test]
+    async fn a_long_call_hands_its_permit_on_after_a_slice() {
+        let share = CpuShare::new(2, 1, LongCalls::Normal);
+        let (a, b) = (name("a"), name("b"));
+        let long_a = share.turn(&a).await;
+        let long_b = share.turn(&b).await;
+        assert!(long_goes_on(&share, &long_a));
+        let b_waits = pass_long(&share, &long_b);
+        until(|| {
+            share
+                .long_waiting
+                .load(std::sync::atomic::Ordering::Acquire)
+                == 1
+        })
+        .await;
+        // Within its slice the permit's holder goes on; nobody waits for a turn.
+        assert!(long_goes_on(&share, &long_a));
+        // A slice later it hands the permit to the long call waiting.
+        long_a
+            .0
+            .since
+            .store(0, std::sync::atomic::Ordering::Release);
+        until(|| share.now() >= super::SLICE_NS).await;
+        let a_waits = pass_long(&share, &long_a);
+        b_waits.await.unwrap();
+        assert!(!a_waits.is_finished());
+        drop(long_b);
+        a_waits.await.unwrap();
+        drop(long_a);
+        assert_eq!(share.lock().free, 2);
+        assert_eq!(share.long_permits.as_ref().unwrap().available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_long_call_back_from_the_host_waits_for_a_permit() {
+        let share = CpuShare::new(2, 1, LongCalls::Normal);
+        let (a, b) = (name("a"), name("b"));
+        let long_a = share.turn(&a).await;
+        let long_b = share.turn(&b).await;
+        assert!(long_goes_on(&share, &long_a));
+        let b_waits = pass_long(&share, &long_b);
+        // The permit's holder waits for the host: turn and permit go to b.
+        let (wake, woken) = tokio::sync::oneshot::channel::<()>();
+        let handle = long_a.handle();
+        let a_call = tokio::spawn(async move { handle.computing(woken, || ()).await });
+        b_waits.await.unwrap();
+        wake.send(()).unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // A turn is free, but not a permit.
+        assert_eq!(share.lock().free, 1);
+        assert!(!a_call.is_finished(), "a long call ran without a permit");
+        drop(long_b);
+        a_call.await.unwrap().unwrap();
+        assert!(long_goes_on(&share, &long_a));
+        drop(long_a);
+        assert_eq!(share.lock().free, 2);
+    }
+
+    #[tokio::test]
     async fn long_calls_may_take_every_turn_when_asked() {
         let share = CpuShare::new(2, 2, LongCalls::Normal);
         let p = name("p");
         let (a, b) = (share.turn(&p).await, share.turn(&p).await);
-        assert!(a.handle().go_on_long().is_none());
-        assert!(b.handle().go_on_long().is_none());
+        assert!(share.long_permits.is_none());
+        // With nobody waiting, both go on at their ticks.
+        assert!(!a.handle().wanted() && !b.handle().wanted());
     }
 
     #[tokio::test]

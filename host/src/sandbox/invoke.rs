@@ -59,21 +59,9 @@ fn new_store(
         if Instant::now() >= data.deadline {
             return Err(wasmtime::Error::new(DeadlineExceeded));
         }
-        let long_wait = match &data.turn {
-            Some(turn) if data.ticks >= 2 => turn.go_on_long(),
-            _ => None,
-        };
-        let wait: Pin<Box<dyn Future<Output = ()> + Send>> = match (&data.turn, long_wait) {
-            // Every long-call permit is taken: wait for one, turn given up.
-            (_, Some(wait)) => wait,
-            // Another plugin's call waits for the guest CPU: let it have this turn.
-            (Some(turn), None) if turn.wanted() => turn.pass(),
-            // Yield anyway, so the host's own tasks queued on this thread
-            // (acks, pulls) are not held up behind a guest that never
-            // calls the host. Tokio's `yield_now` goes to the back of the
-            // queue; the plain `Yield` wakes the task at once, and tokio
-            // may poll it again before anything else.
-            _ => Box::pin(tokio::task::yield_now()),
+        let wait: Pin<Box<dyn Future<Output = ()> + Send>> = match &data.turn {
+            Some(turn) => turn.after_tick(data.ticks >= 2),
+            None => Box::pin(tokio::task::yield_now()),
         };
         // A call still running at its second tick computes for long: its
         // guest code goes on set apart (see `sandbox::long_calls`).
