@@ -318,11 +318,10 @@ impl TurnHandle {
     ///   fewer than turns. It passes the permit on with its turn, and
     ///   after a [`SLICE`] when another long call waits for one, and it
     ///   takes a turn back only once it holds a permit again (after a
-    ///   tick, and after a wait for the host). Retaking
-    ///   the turn first would let every long call that passed run
-    ///   without a permit until its next tick: with several plugins'
-    ///   long calls waiting, that is nearly always, and the turn kept
-    ///   from long calls would be lost to them.
+    ///   tick, and after a wait for the host). Retaking the turn first
+    ///   would let a long call that passed compute without a permit until
+    ///   its next tick whenever a turn comes free, on the core the
+    ///   permits keep from long calls.
     /// - Otherwise it yields anyway, so the host's own tasks queued on
     ///   this thread (acks, pulls) are not held up behind a guest that
     ///   never calls the host. Tokio's `yield_now` goes to the back of
