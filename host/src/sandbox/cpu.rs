@@ -696,6 +696,30 @@ mod tests {
         }
     }
 
+    /// A host of two turns and one long-call permit, with a long call of
+    /// plugin `a` holding the permit and one of `b` waiting for it, its
+    /// turn given up.
+    async fn long_call_waiting_for_the_permit() -> (
+        Arc<CpuShare>,
+        super::Turn,
+        super::Turn,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let share = CpuShare::new(2, 1, LongCalls::Normal);
+        let long_a = share.turn(&name("a")).await;
+        let long_b = share.turn(&name("b")).await;
+        assert!(long_goes_on(&share, &long_a));
+        let b_waits = pass_long(&share, &long_b);
+        until(|| {
+            share
+                .long_waiting
+                .load(std::sync::atomic::Ordering::Acquire)
+                == 1
+        })
+        .await;
+        (share, long_a, long_b, b_waits)
+    }
+
     #[tokio::test]
     async fn long_calls_leave_a_turn_for_everything_else() {
         let share = CpuShare::new(2, 1, LongCalls::Normal);
@@ -729,13 +753,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_long_call_that_passed_its_turn_runs_again_only_with_a_permit() {
-        let share = CpuShare::new(2, 1, LongCalls::Normal);
-        let (a, b, c, fraud) = (name("a"), name("b"), name("c"), name("fraud"));
-        let long_a = share.turn(&a).await;
-        let long_b = share.turn(&b).await;
-        assert!(long_goes_on(&share, &long_a));
-        let b_waits = pass_long(&share, &long_b);
-        until(|| share.lock().free == 1).await;
+        let (share, long_a, long_b, b_waits) = long_call_waiting_for_the_permit().await;
+        let (c, fraud) = (name("c"), name("fraud"));
         // A new call of a third plugin takes the free turn, and a short
         // call queues behind it.
         let new_c = share.turn(&c).await;
@@ -763,19 +782,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_long_call_hands_its_permit_on_after_a_slice() {
-        let share = CpuShare::new(2, 1, LongCalls::Normal);
-        let (a, b) = (name("a"), name("b"));
-        let long_a = share.turn(&a).await;
-        let long_b = share.turn(&b).await;
-        assert!(long_goes_on(&share, &long_a));
-        let b_waits = pass_long(&share, &long_b);
-        until(|| {
-            share
-                .long_waiting
-                .load(std::sync::atomic::Ordering::Acquire)
-                == 1
-        })
-        .await;
+        let (share, long_a, long_b, b_waits) = long_call_waiting_for_the_permit().await;
         // Within its slice the permit's holder goes on; nobody waits for a turn.
         assert!(long_goes_on(&share, &long_a));
         // A slice later it hands the permit to the long call waiting.
@@ -796,12 +803,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_long_call_back_from_the_host_waits_for_a_permit() {
-        let share = CpuShare::new(2, 1, LongCalls::Normal);
-        let (a, b) = (name("a"), name("b"));
-        let long_a = share.turn(&a).await;
-        let long_b = share.turn(&b).await;
-        assert!(long_goes_on(&share, &long_a));
-        let b_waits = pass_long(&share, &long_b);
+        let (share, long_a, long_b, b_waits) = long_call_waiting_for_the_permit().await;
         // The permit's holder waits for the host: turn and permit go to b.
         let (wake, woken) = tokio::sync::oneshot::channel::<()>();
         let handle = long_a.handle();
