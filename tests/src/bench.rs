@@ -76,6 +76,25 @@ pub async fn weir_latency(
     (latency.quantile(0.5), latency.quantile(0.99))
 }
 
+/// The host settings a benchmark run may override from the environment:
+/// `BENCH_LONG_CALLS` (`runtime.long-calls`) and
+/// `BENCH_RUNNING_LONG_CALLS` (`runtime.max-running-long-calls`), for
+/// measuring what each does.
+pub fn runtime_overrides(config: &mut HostConfig) {
+    if let Some(policy) = std::env::var_os("BENCH_LONG_CALLS") {
+        let policy = policy.to_string_lossy();
+        config.runtime.long_calls = serde_json::from_value(serde_json::json!(policy))
+            .unwrap_or_else(|e| panic!("BENCH_LONG_CALLS={policy}: {e}"));
+    }
+    if let Some(n) = std::env::var_os("BENCH_RUNNING_LONG_CALLS") {
+        let n = n.to_string_lossy();
+        config.runtime.max_running_long_calls = Some(
+            n.parse()
+                .unwrap_or_else(|e| panic!("BENCH_RUNNING_LONG_CALLS={n}: {e}")),
+        );
+    }
+}
+
 /// Start a host serving `run` on `subject` and wait until it processed `n`
 /// events; returns the host (still running), its stats and events/s.
 /// `replicas` is what the host asks for the state buckets and dead letters.
@@ -112,20 +131,7 @@ pub async fn weir_drain(
     config.state.idempotency = run.idempotency;
     config.state.replicas = replicas;
     config.dead_letter.replicas = replicas;
-    // `runtime.long-calls`, for measuring what each does to a neighbour.
-    if let Some(policy) = std::env::var_os("BENCH_LONG_CALLS") {
-        let policy = policy.to_string_lossy();
-        config.runtime.long_calls = serde_json::from_value(serde_json::json!(policy))
-            .unwrap_or_else(|e| panic!("BENCH_LONG_CALLS={policy}: {e}"));
-    }
-    // `runtime.max-running-long-calls`, likewise.
-    if let Some(n) = std::env::var_os("BENCH_RUNNING_LONG_CALLS") {
-        let n = n.to_string_lossy();
-        config.runtime.max_running_long_calls = Some(
-            n.parse()
-                .unwrap_or_else(|e| panic!("BENCH_RUNNING_LONG_CALLS={n}: {e}")),
-        );
-    }
+    runtime_overrides(&mut config);
     // The latency row's host outlives the rows after it: every host gets
     // its own port.
     config.admin.listen = "127.0.0.1:0".into();

@@ -170,6 +170,7 @@ async fn weir_drain(dir: &Path, url: &str, plugin: &str, n: usize) -> f64 {
     config.nats.url = Some(url.to_owned());
     config.plugins.dir = plugins;
     config.admin.listen = "127.0.0.1:0".into();
+    weir_integration_tests::bench::runtime_overrides(&mut config);
     let started = Instant::now();
     let host = Supervisor::start(config).await.unwrap();
     let ready = Instant::now();
