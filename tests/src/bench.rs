@@ -77,7 +77,8 @@ pub async fn weir_latency(
 }
 
 /// The host settings a benchmark run may override from the environment:
-/// `BENCH_LONG_CALLS` (`runtime.long-calls`) and
+/// `BENCH_LONG_CALLS` (`runtime.long-calls`),
+/// `BENCH_RUNNING_GUEST_CALLS` (`runtime.max-running-guest-calls`) and
 /// `BENCH_RUNNING_LONG_CALLS` (`runtime.max-running-long-calls`), for
 /// measuring what each does.
 pub fn runtime_overrides(config: &mut HostConfig) {
@@ -86,13 +87,16 @@ pub fn runtime_overrides(config: &mut HostConfig) {
         config.runtime.long_calls = serde_json::from_value(serde_json::json!(policy))
             .unwrap_or_else(|e| panic!("BENCH_LONG_CALLS={policy}: {e}"));
     }
-    if let Some(n) = std::env::var_os("BENCH_RUNNING_LONG_CALLS") {
-        let n = n.to_string_lossy();
-        config.runtime.max_running_long_calls = Some(
-            n.parse()
-                .unwrap_or_else(|e| panic!("BENCH_RUNNING_LONG_CALLS={n}: {e}")),
-        );
-    }
+    config.runtime.max_running_guest_calls =
+        count_from_env("BENCH_RUNNING_GUEST_CALLS").or(config.runtime.max_running_guest_calls);
+    config.runtime.max_running_long_calls =
+        count_from_env("BENCH_RUNNING_LONG_CALLS").or(config.runtime.max_running_long_calls);
+}
+
+fn count_from_env(name: &str) -> Option<usize> {
+    let n = std::env::var_os(name)?;
+    let n = n.to_string_lossy();
+    Some(n.parse().unwrap_or_else(|e| panic!("{name}={n}: {e}")))
 }
 
 /// Start a host serving `run` on `subject` and wait until it processed `n`
