@@ -12,6 +12,8 @@
 //! ```
 //!
 //! (xtask installs nats-py and npm `nats` and passes `--python` and `--node`.)
+//! Weir's host takes the same runtime overrides as `pipeline-bench`'s
+//! (`BENCH_RUNNING_GUEST_CALLS`, `BENCH_RUNNING_LONG_CALLS`, `BENCH_LONG_CALLS`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark fails by panicking
 

@@ -15,9 +15,10 @@
 //! cargo run --release -p weir-integration-tests --bin pipeline-bench -- [EVENTS] [RATE] [ROWS]
 //! ```
 //!
-//! `ROWS` keeps only the rows whose label contains it. With
-//! `BENCH_LONG_CALLS=normal|long-slice|idle` the hosts run long guest
-//! calls under that policy (`runtime.long-calls`) instead of the default.
+//! `ROWS` keeps only the rows whose label contains it. The hosts' runtime
+//! settings can be overridden for a run (`bench::runtime_overrides`):
+//! `BENCH_LONG_CALLS=normal|long-slice|idle`, `BENCH_RUNNING_GUEST_CALLS=N`,
+//! `BENCH_RUNNING_LONG_CALLS=N`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark fails by panicking
 
