@@ -298,10 +298,7 @@ impl TurnHandle {
         if !share.contended() {
             return false;
         }
-        let held_for = share
-            .now()
-            .saturating_sub(inner.since.load(Ordering::Acquire));
-        held_for >= SLICE_NS || share.wanted_by_others(&inner.plugin)
+        inner.held_for() >= SLICE_NS || share.wanted_by_others(&inner.plugin)
     }
 
     /// How this call's guest code runs once it proves long (see
@@ -331,11 +328,14 @@ impl TurnHandle {
         if long {
             self.0.proven_long.store(true, Ordering::Release);
         }
-        match self.0.share.long_permits.as_ref().filter(|_| long) {
-            Some(permits) if self.long_goes_on(permits) => Box::pin(tokio::task::yield_now()),
-            Some(_) => self.pass(),
-            None if self.wanted() => self.pass(),
-            None => Box::pin(tokio::task::yield_now()),
+        let go_on = match self.0.share.long_permits.as_ref().filter(|_| long) {
+            Some(permits) => self.long_goes_on(permits),
+            None => !self.wanted(),
+        };
+        if go_on {
+            Box::pin(tokio::task::yield_now())
+        } else {
+            self.pass()
         }
     }
 
@@ -354,12 +354,7 @@ impl TurnHandle {
     /// Whether this call has held its turn for a whole [`SLICE`] while
     /// another long call waits for a permit.
     fn permit_wanted(&self) -> bool {
-        let share = &self.0.share;
-        share.long_waiting.load(Ordering::Acquire) > 0
-            && share
-                .now()
-                .saturating_sub(self.0.since.load(Ordering::Acquire))
-                >= SLICE_NS
+        self.0.share.long_waiting.load(Ordering::Acquire) > 0 && self.0.held_for() >= SLICE_NS
     }
 
     /// `wait`, the future an epoch tick makes the guest await: the call
@@ -459,6 +454,13 @@ impl TurnInner {
         self.since.store(self.share.now(), Ordering::Release);
     }
 
+    /// How long the turn held now has been held, in nanoseconds.
+    fn held_for(&self) -> u64 {
+        self.share
+            .now()
+            .saturating_sub(self.since.load(Ordering::Acquire))
+    }
+
     /// Take the turn back after giving it up; a call proven long first
     /// waits for a long-call permit (see [`TurnHandle::after_tick`]).
     async fn take_back(&self) {
@@ -485,11 +487,7 @@ impl TurnInner {
         // back must not keep another from running.
         self.long_permit().take();
         if self.held.swap(false, Ordering::AcqRel) {
-            let used = self
-                .share
-                .now()
-                .saturating_sub(self.since.load(Ordering::Acquire));
-            self.share.give_back(&self.plugin, used);
+            self.share.give_back(&self.plugin, self.held_for());
         }
     }
 }

@@ -59,14 +59,16 @@ fn new_store(
         if Instant::now() >= data.deadline {
             return Err(wasmtime::Error::new(DeadlineExceeded));
         }
+        // A call still running at its second tick computes for long: it
+        // needs a long-call permit, and its guest code goes on set apart
+        // (see `sandbox::long_calls`).
+        let long = data.ticks >= 2;
         let wait: Pin<Box<dyn Future<Output = ()> + Send>> = match &data.turn {
-            Some(turn) => turn.after_tick(data.ticks >= 2),
+            Some(turn) => turn.after_tick(long),
             None => Box::pin(tokio::task::yield_now()),
         };
-        // A call still running at its second tick computes for long: its
-        // guest code goes on set apart (see `sandbox::long_calls`).
         let policy = match &data.turn {
-            Some(turn) if data.ticks >= 2 => turn.long_calls(),
+            Some(turn) if long => turn.long_calls(),
             _ => LongCalls::Normal,
         };
         let wait = match policy {
