@@ -27,6 +27,8 @@ pub mod secret;
 pub mod state;
 pub mod supervisor;
 pub mod telemetry;
+#[cfg(test)]
+mod test_support;
 pub mod testing;
 
 pub use event::{Emitted, Event, Header};

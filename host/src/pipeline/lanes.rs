@@ -389,6 +389,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::test_support::until;
 
     /// Each item is (key, index, delay ms); work records start and end.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -603,16 +604,6 @@ mod tests {
             parked,
             go: Arc::default(),
         }
-    }
-
-    async fn until(what: &str, mut done: impl FnMut() -> bool) {
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while !done() {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("never: {what}"));
     }
 
     #[tokio::test]

@@ -555,6 +555,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::{CpuShare, LongCalls};
+    use crate::test_support::until;
 
     fn name(s: &str) -> Arc<str> {
         Arc::from(s)
@@ -578,9 +579,10 @@ mod tests {
             spinners.push(queue(&share, &spin));
         }
         let fraud_call = queue(&share, &fraud);
-        while share.waiting.load(std::sync::atomic::Ordering::Acquire) < 17 {
-            tokio::task::yield_now().await;
-        }
+        until("all seventeen queue", || {
+            share.waiting.load(std::sync::atomic::Ordering::Acquire) >= 17
+        })
+        .await;
         assert!(share.contended());
         drop(a);
         // The first freed turn goes to fraud, which has used none, even
@@ -615,9 +617,10 @@ mod tests {
             spinners.push(queue(&share, &spin));
         }
         let fraud_call = queue(&share, &fraud);
-        while share.waiting.load(std::sync::atomic::Ordering::Acquire) < 5 {
-            tokio::task::yield_now().await;
-        }
+        until("all five queue", || {
+            share.waiting.load(std::sync::atomic::Ordering::Acquire) >= 5
+        })
+        .await;
         // The running spinner passes its turn at a tick: fraud, which has
         // used no CPU, goes before the spinners that queued first.
         let handle = running.handle();
@@ -639,9 +642,7 @@ mod tests {
         let p = name("p");
         let held = share.turn(&p).await;
         let waiter = queue(&share, &p);
-        while !share.contended() {
-            tokio::task::yield_now().await;
-        }
+        until("the waiter queues", || share.contended()).await;
         waiter.abort();
         let _ = waiter.await;
         assert!(!share.contended());
@@ -659,9 +660,7 @@ mod tests {
         let spinning = share.turn(&spin).await;
         let handle = spinning.handle();
         let other_call = queue(&share, &other);
-        while !handle.wanted() {
-            tokio::task::yield_now().await;
-        }
+        until("the turn is wanted", || handle.wanted()).await;
         let pass = tokio::spawn(handle.pass());
         let other_turn = other_call.await.unwrap();
         assert!(!pass.is_finished());
@@ -688,12 +687,6 @@ mod tests {
         tokio::spawn(turn.handle().after_tick(true))
     }
 
-    async fn until(done: impl Fn() -> bool) {
-        while !done() {
-            tokio::task::yield_now().await;
-        }
-    }
-
     /// A host of two turns and one long-call permit, with a long call of
     /// plugin `a` holding the permit and one of `b` waiting for it, its
     /// turn given up.
@@ -708,7 +701,7 @@ mod tests {
         let long_b = share.turn(&name("b")).await;
         assert!(long_goes_on(&share, &long_a));
         let b_waits = pass_long(&share, &long_b);
-        until(|| {
+        until("b waits for the permit", || {
             share
                 .long_waiting
                 .load(std::sync::atomic::Ordering::Acquire)
@@ -729,14 +722,14 @@ mod tests {
         assert!(long_goes_on(&share, &first), "held until given up");
         // The second must wait, and gives its turn up while it does.
         let waiting = pass_long(&share, &second);
-        until(|| share.lock().free == 1).await;
+        until("b gives its turn up", || share.lock().free == 1).await;
         // So a short call of another plugin runs at once.
         let fraud_turn = share.turn(&fraud).await;
         assert!(!waiting.is_finished());
         // Another waits: passing the turn passes the permit, and the long
         // call waiting takes it, then a turn.
         let other = queue(&share, &fraud);
-        until(|| share.contended()).await;
+        until("another call queues", || share.contended()).await;
         let pass = pass_long(&share, &first);
         drop(other.await.unwrap());
         drop(fraud_turn);
@@ -757,7 +750,7 @@ mod tests {
         // call queues behind it.
         let new_c = share.turn(&c).await;
         let fraud_call = queue(&share, &fraud);
-        until(|| share.contended()).await;
+        until("fraud queues", || share.contended()).await;
         // The long call holding the permit passes both at its tick.
         let a_waits = pass_long(&share, &long_a);
         drop(fraud_call.await.unwrap());
@@ -788,7 +781,7 @@ mod tests {
             .0
             .since
             .store(0, std::sync::atomic::Ordering::Release);
-        until(|| share.now() >= super::SLICE_NS).await;
+        until("a slice passes", || share.now() >= super::SLICE_NS).await;
         let a_waits = pass_long(&share, &long_a);
         b_waits.await.unwrap();
         assert!(!a_waits.is_finished());
@@ -840,14 +833,10 @@ mod tests {
         let handle = turn.handle();
         // A guest asleep in a WASI poll: pending until the host wakes it.
         let call = tokio::spawn(async move { handle.computing(woken, || ()).await });
-        let given_up = async {
-            while share.lock().free == 0 {
-                tokio::task::yield_now().await;
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(10), given_up)
-            .await
-            .expect("a call waiting for the host kept its turn");
+        until("a call waiting for the host gives its turn up", || {
+            share.lock().free > 0
+        })
+        .await;
         // So another plugin's call runs on the only turn meanwhile.
         let other_turn = share.turn(&other).await;
         wake.send(()).unwrap();
@@ -883,9 +872,7 @@ mod tests {
                 .await
         });
         let waiter = queue(&share, &name("other"));
-        while !share.contended() {
-            tokio::task::yield_now().await;
-        }
+        until("the other call queues", || share.contended()).await;
         assert!(!call.is_finished());
         assert_eq!(
             share.lock().free,
