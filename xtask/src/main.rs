@@ -6,9 +6,9 @@
 //!   plugin, `weir test` fixtures) and a short run of every pipeline
 //!   benchmark row.
 //! - `cargo xtask demo`: build, then run the order pipeline demo on `weir dev`.
-//! - `cargo xtask peer-bench [EVENTS]`: build, install the hand-written
-//!   peer consumers' dependencies, then race the loyalty and notify plugins
-//!   against them (release build).
+//! - `cargo xtask peer-bench [EVENTS] [--rounds N]`: build, install the
+//!   hand-written peer consumers' dependencies, then race the loyalty and
+//!   notify plugins against them (release build; the median of N rounds).
 //! - `cargo xtask adapter PATH`: write the WASI preview1 reactor adapter
 //!   (for componentizing C guests by hand) to PATH.
 
@@ -52,7 +52,9 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         _ => {
-            eprintln!("usage: cargo xtask <build|test|demo|peer-bench [EVENTS]|adapter PATH>");
+            eprintln!(
+                "usage: cargo xtask <build|test|demo|peer-bench [EVENTS] [--rounds N]|adapter PATH>"
+            );
             bail!("unknown or missing command")
         }
     }

@@ -8,10 +8,14 @@
 //!   formatting the same emails (`tests/peers/notify_consumer.mjs`).
 //!
 //! ```sh
-//! cargo xtask peer-bench [EVENTS]
+//! cargo xtask peer-bench [EVENTS] [--rounds N]
 //! ```
 //!
 //! (xtask installs nats-py and npm `nats` and passes `--python` and `--node`.)
+//! One run of each consumer moves by up to a third on a shared 2-core
+//! machine, so the benchmark runs `--rounds` rounds (3 by default), each
+//! on a fresh nats-server and backlog, and reports the median of the
+//! rounds' ratios.
 //! Weir's host takes the same runtime overrides as `pipeline-bench`'s
 //! (`BENCH_RUNNING_GUEST_CALLS`, `BENCH_RUNNING_LONG_CALLS`, `BENCH_LONG_CALLS`).
 
@@ -36,6 +40,7 @@ const CUSTOMERS: usize = 1_000;
 
 struct Args {
     events: usize,
+    rounds: usize,
     python: PathBuf,
     node: PathBuf,
 }
@@ -43,32 +48,97 @@ struct Args {
 fn args() -> Args {
     let mut args = Args {
         events: 20_000,
+        rounds: 3,
         python: "python3".into(),
         node: "node".into(),
     };
-    const USAGE: &str = "peer-bench [EVENTS (20000)] [--python PYTHON] [--node NODE]";
+    const USAGE: &str =
+        "peer-bench [EVENTS (20000)] [--rounds N (3)] [--python PYTHON] [--node NODE]";
     let mut it = command_line::args(USAGE).into_iter();
-    let value = |flag: &str, it: &mut std::vec::IntoIter<String>| -> PathBuf {
+    let value = |flag: &str, it: &mut std::vec::IntoIter<String>| -> String {
         it.next()
             .unwrap_or_else(|| command_line::refuse(&format!("{flag} needs a value"), USAGE))
-            .into()
     };
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "--python" => args.python = value("--python", &mut it),
-            "--node" => args.node = value("--node", &mut it),
+            "--python" => args.python = value("--python", &mut it).into(),
+            "--node" => args.node = value("--node", &mut it).into(),
+            "--rounds" => {
+                args.rounds = command_line::parse_count(&value("--rounds", &mut it), USAGE)
+            }
             flag if flag.starts_with('-') => {
                 command_line::refuse(&format!("unknown option {flag}"), USAGE)
             }
             n => args.events = command_line::parse_count(n, USAGE),
         }
     }
+    if args.rounds == 0 {
+        command_line::refuse("--rounds must be at least 1", USAGE);
+    }
     args
+}
+
+/// One round's rates, events/s.
+struct Round {
+    weir_loyalty: f64,
+    python: f64,
+    weir_notify: f64,
+    node: f64,
 }
 
 #[tokio::main]
 async fn main() {
     let args = args();
+    let rounds: Vec<Round> = {
+        let mut rounds = Vec::with_capacity(args.rounds);
+        for i in 0..args.rounds {
+            rounds.push(round(&args, i).await);
+        }
+        rounds
+    };
+
+    println!();
+    for (label, rate) in [
+        (
+            "weir + loyalty (Python plugin, exactly-once)",
+            median(rounds.iter().map(|r| r.weir_loyalty)),
+        ),
+        (
+            "nats-py consumer, same job, at-least-once",
+            median(rounds.iter().map(|r| r.python)),
+        ),
+        (
+            "weir + notify (JavaScript plugin, exactly-once)",
+            median(rounds.iter().map(|r| r.weir_notify)),
+        ),
+        (
+            "nats.js consumer, same job, at-least-once",
+            median(rounds.iter().map(|r| r.node)),
+        ),
+    ] {
+        println!("  {label:<50} {rate:>9.0} events/s (median)");
+    }
+    let loyalty: Vec<f64> = rounds.iter().map(|r| r.weir_loyalty / r.python).collect();
+    let notify: Vec<f64> = rounds.iter().map(|r| r.weir_notify / r.node).collect();
+    println!(
+        "\n  weir + loyalty / nats-py: {:.2}x    weir + notify / nats.js: {:.2}x",
+        median(loyalty.iter().copied()),
+        median(notify.iter().copied())
+    );
+    if rounds.len() > 1 {
+        println!(
+            "  (medians of {} rounds' ratios; each round: loyalty {}, notify {})",
+            rounds.len(),
+            ratios(&loyalty),
+            ratios(&notify)
+        );
+    }
+}
+
+/// One round on a fresh nats-server and backlog: every consumer drains the
+/// same orders in turn. Who goes first alternates between rounds, so a
+/// machine that slows down over a round does not always favour one side.
+async fn round(args: &Args, index: usize) -> Round {
     let n = args.events;
     let (dir, server, client) = weir_integration_tests::bench_broker().await;
     let js = jetstream::new(client);
@@ -86,44 +156,73 @@ async fn main() {
     }
     publish_orders(&js, n).await;
     println!(
-        "peer-bench: a backlog of {n} orders, nats-server {}",
+        "peer-bench round {}: a backlog of {n} orders, nats-server {}",
+        index + 1,
         server.url()
     );
-
-    let weir_loyalty = weir_drain(dir.path(), &server.url(), "loyalty", n).await;
-    let python = peer(
-        &args.python,
-        &workspace().join("tests/peers/loyalty_consumer.py"),
-        &server.url(),
-        n,
-        "peer.loyalty.awarded",
-    );
-    let weir_notify = weir_drain(dir.path(), &server.url(), "notify", n).await;
-    let node = peer(
-        &args.node,
-        &workspace().join("tests/peers/notify_consumer.mjs"),
-        &server.url(),
-        n,
-        "peer.notifications.email",
-    );
-
-    println!();
-    for (label, rate) in [
-        ("weir + loyalty (Python plugin, exactly-once)", weir_loyalty),
-        ("nats-py consumer, same job, at-least-once", python),
-        (
-            "weir + notify (JavaScript plugin, exactly-once)",
-            weir_notify,
-        ),
-        ("nats.js consumer, same job, at-least-once", node),
-    ] {
-        println!("  {label:<50} {rate:>9.0} events/s");
-    }
+    let url = server.url();
+    let python = || {
+        peer(
+            &args.python,
+            &workspace().join("tests/peers/loyalty_consumer.py"),
+            &url,
+            n,
+            "peer.loyalty.awarded",
+        )
+    };
+    let node = || {
+        peer(
+            &args.node,
+            &workspace().join("tests/peers/notify_consumer.mjs"),
+            &url,
+            n,
+            "peer.notifications.email",
+        )
+    };
+    let weir_first = index.is_multiple_of(2);
+    let (weir_loyalty, python) = if weir_first {
+        let weir = weir_drain(dir.path(), &url, "loyalty", n).await;
+        (weir, python())
+    } else {
+        let peer = python();
+        (weir_drain(dir.path(), &url, "loyalty", n).await, peer)
+    };
+    let (weir_notify, node) = if weir_first {
+        let weir = weir_drain(dir.path(), &url, "notify", n).await;
+        (weir, node())
+    } else {
+        let peer = node();
+        (weir_drain(dir.path(), &url, "notify", n).await, peer)
+    };
+    let round = Round {
+        weir_loyalty,
+        python,
+        weir_notify,
+        node,
+    };
     println!(
-        "\n  weir + loyalty / nats-py: {:.2}x    weir + notify / nats.js: {:.2}x",
-        weir_loyalty / python,
-        weir_notify / node
+        "  nats-py {:.0} events/s, nats.js {:.0} events/s: loyalty {:.2}x, notify {:.2}x",
+        round.python,
+        round.node,
+        round.weir_loyalty / round.python,
+        round.weir_notify / round.node
     );
+    round
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+fn ratios(values: &[f64]) -> String {
+    let shown: Vec<String> = values.iter().map(|r| format!("{r:.2}x")).collect();
+    shown.join(", ")
 }
 
 /// Orders over `CUSTOMERS` customers, with the Customer-Id header the
