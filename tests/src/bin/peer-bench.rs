@@ -161,39 +161,27 @@ async fn round(args: &Args, index: usize) -> Round {
         server.url()
     );
     let url = server.url();
-    let python = || {
+    let weir_first = index.is_multiple_of(2);
+    let (weir_loyalty, python) = pair(&url, dir.path(), "loyalty", n, weir_first, || {
         peer(
             &args.python,
-            &workspace().join("tests/peers/loyalty_consumer.py"),
+            "loyalty_consumer.py",
             &url,
             n,
             "peer.loyalty.awarded",
         )
-    };
-    let node = || {
+    })
+    .await;
+    let (weir_notify, node) = pair(&url, dir.path(), "notify", n, weir_first, || {
         peer(
             &args.node,
-            &workspace().join("tests/peers/notify_consumer.mjs"),
+            "notify_consumer.mjs",
             &url,
             n,
             "peer.notifications.email",
         )
-    };
-    let weir_first = index.is_multiple_of(2);
-    let (weir_loyalty, python) = if weir_first {
-        let weir = weir_drain(dir.path(), &url, "loyalty", n).await;
-        (weir, python())
-    } else {
-        let peer = python();
-        (weir_drain(dir.path(), &url, "loyalty", n).await, peer)
-    };
-    let (weir_notify, node) = if weir_first {
-        let weir = weir_drain(dir.path(), &url, "notify", n).await;
-        (weir, node())
-    } else {
-        let peer = node();
-        (weir_drain(dir.path(), &url, "notify", n).await, peer)
-    };
+    })
+    .await;
     let round = Round {
         weir_loyalty,
         python,
@@ -208,6 +196,25 @@ async fn round(args: &Args, index: usize) -> Round {
         round.weir_notify / round.node
     );
     round
+}
+
+/// Weir serving `plugin` and its hand-written peer on the same backlog,
+/// in the order asked for: (Weir's events/s, the peer's).
+async fn pair(
+    url: &str,
+    dir: &Path,
+    plugin: &str,
+    n: usize,
+    weir_first: bool,
+    peer: impl FnOnce() -> f64,
+) -> (f64, f64) {
+    if weir_first {
+        let weir = weir_drain(dir, url, plugin, n).await;
+        (weir, peer())
+    } else {
+        let peer = peer();
+        (weir_drain(dir, url, plugin, n).await, peer)
+    }
 }
 
 fn median(values: impl Iterator<Item = f64>) -> f64 {
@@ -307,10 +314,12 @@ fn mean_call_us(metrics: &str) -> f64 {
     total("sum") / total("count").max(1.0) * 1e6
 }
 
-/// Run a hand-written consumer to the end; events/s as it reports them.
-fn peer(program: &Path, script: &Path, url: &str, n: usize, output: &str) -> f64 {
+/// Run a hand-written consumer (`script` in `tests/peers/`) to the end;
+/// events/s as it reports them.
+fn peer(program: &Path, script: &str, url: &str, n: usize, output: &str) -> f64 {
+    let script = workspace().join("tests/peers").join(script);
     let out = Command::new(program)
-        .arg(script)
+        .arg(&script)
         .args([url, "ORDERS", "orders.placed", &n.to_string(), output])
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
