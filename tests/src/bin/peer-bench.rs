@@ -89,13 +89,10 @@ struct Round {
 #[tokio::main]
 async fn main() {
     let args = args();
-    let rounds: Vec<Round> = {
-        let mut rounds = Vec::with_capacity(args.rounds);
-        for i in 0..args.rounds {
-            rounds.push(round(&args, i).await);
-        }
-        rounds
-    };
+    let mut rounds: Vec<Round> = Vec::with_capacity(args.rounds);
+    for i in 0..args.rounds {
+        rounds.push(round(&args, i).await);
+    }
 
     println!();
     for (label, rate) in [
