@@ -86,6 +86,18 @@ struct Round {
     node: f64,
 }
 
+impl Round {
+    /// Weir + loyalty's rate over the nats-py peer's.
+    fn loyalty_ratio(&self) -> f64 {
+        self.weir_loyalty / self.python
+    }
+
+    /// Weir + notify's rate over the nats.js peer's.
+    fn notify_ratio(&self) -> f64 {
+        self.weir_notify / self.node
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let args = args();
@@ -115,8 +127,8 @@ async fn main() {
     ] {
         println!("  {label:<50} {rate:>9.0} events/s (median)");
     }
-    let loyalty: Vec<f64> = rounds.iter().map(|r| r.weir_loyalty / r.python).collect();
-    let notify: Vec<f64> = rounds.iter().map(|r| r.weir_notify / r.node).collect();
+    let loyalty: Vec<f64> = rounds.iter().map(Round::loyalty_ratio).collect();
+    let notify: Vec<f64> = rounds.iter().map(Round::notify_ratio).collect();
     println!(
         "\n  weir + loyalty / nats-py: {:.2}x    weir + notify / nats.js: {:.2}x",
         median(loyalty.iter().copied()),
@@ -189,8 +201,8 @@ async fn round(args: &Args, index: usize) -> Round {
         "  nats-py {:.0} events/s, nats.js {:.0} events/s: loyalty {:.2}x, notify {:.2}x",
         round.python,
         round.node,
-        round.weir_loyalty / round.python,
-        round.weir_notify / round.node
+        round.loyalty_ratio(),
+        round.notify_ratio()
     );
     round
 }
