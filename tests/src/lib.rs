@@ -18,6 +18,7 @@ use weir::dev::NatsServer;
 
 pub mod bench;
 pub mod command_line;
+pub mod cpu;
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {

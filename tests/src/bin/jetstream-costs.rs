@@ -15,20 +15,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer};
 use bytes::Bytes;
 use futures::StreamExt;
-use weir_integration_tests::command_line;
-
-/// User plus system CPU time of process `pid`.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
-}
-
-fn self_cpu() -> Duration {
-    cpu_time(std::process::id())
-}
+use weir_integration_tests::{command_line, cpu};
 
 struct Probe {
     pid: u32,
@@ -42,8 +29,8 @@ impl Probe {
         Probe {
             pid,
             wall: Instant::now(),
-            server: cpu_time(pid),
-            me: self_cpu(),
+            server: cpu::process(pid),
+            me: cpu::this_process(),
         }
     }
     fn report(self, label: &str, n: usize) {
@@ -51,8 +38,8 @@ impl Probe {
     }
     fn report_per(self, label: &str, n: usize, unit: &str) {
         let wall = self.wall.elapsed().as_secs_f64();
-        let server = (cpu_time(self.pid) - self.server).as_secs_f64();
-        let me = (self_cpu() - self.me).as_secs_f64();
+        let server = (cpu::process(self.pid) - self.server).as_secs_f64();
+        let me = (cpu::this_process() - self.me).as_secs_f64();
         println!(
             "{label:<60} {:>9.0}/s  server {:>6.1} us/{unit}  client {:>6.1} us/{unit}",
             n as f64 / wall,

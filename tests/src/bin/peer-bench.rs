@@ -16,6 +16,12 @@
 //! machine, so the benchmark runs `--rounds` rounds (3 by default), each
 //! on a fresh nats-server and backlog, and reports the median of the
 //! rounds' ratios.
+//!
+//! Each drain also reports the CPU it cost per event: the consumer's (Weir's
+//! host runs in this process; a peer is a child process, counted once it
+//! ends) plus nats-server's, and how much of the machine sat idle
+//! meanwhile. A rate says how fast; this says where the time went, and it
+//! moves less than the rate from run to run.
 //! Weir's host takes the same runtime overrides as `pipeline-bench`'s
 //! (`BENCH_RUNNING_GUEST_CALLS`, `BENCH_RUNNING_LONG_CALLS`, `BENCH_LONG_CALLS`).
 
@@ -29,6 +35,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use weir::config::HostConfig;
 use weir::supervisor::Supervisor;
+use weir_integration_tests::cpu::{self, PerEvent};
 use weir_integration_tests::{command_line, dist, workspace};
 
 // The allocator the `weir` binary ships with.
@@ -78,23 +85,54 @@ fn args() -> Args {
     args
 }
 
-/// One round's rates, events/s.
+/// One consumer draining the backlog: its rate, and the CPU it and
+/// nats-server spent per event.
+struct Drain {
+    rate: f64,
+    cpu: PerEvent,
+}
+
+/// The consumers, as the summary and each round name them, in the order
+/// of [`Round::drains`].
+const CONSUMERS: [(&str, &str); 4] = [
+    (
+        "weir + loyalty (Python plugin, exactly-once)",
+        "weir + loyalty",
+    ),
+    ("nats-py consumer, same job, at-least-once", "nats-py"),
+    (
+        "weir + notify (JavaScript plugin, exactly-once)",
+        "weir + notify",
+    ),
+    ("nats.js consumer, same job, at-least-once", "nats.js"),
+];
+
+/// One round's drains.
 struct Round {
-    weir_loyalty: f64,
-    python: f64,
-    weir_notify: f64,
-    node: f64,
+    weir_loyalty: Drain,
+    python: Drain,
+    weir_notify: Drain,
+    node: Drain,
 }
 
 impl Round {
+    fn drains(&self) -> [&Drain; 4] {
+        [
+            &self.weir_loyalty,
+            &self.python,
+            &self.weir_notify,
+            &self.node,
+        ]
+    }
+
     /// Weir + loyalty's rate over the nats-py peer's.
     fn loyalty_ratio(&self) -> f64 {
-        self.weir_loyalty / self.python
+        self.weir_loyalty.rate / self.python.rate
     }
 
     /// Weir + notify's rate over the nats.js peer's.
     fn notify_ratio(&self) -> f64 {
-        self.weir_notify / self.node
+        self.weir_notify.rate / self.node.rate
     }
 }
 
@@ -107,25 +145,10 @@ async fn main() {
     }
 
     println!();
-    for (label, rate) in [
-        (
-            "weir + loyalty (Python plugin, exactly-once)",
-            median(rounds.iter().map(|r| r.weir_loyalty)),
-        ),
-        (
-            "nats-py consumer, same job, at-least-once",
-            median(rounds.iter().map(|r| r.python)),
-        ),
-        (
-            "weir + notify (JavaScript plugin, exactly-once)",
-            median(rounds.iter().map(|r| r.weir_notify)),
-        ),
-        (
-            "nats.js consumer, same job, at-least-once",
-            median(rounds.iter().map(|r| r.node)),
-        ),
-    ] {
-        println!("  {label:<50} {rate:>9.0} events/s (median)");
+    for (i, (label, _)) in CONSUMERS.iter().enumerate() {
+        let rate = median(rounds.iter().map(|r| r.drains()[i].rate));
+        let cpu = median(rounds.iter().map(|r| r.drains()[i].cpu.total_us()));
+        println!("  {label:<50} {rate:>9.0} events/s, {cpu:>5.0} µs CPU per event (medians)");
     }
     let loyalty: Vec<f64> = rounds.iter().map(Round::loyalty_ratio).collect();
     let notify: Vec<f64> = rounds.iter().map(Round::notify_ratio).collect();
@@ -171,25 +194,42 @@ async fn round(args: &Args, index: usize) -> Round {
     );
     let url = server.url();
     let weir_first = index.is_multiple_of(2);
-    let (weir_loyalty, python) = pair(&url, dir.path(), "loyalty", n, weir_first, || {
-        peer(
-            &args.python,
-            "loyalty_consumer.py",
-            &url,
-            n,
-            "peer.loyalty.awarded",
-        )
-    })
+    let server_pid = server.pid().unwrap();
+    let (weir_loyalty, python) = pair(
+        &url,
+        dir.path(),
+        server_pid,
+        "loyalty",
+        n,
+        weir_first,
+        || {
+            peer(
+                &args.python,
+                "loyalty_consumer.py",
+                &url,
+                n,
+                "peer.loyalty.awarded",
+            )
+        },
+    )
     .await;
-    let (weir_notify, node) = pair(&url, dir.path(), "notify", n, weir_first, || {
-        peer(
-            &args.node,
-            "notify_consumer.mjs",
-            &url,
-            n,
-            "peer.notifications.email",
-        )
-    })
+    let (weir_notify, node) = pair(
+        &url,
+        dir.path(),
+        server_pid,
+        "notify",
+        n,
+        weir_first,
+        || {
+            peer(
+                &args.node,
+                "notify_consumer.mjs",
+                &url,
+                n,
+                "peer.notifications.email",
+            )
+        },
+    )
     .await;
     let round = Round {
         weir_loyalty,
@@ -199,30 +239,59 @@ async fn round(args: &Args, index: usize) -> Round {
     };
     println!(
         "  nats-py {:.0} events/s, nats.js {:.0} events/s: loyalty {:.2}x, notify {:.2}x",
-        round.python,
-        round.node,
+        round.python.rate,
+        round.node.rate,
         round.loyalty_ratio(),
         round.notify_ratio()
     );
+    println!("  CPU per event, the consumer + nats-server (the machine idle meanwhile):");
+    for ((_, label), drain) in CONSUMERS.iter().zip(round.drains()) {
+        let c = drain.cpu;
+        println!(
+            "    {label:<15} {:>5.0} µs = {:>5.0} + {:>4.0} ({:.0}% idle)",
+            c.total_us(),
+            c.this_us + c.children_us,
+            c.server_us,
+            c.idle * 100.0
+        );
+    }
     round
 }
 
 /// Weir serving `plugin` and its hand-written peer on the same backlog,
-/// in the order asked for: (Weir's events/s, the peer's).
+/// in the order asked for: (Weir's drain, the peer's). nats-server
+/// (`server_pid`) is charged to whichever drains.
 async fn pair(
     url: &str,
     dir: &Path,
+    server_pid: u32,
     plugin: &str,
     n: usize,
     weir_first: bool,
     peer: impl FnOnce() -> f64,
-) -> (f64, f64) {
+) -> (Drain, Drain) {
+    let weir = async || {
+        let meter = cpu::Meter::start(server_pid);
+        let rate = weir_drain(dir, url, plugin, n).await;
+        Drain {
+            rate,
+            cpu: meter.per_event(n),
+        }
+    };
+    let peer = || {
+        let meter = cpu::Meter::start(server_pid);
+        let rate = peer();
+        Drain {
+            rate,
+            cpu: meter.per_event(n),
+        }
+    };
     if weir_first {
-        let weir = weir_drain(dir, url, plugin, n).await;
+        let weir = weir().await;
         (weir, peer())
     } else {
         let peer = peer();
-        (weir_drain(dir, url, plugin, n).await, peer)
+        (weir().await, peer)
     }
 }
 
