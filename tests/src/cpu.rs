@@ -13,10 +13,15 @@ use std::time::Duration;
 
 const TICK: Duration = Duration::from_millis(10);
 
-/// Fields of `/proc/<pid>/stat` after the command name, which may itself
-/// contain spaces and parentheses.
+/// Fields of `/proc/<pid>/stat` after the command name and state.
 fn stat_fields(pid: &str) -> Vec<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap())
+}
+
+/// The numbers of a `stat` line from field 4 on. The command name (field
+/// 2) may itself contain spaces and parentheses, so it ends at the last
+/// `)`.
+fn parse_stat(stat: &str) -> Vec<u64> {
     let after = &stat[stat.rfind(')').unwrap() + 2..];
     // The state letter (field 3) is the only field that is not a number.
     after
@@ -116,5 +121,42 @@ impl Meter {
             server_us: per(process(self.server) - self.server_start),
             idle: (idle - idle0) as f64 / (total - total0).max(1) as f64,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_name_with_spaces_and_parentheses_does_not_shift_the_fields() {
+        // pid, comm, state, then fields 4 to 17: utime is 14 (1401 ticks),
+        // stime 15, cutime 16, cstime 17; field 19 (nice) is negative.
+        let line = "4242 (tokio (rt) worker) S 1 2 3 4 5 6 7 8 9 10 1401 1501 1601 1701 20 -5 3";
+        let f = parse_stat(line);
+        assert_eq!((f[10], f[11], f[12], f[13]), (1401, 1501, 1601, 1701));
+        assert_eq!(f[15], 0, "a negative field reads as 0, not as a panic");
+    }
+
+    #[test]
+    fn a_meter_charges_the_cpu_this_process_spends() {
+        let meter = Meter::start(std::process::id());
+        let before = this_process();
+        let started = std::time::Instant::now();
+        // Spin until the kernel has counted 50 ms of it (five ticks).
+        let mut x = 0u64;
+        while this_process() < before + Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no CPU counted"
+            );
+        }
+        let spent = meter.per_event(1);
+        assert!(spent.this_us >= 50_000.0, "{spent:?}");
+        // The server here is this process too, so it is charged the same.
+        assert!(spent.server_us >= 50_000.0, "{spent:?}");
+        assert_eq!(spent.children_us, 0.0);
+        assert!((0.0..=1.0).contains(&spent.idle), "{spent:?}");
     }
 }
