@@ -1,7 +1,7 @@
 //! CPU time from /proc, for benchmarks that report what an event costs in
-//! CPU beside what it costs in wall time: on a shared 2-core machine a
-//! consumer's rate moves by a third from one run to the next, while the
-//! CPU it spends per event moves far less, and says where the time went.
+//! CPU beside what it costs in wall time: a rate on a shared 2-core
+//! machine says how fast a consumer went, the CPU per event of it and of
+//! the server, and the idle share of the machine, say where the time went.
 //!
 //! Linux only; times come in clock ticks, which are 10 ms (`USER_HZ` is
 //! 100 on every Linux this runs on), so a figure needs a run of a second

@@ -20,8 +20,8 @@
 //! Each drain also reports the CPU it cost per event: the consumer's (Weir's
 //! host runs in this process; a peer is a child process, counted once it
 //! ends) plus nats-server's, and how much of the machine sat idle
-//! meanwhile. A rate says how fast; this says where the time went, and it
-//! moves less than the rate from run to run.
+//! meanwhile. A rate says how fast; this says where the time went: the
+//! host, the server, or cores left idle.
 //! Weir's host takes the same runtime overrides as `pipeline-bench`'s
 //! (`BENCH_RUNNING_GUEST_CALLS`, `BENCH_RUNNING_LONG_CALLS`, `BENCH_LONG_CALLS`).
 
