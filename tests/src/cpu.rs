@@ -98,6 +98,21 @@ impl PerEvent {
     }
 }
 
+/// `total µs = consumer + server (idle%)`, the consumer being this process
+/// and the children it waited for.
+impl std::fmt::Display for PerEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:>5.0} µs = {:>5.0} + {:>4.0} ({:.0}% idle)",
+            self.total_us(),
+            self.this_us + self.children_us,
+            self.server_us,
+            self.idle * 100.0
+        )
+    }
+}
+
 impl Meter {
     /// Start measuring, with `server` the pid of the server to charge.
     pub fn start(server: u32) -> Self {

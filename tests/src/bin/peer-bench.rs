@@ -246,14 +246,7 @@ async fn round(args: &Args, index: usize) -> Round {
     );
     println!("  CPU per event, the consumer + nats-server (the machine idle meanwhile):");
     for ((_, label), drain) in CONSUMERS.iter().zip(round.drains()) {
-        let c = drain.cpu;
-        println!(
-            "    {label:<15} {:>5.0} µs = {:>5.0} + {:>4.0} ({:.0}% idle)",
-            c.total_us(),
-            c.this_us + c.children_us,
-            c.server_us,
-            c.idle * 100.0
-        );
+        println!("    {label:<15} {}", drain.cpu);
     }
     round
 }

@@ -32,7 +32,7 @@ use weir_integration_tests::bench::{
     Run, SpinningThread, baseline_drain, baseline_paced_latency, order, publish_keyed, tally,
     weir_drain, weir_latency,
 };
-use weir_integration_tests::{command_line, dist, publish_all};
+use weir_integration_tests::{command_line, cpu, dist, publish_all};
 
 // The allocator the `weir` binary ships with, so the host measured here is
 // the one users run.
@@ -69,13 +69,19 @@ async fn main() {
         server.url()
     );
     println!("\nthroughput, draining a backlog of {events} events");
+    println!(
+        "  (and per event, the CPU of this process, which runs the consumer, plus nats-server's, with the machine idle meanwhile)"
+    );
 
+    let server_pid = server.pid().unwrap();
     let orders: Vec<String> = (0..events).map(order).collect();
     publish_all(&js, "base.orders", &orders, None).await;
+    let meter = cpu::Meter::start(server_pid);
     let base_rate = baseline_drain(&js, events).await;
     println!(
-        "  {:<52} {base_rate:>9.0} events/s",
-        "baseline: pull consumer, ack each"
+        "  {:<52} {base_rate:>9.0} events/s                      {}",
+        "baseline: pull consumer, ack each",
+        meter.per_event(events)
     );
 
     let runs = [
@@ -119,6 +125,7 @@ async fn main() {
         }
         let subject = format!("bench.run{i}");
         publish_keyed(&js, &subject, events, run.payload).await;
+        let meter = cpu::Meter::start(server_pid);
         let (host, stats, rate) = weir_drain(
             dir.path(),
             &server.url(),
@@ -131,9 +138,10 @@ async fn main() {
         )
         .await;
         println!(
-            "  {:<52} {rate:>9.0} events/s  ({:>5.1}% of baseline)",
+            "  {:<52} {rate:>9.0} events/s  ({:>5.1}% of baseline)  {}",
             run.label,
-            100.0 * rate / base_rate
+            100.0 * rate / base_rate,
+            meter.per_event(events)
         );
         if i == 2 {
             latency_host = Some((host, stats, format!("{subject}.c-0")));
