@@ -3,7 +3,9 @@
 //! 1. throughput draining a backlog: a plain async-nats pull consumer that
 //!    acks each message (the baseline), then the weir host with the Rust
 //!    fraud plugin at several concurrencies, with idempotency records on
-//!    and off, and with a stateful plugin;
+//!    and off, and with a stateful plugin; each row also prints its CPU
+//!    per event (this process, which runs the consumer, plus nats-server)
+//!    and the share of the machine left idle;
 //! 2. publish-to-ack latency (p50/p99) at a fixed offered rate, baseline
 //!    against weir, each also with a core taken: weir next to 16 guest
 //!    calls that spin (plugins at concurrency 16, as many as it takes: the
