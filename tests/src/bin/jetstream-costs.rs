@@ -17,20 +17,18 @@ use bytes::Bytes;
 use futures::StreamExt;
 use weir_integration_tests::{command_line, cpu};
 
+/// A rate and the CPU per message of nats-server and of this client, from
+/// one stretch of the run.
 struct Probe {
-    pid: u32,
     wall: Instant,
-    server: Duration,
-    me: Duration,
+    cpu: cpu::Meter,
 }
 
 impl Probe {
     fn start(pid: u32) -> Self {
         Probe {
-            pid,
             wall: Instant::now(),
-            server: cpu::process(pid),
-            me: cpu::this_process(),
+            cpu: cpu::Meter::start(pid),
         }
     }
     fn report(self, label: &str, n: usize) {
@@ -38,13 +36,12 @@ impl Probe {
     }
     fn report_per(self, label: &str, n: usize, unit: &str) {
         let wall = self.wall.elapsed().as_secs_f64();
-        let server = (cpu::process(self.pid) - self.server).as_secs_f64();
-        let me = (cpu::this_process() - self.me).as_secs_f64();
+        let spent = self.cpu.per_event(n);
         println!(
             "{label:<60} {:>9.0}/s  server {:>6.1} us/{unit}  client {:>6.1} us/{unit}",
             n as f64 / wall,
-            server * 1e6 / n as f64,
-            me * 1e6 / n as f64
+            spent.server_us,
+            spent.this_us
         );
     }
 }
