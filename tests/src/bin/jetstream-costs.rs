@@ -239,6 +239,125 @@ async fn main() {
         };
         probe.report_per(label, groups, "group");
     }
+
+    commit_records(&js, pid, groups).await;
+}
+
+/// How a commit record's state writes reach their per-key messages.
+#[derive(Clone, Copy, PartialEq)]
+enum Apply {
+    /// Not at all: what the records alone cost.
+    Never,
+    /// In atomic batches of 500 keys and a watermark.
+    InAtomicBatches,
+    /// Pipelined plain publishes, each key overwriting its last value,
+    /// then the watermark once every PubAck is in.
+    Pipelined,
+}
+
+/// The layout a single-message commit would use (BENCHMARKS.md, "What a
+/// single-message commit would save"): each group is one record on
+/// `<log>.<n>`, guarded on the last sequence of `<log>.>` (every commit of
+/// the plugin, whichever host made it), so no atomic batch is staged per
+/// group; the records' state writes reach per-key messages once per
+/// `GROUPS_PER_APPLY` groups, where writes of one key collapse. Keys as
+/// in loyalty's drain: 1,000 customers.
+async fn commit_records(js: &jetstream::Context, pid: u32, groups: usize) {
+    const GROUPS_PER_APPLY: usize = 40;
+    const KEYS: usize = 1_000;
+    let client = js.client();
+    // A loyalty group's record: per event its sequence, a 200-byte
+    // outbox and a state value of a few bytes.
+    let record = Bytes::from(vec![b'r'; GROUP_KEYS * 240]);
+    let guarded = |log: &str, last: u64| {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            last.to_string().as_str(),
+        );
+        h.insert(
+            "Nats-Expected-Last-Subject-Sequence-Subject",
+            format!("{log}.>").as_str(),
+        );
+        h
+    };
+    let seq_of = |reply: &async_nats::Message| -> Result<u64, String> {
+        let ack: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+        match ack["seq"].as_u64() {
+            Some(seq) if ack.get("error").is_none() => Ok(seq),
+            _ => Err(String::from_utf8_lossy(&reply.payload).into_owned()),
+        }
+    };
+    for (apply, label) in [
+        (Apply::Never, "one record per group, guarded on <log>.>"),
+        (
+            Apply::InAtomicBatches,
+            "records, applied every 40 groups (atomic)",
+        ),
+        (
+            Apply::Pipelined,
+            "records, applied every 40 groups (pipelined)",
+        ),
+    ] {
+        let log = format!("kv.log{}", apply as u8);
+        let probe = Probe::start(pid);
+        let mut last = 0;
+        let mut written = std::collections::BTreeSet::new();
+        for g in 0..groups {
+            let reply = client
+                .request_with_headers(format!("{log}.{g}"), guarded(&log, last), record.clone())
+                .await
+                .unwrap();
+            last = seq_of(&reply).expect("a record guarded on the log's last sequence is stored");
+            written.extend((0..GROUP_KEYS).map(|j| (g * GROUP_KEYS + j) % KEYS));
+            if apply == Apply::Never || (g + 1) % GROUPS_PER_APPLY != 0 {
+                continue;
+            }
+            let keys = std::mem::take(&mut written);
+            let watermark = (format!("{log}-applied"), Bytes::from(vec![b'd'; 512]));
+            if apply == Apply::InAtomicBatches {
+                let keys: Vec<(String, Bytes)> = keys
+                    .into_iter()
+                    .map(|k| (format!("kv.applied.{g}.{k}"), Bytes::from_static(b"1234")))
+                    .collect();
+                for (i, chunk) in keys.chunks(500).enumerate() {
+                    let mut messages = chunk.to_vec();
+                    messages.push((format!("{}.{g}.{i}", watermark.0), watermark.1.clone()));
+                    atomic_batch(&client, format!("a{g}x{i}"), messages).await;
+                }
+            } else {
+                let mut acks = Vec::with_capacity(keys.len());
+                for k in keys {
+                    let subject = format!("kv.state.{k}");
+                    acks.push(
+                        js.publish(subject, Bytes::from_static(b"1234"))
+                            .await
+                            .unwrap(),
+                    );
+                }
+                for ack in acks {
+                    ack.await.unwrap();
+                }
+                js.publish(watermark.0, watermark.1)
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+        }
+        probe.report_per(label, groups, "group");
+        // The guard holds: a record built on a stale view of the log is
+        // refused, which is what lets several hosts share it.
+        let stale = client
+            .request_with_headers(
+                format!("{log}.stale"),
+                guarded(&log, last - 1),
+                record.clone(),
+            )
+            .await
+            .unwrap();
+        assert!(seq_of(&stale).is_err(), "a stale guard was not refused");
+    }
 }
 
 /// Keys one loyalty group writes, on average, under load.
