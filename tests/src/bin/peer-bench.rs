@@ -17,6 +17,12 @@
 //! on a fresh nats-server and backlog, and reports the median of the
 //! rounds' ratios.
 //!
+//! Every consumer is timed two ways, and each ratio compares like with
+//! like: *with start-up*, from launching it (Weir's host, or the peer's
+//! process) to the backlog drained; and *draining*, from when it is ready
+//! to consume (Weir's host started, or the peer's first fetch, as the peer
+//! times itself) to the last event done.
+//!
 //! Each drain also reports the CPU it cost per event: the consumer's (Weir's
 //! host runs in this process; a peer is a child process, counted once it
 //! ends) plus nats-server's, and how much of the machine sat idle
@@ -85,11 +91,20 @@ fn args() -> Args {
     args
 }
 
-/// One consumer draining the backlog: its rate, and the CPU it and
+/// One consumer draining the backlog: its rates, and the CPU it and
 /// nats-server spent per event.
 struct Drain {
-    rate: f64,
+    rate: Rate,
     cpu: PerEvent,
+}
+
+/// Events/s of one drain, timed two ways.
+#[derive(Clone, Copy)]
+struct Rate {
+    /// From launching the consumer to the backlog drained.
+    with_start_up: f64,
+    /// From the consumer ready to consume to the backlog drained.
+    draining: f64,
 }
 
 /// The consumers, as the summary and each round name them, in the order
@@ -125,14 +140,14 @@ impl Round {
         ]
     }
 
-    /// Weir + loyalty's rate over the nats-py peer's.
-    fn loyalty_ratio(&self) -> f64 {
-        self.weir_loyalty.rate / self.python.rate
+    /// Weir + loyalty's rate over the nats-py peer's, timed as `timing`.
+    fn loyalty_ratio(&self, timing: fn(Rate) -> f64) -> f64 {
+        timing(self.weir_loyalty.rate) / timing(self.python.rate)
     }
 
-    /// Weir + notify's rate over the nats.js peer's.
-    fn notify_ratio(&self) -> f64 {
-        self.weir_notify.rate / self.node.rate
+    /// Weir + notify's rate over the nats.js peer's, timed as `timing`.
+    fn notify_ratio(&self, timing: fn(Rate) -> f64) -> f64 {
+        timing(self.weir_notify.rate) / timing(self.node.rate)
     }
 }
 
@@ -144,28 +159,46 @@ async fn main() {
         rounds.push(round(&args, i).await);
     }
 
-    println!();
-    for (i, (label, _)) in CONSUMERS.iter().enumerate() {
-        let rate = median(rounds.iter().map(|r| r.drains()[i].rate));
-        let cpu = median(rounds.iter().map(|r| r.drains()[i].cpu.total_us()));
-        println!("  {label:<50} {rate:>9.0} events/s, {cpu:>5.0} µs CPU per event (medians)");
-    }
-    let loyalty: Vec<f64> = rounds.iter().map(Round::loyalty_ratio).collect();
-    let notify: Vec<f64> = rounds.iter().map(Round::notify_ratio).collect();
     println!(
-        "\n  weir + loyalty / nats-py: {:.2}x    weir + notify / nats.js: {:.2}x",
-        median(loyalty.iter().copied()),
-        median(notify.iter().copied())
+        "\n  {:<50} {:>9} {:>10} {:>8}",
+        "(medians)", "events/s", "draining", "CPU"
     );
-    if rounds.len() > 1 {
+    for (i, (label, _)) in CONSUMERS.iter().enumerate() {
+        let rate =
+            |timing: fn(Rate) -> f64| median(rounds.iter().map(|r| timing(r.drains()[i].rate)));
+        let cpu = median(rounds.iter().map(|r| r.drains()[i].cpu.total_us()));
         println!(
-            "  (medians of {} rounds' ratios; each round: loyalty {}, notify {})",
-            rounds.len(),
-            ratios(&loyalty),
-            ratios(&notify)
+            "  {label:<50} {:>9.0} {:>10.0} {cpu:>5.0} µs per event",
+            rate(|r| r.with_start_up),
+            rate(|r| r.draining)
         );
     }
+    println!();
+    for (timing, how) in TIMINGS {
+        let loyalty: Vec<f64> = rounds.iter().map(|r| r.loyalty_ratio(timing)).collect();
+        let notify: Vec<f64> = rounds.iter().map(|r| r.notify_ratio(timing)).collect();
+        println!(
+            "  {how:<16} weir + loyalty / nats-py: {:.2}x    weir + notify / nats.js: {:.2}x",
+            median(loyalty.iter().copied()),
+            median(notify.iter().copied())
+        );
+        if rounds.len() > 1 {
+            println!(
+                "  {:<16} (medians of {} rounds' ratios; each round: loyalty {}, notify {})",
+                "",
+                rounds.len(),
+                ratios(&loyalty),
+                ratios(&notify)
+            );
+        }
+    }
 }
+
+/// The two ways a drain is timed, as the summary names them.
+const TIMINGS: [(fn(Rate) -> f64, &str); 2] = [
+    (|r| r.with_start_up, "with start-up:"),
+    (|r| r.draining, "draining:"),
+];
 
 /// One round on a fresh nats-server and backlog: every consumer drains the
 /// same orders in turn. Who goes first alternates between rounds, so a
@@ -237,13 +270,19 @@ async fn round(args: &Args, index: usize) -> Round {
         weir_notify,
         node,
     };
-    println!(
-        "  nats-py {:.0} events/s, nats.js {:.0} events/s: loyalty {:.2}x, notify {:.2}x",
-        round.python.rate,
-        round.node.rate,
-        round.loyalty_ratio(),
-        round.notify_ratio()
-    );
+    for (label, drain) in [("nats-py", &round.python), ("nats.js", &round.node)] {
+        println!(
+            "  {label}: {:.0} events/s with start-up, {:.0} draining",
+            drain.rate.with_start_up, drain.rate.draining
+        );
+    }
+    for (timing, how) in TIMINGS {
+        println!(
+            "  {how:<16} loyalty / nats-py {:.2}x, notify / nats.js {:.2}x",
+            round.loyalty_ratio(timing),
+            round.notify_ratio(timing)
+        );
+    }
     println!("  CPU per event, the consumer + nats-server (the machine idle meanwhile):");
     for ((_, label), drain) in CONSUMERS.iter().zip(round.drains()) {
         println!("    {label:<15} {}", drain.cpu);
@@ -261,7 +300,7 @@ async fn pair(
     plugin: &str,
     n: usize,
     weir_first: bool,
-    peer: impl FnOnce() -> f64,
+    peer: impl FnOnce() -> Rate,
 ) -> (Drain, Drain) {
     let weir = async || {
         let meter = cpu::Meter::start(server_pid);
@@ -334,8 +373,9 @@ async fn publish_orders(js: &jetstream::Context, n: usize) {
 }
 
 /// Serve `plugin` (its shipped manifest, on the whole backlog) in a host
-/// and wait until it processed `n` events; events/s from the host's start.
-async fn weir_drain(dir: &Path, url: &str, plugin: &str, n: usize) -> f64 {
+/// and wait until it processed `n` events; events/s from the host's start,
+/// and from when it was started.
+async fn weir_drain(dir: &Path, url: &str, plugin: &str, n: usize) -> Rate {
     let plugins = dir.join(format!("plugins-{plugin}"));
     std::fs::create_dir_all(&plugins).unwrap();
     let wasm = dist(&format!("plugins/{plugin}.wasm"));
@@ -361,12 +401,16 @@ async fn weir_drain(dir: &Path, url: &str, plugin: &str, n: usize) -> f64 {
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let rate = Rate {
+        with_start_up: n as f64 / started.elapsed().as_secs_f64(),
+        draining: n as f64 / ready.elapsed().as_secs_f64(),
+    };
     println!(
-        "  weir + {plugin}: {rate:.0} events/s, mean plugin call {:.1} µs, start-up {:.0} ms, {:.0} events/s after it",
+        "  weir + {plugin}: {:.0} events/s with start-up, {:.0} draining, mean plugin call {:.1} µs, start-up {:.0} ms",
+        rate.with_start_up,
+        rate.draining,
         mean_call_us(&host.metrics().encode()),
         (ready - started).as_secs_f64() * 1e3,
-        n as f64 / ready.elapsed().as_secs_f64(),
     );
     host.shutdown().await;
     rate
@@ -386,9 +430,11 @@ fn mean_call_us(metrics: &str) -> f64 {
 }
 
 /// Run a hand-written consumer (`script` in `tests/peers/`) to the end;
-/// events/s as it reports them.
-fn peer(program: &Path, script: &str, url: &str, n: usize, output: &str) -> f64 {
+/// events/s from its launch to its exit, and as it reports them (from
+/// its first fetch to its last ack).
+fn peer(program: &Path, script: &str, url: &str, n: usize, output: &str) -> Rate {
     let script = workspace().join("tests/peers").join(script);
+    let launched = Instant::now();
     let out = Command::new(program)
         .arg(&script)
         .args([url, "ORDERS", "orders.placed", &n.to_string(), output])
@@ -408,5 +454,8 @@ fn peer(program: &Path, script: &str, url: &str, n: usize, output: &str) -> f64 
         )
     });
     assert_eq!(report["events"].as_u64(), Some(n as u64));
-    n as f64 / report["seconds"].as_f64().unwrap()
+    Rate {
+        with_start_up: n as f64 / launched.elapsed().as_secs_f64(),
+        draining: n as f64 / report["seconds"].as_f64().unwrap(),
+    }
 }
