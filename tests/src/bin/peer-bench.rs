@@ -141,12 +141,12 @@ impl Round {
     }
 
     /// Weir + loyalty's rate over the nats-py peer's, timed as `timing`.
-    fn loyalty_ratio(&self, timing: fn(Rate) -> f64) -> f64 {
+    fn loyalty_ratio(&self, timing: Timing) -> f64 {
         timing(self.weir_loyalty.rate) / timing(self.python.rate)
     }
 
     /// Weir + notify's rate over the nats.js peer's, timed as `timing`.
-    fn notify_ratio(&self, timing: fn(Rate) -> f64) -> f64 {
+    fn notify_ratio(&self, timing: Timing) -> f64 {
         timing(self.weir_notify.rate) / timing(self.node.rate)
     }
 }
@@ -164,8 +164,7 @@ async fn main() {
         "(medians)", "events/s", "draining", "CPU"
     );
     for (i, (label, _)) in CONSUMERS.iter().enumerate() {
-        let rate =
-            |timing: fn(Rate) -> f64| median(rounds.iter().map(|r| timing(r.drains()[i].rate)));
+        let rate = |timing: Timing| median(rounds.iter().map(|r| timing(r.drains()[i].rate)));
         let cpu = median(rounds.iter().map(|r| r.drains()[i].cpu.total_us()));
         println!(
             "  {label:<50} {:>9.0} {:>10.0} {cpu:>5.0} µs per event",
@@ -194,8 +193,11 @@ async fn main() {
     }
 }
 
+/// One way of timing a drain: which of its rates to read.
+type Timing = fn(Rate) -> f64;
+
 /// The two ways a drain is timed, as the summary names them.
-const TIMINGS: [(fn(Rate) -> f64, &str); 2] = [
+const TIMINGS: [(Timing, &str); 2] = [
     (|r| r.with_start_up, "with start-up:"),
     (|r| r.draining, "draining:"),
 ];
