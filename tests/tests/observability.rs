@@ -65,6 +65,10 @@ async fn metrics_count_a_known_mix_exactly_and_lag_falls_to_zero() {
     assert_eq!(value("weir_handler_duration_seconds_count"), 55.0);
     assert_eq!(value("weir_publish_to_ack_seconds_count"), 40.0);
     assert_eq!(value("weir_events_in_flight"), 0.0);
+    // Every processed event was made durable by exactly one commit group.
+    assert_eq!(value("weir_commit_group_events_sum"), 40.0, "{text}");
+    let groups = value("weir_commit_group_events_count");
+    assert!((1.0..=40.0).contains(&groups), "{groups} groups");
     assert_eq!(value("weir_limit_hits_total"), 0.0);
     assert_eq!(metric(&text, "weir_plugins_running", &[]), 1.0);
     assert_eq!(metric(&text, "weir_nats_connected", &[]), 1.0);

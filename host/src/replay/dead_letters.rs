@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use async_nats::jetstream;
+use prometheus_client::metrics::histogram::Histogram;
 
 use crate::config::HostConfig;
 use crate::event::{Emitted, Event, Header};
@@ -81,7 +82,9 @@ impl Replayer {
         })
         .await
         .context("loading the plugin")??;
-        let store = PluginStore::open(js, &config.state, name).await?;
+        // A replay runs outside any host's /metrics: its groups are not exported.
+        let unexported = Histogram::new(std::iter::empty());
+        let store = PluginStore::open(js, &config.state, name, unexported).await?;
         Ok(Replayer {
             js: js.clone(),
             dlq_prefix: config.dead_letter.subject_prefix.clone(),

@@ -281,7 +281,8 @@ impl Core {
             config.ack_wait(),
         )
         .await?;
-        let store = Arc::new(PluginStore::open(&self.js, &config.state, &name).await?);
+        let groups = self.metrics.commit_groups(&name);
+        let store = Arc::new(PluginStore::open(&self.js, &config.state, &name, groups).await?);
         let ctx = Arc::new(PipelineContext::new(
             self.js.clone(),
             incarnation,

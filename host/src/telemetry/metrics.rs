@@ -207,7 +207,13 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 20))
 }
 
+/// Events per commit group: 1 to 4,096, a power of two per bucket.
+fn group_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 13))
+}
+
 type Counters = Family<VersionLabels, Counter>;
+type GroupSizes = Family<PluginLabels, Histogram, fn() -> Histogram>;
 type Latencies = Family<VersionLabels, Histogram, fn() -> Histogram>;
 type AckLatencies = Family<VersionLabels, LatencyHistogram>;
 
@@ -229,6 +235,7 @@ pub struct Metrics {
     ack_pending: Family<PluginLabels, Gauge>,
     redelivered: Family<PluginLabels, Gauge>,
     load_failures: Family<PluginLabels, Counter>,
+    commit_groups: GroupSizes,
     plugins_running: Gauge,
     nats_connected: Gauge,
 }
@@ -340,6 +347,14 @@ impl Metrics {
             "Plugin files or versions that could not be loaded",
             Family::default(),
         );
+        let commit_groups = register(
+            r,
+            "commit_group_events",
+            "Events made durable by each commit of a plugin's group committer: \
+             one JetStream write (an atomic batch) per group, so larger groups \
+             cost the server less per event",
+            GroupSizes::new_with_constructor(group_histogram as fn() -> Histogram),
+        );
         let plugins_running = register(
             r,
             "plugins_running",
@@ -377,6 +392,7 @@ impl Metrics {
             ack_pending,
             redelivered,
             load_failures,
+            commit_groups,
             plugins_running,
             nats_connected,
         }
@@ -459,6 +475,12 @@ impl Metrics {
         ] {
             family.remove(&labels);
         }
+    }
+
+    /// The histogram of a plugin's commit groups, by events per group.
+    pub fn commit_groups(&self, plugin: &str) -> Histogram {
+        self.commit_groups
+            .get_or_create_owned(&plugin_labels(plugin))
     }
 
     /// Count a plugin version that could not be loaded.
@@ -572,5 +594,23 @@ mod tests {
         assert!(text.contains("weir_build_info{"));
         m.forget_consumer("fraud");
         assert!(!m.encode().contains("weir_consumer_pending_messages{"));
+    }
+
+    #[test]
+    fn commit_groups_are_counted_by_their_events() {
+        let m = Metrics::new();
+        let groups = m.commit_groups("loyalty");
+        groups.observe(3.0);
+        groups.observe(127.0);
+        m.commit_groups("loyalty").observe(1.0);
+        let text = m.encode();
+        for line in [
+            r#"weir_commit_group_events_sum{plugin="loyalty"} 131.0"#,
+            r#"weir_commit_group_events_count{plugin="loyalty"} 3"#,
+            r#"weir_commit_group_events_bucket{le="4.0",plugin="loyalty"} 2"#,
+            r#"weir_commit_group_events_bucket{le="128.0",plugin="loyalty"} 3"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 }

@@ -28,6 +28,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::kv;
 use bytes::Bytes;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot};
 
 use super::blocks::{Block, Scope, id_key};
@@ -73,6 +74,8 @@ pub(super) struct Settings {
     pub done_ttl: Duration,
     pub cache: Arc<StateCache>,
     pub pending: Arc<PendingWrites>,
+    /// Events per stored group.
+    pub groups: Histogram,
 }
 
 pub(super) fn spawn(settings: Settings) -> mpsc::UnboundedSender<Command> {
@@ -616,6 +619,8 @@ impl Committer {
                 for (i, write) in writes.into_iter().enumerate() {
                     self.learn(write.learn, first + i as u64);
                 }
+                let events: usize = group.members.iter().map(|m| m.request.event_count).sum();
+                self.settings.groups.observe(events as f64);
                 for member in group.members.drain(..) {
                     self.answer(member, Ok(Commit::Committed));
                 }

@@ -30,6 +30,7 @@ use std::time::Duration;
 use anyhow::Context;
 use async_nats::jetstream::{self, kv};
 use futures::future::BoxFuture;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot};
 
 pub use blocks::Scope;
@@ -91,6 +92,9 @@ pub struct CommitRequest {
     pub reads: BTreeMap<String, Read>,
     /// Set by [`PluginStore::commit`].
     id: u64,
+    /// How many events it commits, kept when their done marks are not
+    /// (idempotency off).
+    event_count: usize,
 }
 
 impl CommitRequest {
@@ -103,6 +107,7 @@ impl CommitRequest {
     ) -> Self {
         CommitRequest {
             scope,
+            event_count: events.len(),
             events,
             writes,
             reads,
@@ -241,11 +246,13 @@ async fn read_block(kv: &kv::Store, key: &str) -> Result<(blocks::Block, u64), D
 
 impl PluginStore {
     /// Open the plugin's bucket, creating it on first use, with atomic
-    /// batches and per-message TTLs enabled on its stream.
+    /// batches and per-message TTLs enabled on its stream. Each commit
+    /// observes its number of events in `groups`.
     pub async fn open(
         js: &jetstream::Context,
         config: &StateConfig,
         plugin: &str,
+        groups: Histogram,
     ) -> anyhow::Result<Self> {
         let bucket = bucket_name(config, plugin);
         let kv = match js.get_key_value(&bucket).await {
@@ -290,6 +297,7 @@ impl PluginStore {
             done_ttl: Duration::from_secs(config.done_ttl_s),
             cache: cache.clone(),
             pending: pending.clone(),
+            groups,
         });
         Ok(PluginStore {
             kv,
