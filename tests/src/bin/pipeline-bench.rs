@@ -81,7 +81,7 @@ async fn main() {
     let meter = cpu::Meter::start(server_pid);
     let base_rate = baseline_drain(&js, events).await;
     println!(
-        "  {:<52} {base_rate:>9.0} events/s                      {}",
+        "  {:<LABEL$} {base_rate:>9.0} events/s                      {}",
         "baseline: pull consumer, ack each",
         meter.per_event(events)
     );
@@ -140,7 +140,7 @@ async fn main() {
         )
         .await;
         println!(
-            "  {:<52} {rate:>9.0} events/s  ({:>5.1}% of baseline)  {}",
+            "  {:<LABEL$} {rate:>9.0} events/s  ({:>5.1}% of baseline)  {}",
             run.label,
             100.0 * rate / base_rate,
             meter.per_event(events)
@@ -195,7 +195,7 @@ async fn main() {
             neighboured,
         ),
     ] {
-        println!("  {label:<52} p50 {:>9}   p99 {:>9}", ms(p50), ms(p99));
+        println!("  {label:<LABEL$} p50 {:>9}   p99 {:>9}", ms(p50), ms(p99));
     }
     for (label, alone, beside) in [
         (
@@ -219,6 +219,9 @@ async fn main() {
 }
 
 /// Calls spinning at once next to the measured plugin.
+/// Width of the label column: the longest row label.
+const LABEL: usize = 56;
+
 const SPINNING_CALLS: usize = 16;
 
 /// Add the hostile test guest to `host` as plugins at concurrency 16, as
