@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use weir_integration_tests::{
-    TestEnv, consumer_backlog, count, header, hostile_stream_with_short_dedup, publish_all,
-    read_stream, tallies, wait_drained, wait_until,
+    TestEnv, consumer_backlog, count, header, hostile_stream_with_short_dedup, http_get, metric,
+    publish_all, read_stream, tallies, wait_drained, wait_until,
 };
 
 const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
@@ -241,5 +241,43 @@ async fn plugins_cannot_see_each_others_state() {
         tallies(&js, "beta").await.get("s.tally.x"),
         Some(&1),
         "beta counted from zero: it never saw alpha's 3"
+    );
+}
+
+/// A key written behind the host's back, as another host would: the
+/// host's cached read of it is refused at commit, the event runs again on
+/// the fresh value, and the rerun is counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_written_elsewhere_is_read_again_and_the_rerun_counted() {
+    let mut env = TestEnv::with_config(STREAMS, "", "");
+    env.install("test-guests/hostile", "hostile", |m| m);
+    env.start_host();
+    let js = env.jetstream().await;
+    let outputs = |n: u64| {
+        let js = js.clone();
+        async move { count(&js, "HOSTILE", "hostile.out").await == n }
+    };
+    publish_all(&js, "hostile.in", &["tally x".to_owned()], None).await;
+    wait_until(Duration::from_secs(60), "the first event", || outputs(1)).await;
+    // The host now holds tally.x = 1 in its cache.
+    let bucket = js.get_key_value("weir_state_hostile").await.unwrap();
+    bucket.put("s.tally.x", "100".into()).await.unwrap();
+    publish_all(&js, "hostile.in", &["tally x".to_owned()], None).await;
+    wait_until(Duration::from_secs(60), "the second event", || outputs(2)).await;
+    assert_eq!(
+        tallies(&js, "hostile").await.get("s.tally.x"),
+        Some(&101),
+        "the second event counted on from the value written elsewhere"
+    );
+    let (status, text) = http_get(&env.host(0).admin_addr(), "/metrics", None).unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        metric(
+            &text,
+            "weir_events_conflict_reruns_total",
+            &[("plugin", "hostile")]
+        ),
+        1.0,
+        "{text}"
     );
 }

@@ -427,6 +427,7 @@ impl Run<'_> {
                 let mut again = Vec::new();
                 for mut s in succeeded {
                     s.delivery.reruns += 1;
+                    self.ctx.series(self.plugin).conflict_rerun();
                     if s.delivery.reruns <= MAX_CONFLICT_RERUNS {
                         tracing::debug!(parent: &s.delivery.span, "state changed under the event; running it again");
                         again.push(s.delivery);

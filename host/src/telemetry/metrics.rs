@@ -81,6 +81,7 @@ pub struct VersionSeries {
     terminated: Vec<(TerminationReason, Counter)>,
     handler_duration: Histogram,
     publish_to_ack: LatencyHistogram,
+    conflict_reruns: Counter,
 }
 
 /// What a version's counters say, summed over reasons.
@@ -151,6 +152,12 @@ impl VersionSeries {
         if let Some((_, counter)) = self.terminated.iter().find(|(r, _)| *r == reason) {
             counter.inc();
         }
+    }
+
+    /// Count an event run again because state it read changed before its
+    /// commit (another host or a stale cache wrote the key meanwhile).
+    pub fn conflict_rerun(&self) {
+        self.conflict_reruns.inc();
     }
 
     /// Record how long a plugin call took.
@@ -230,6 +237,7 @@ pub struct Metrics {
     limit_hits: Family<ReasonLabels, Counter>,
     handler_duration: Latencies,
     publish_to_ack: AckLatencies,
+    conflict_reruns: Counters,
     in_flight: Family<PluginLabels, Gauge>,
     pending: Family<PluginLabels, Gauge>,
     ack_pending: Family<PluginLabels, Gauge>,
@@ -317,6 +325,13 @@ impl Metrics {
             Unit::Seconds,
             publish_to_ack.clone(),
         );
+        let conflict_reruns = register(
+            r,
+            "events_conflict_reruns",
+            "Plugin calls run again because state they read was written by \
+             someone else before their commit (several hosts on one key, say)",
+            Counters::default(),
+        );
         let in_flight = register(
             r,
             "events_in_flight",
@@ -387,6 +402,7 @@ impl Metrics {
             limit_hits,
             handler_duration,
             publish_to_ack,
+            conflict_reruns,
             in_flight,
             pending,
             ack_pending,
@@ -439,6 +455,7 @@ impl Metrics {
             host_errors: self.host_errors.get_or_create_owned(&labels),
             handler_duration: self.handler_duration.get_or_create_owned(&labels),
             publish_to_ack: self.publish_to_ack.get_or_create_owned(&labels),
+            conflict_reruns: self.conflict_reruns.get_or_create_owned(&labels),
         }
     }
 
@@ -560,6 +577,7 @@ mod tests {
             r#"weir_limit_hits_total{plugin="fraud",version="abc",reason="memory"} 0"#,
             r#"weir_publish_to_ack_seconds_count{plugin="fraud",version="abc"} 0"#,
             r#"weir_handler_duration_seconds_count{plugin="fraud",version="abc"} 0"#,
+            r#"weir_events_conflict_reruns_total{plugin="fraud",version="abc"} 0"#,
             r#"weir_events_in_flight{plugin="fraud"} 0"#,
             r#"weir_plugin_load_failures_total{plugin="fraud"} 0"#,
         ] {
