@@ -425,9 +425,10 @@ impl Run<'_> {
             }
             Ok(Commit::Conflict) => {
                 let mut again = Vec::new();
+                let series = self.ctx.series(self.plugin);
                 for mut s in succeeded {
                     s.delivery.reruns += 1;
-                    self.ctx.series(self.plugin).conflict_rerun();
+                    series.conflict_rerun();
                     if s.delivery.reruns <= MAX_CONFLICT_RERUNS {
                         tracing::debug!(parent: &s.delivery.span, "state changed under the event; running it again");
                         again.push(s.delivery);

@@ -375,8 +375,8 @@ async fn publish_orders(js: &jetstream::Context, n: usize) {
 }
 
 /// Serve `plugin` (its shipped manifest, on the whole backlog) in a host
-/// and wait until it processed `n` events; events/s from the host's start,
-/// and from when it was started.
+/// and wait until it processed `n` events; events/s from calling the
+/// host's start, and from its start returning (plugins loaded, consuming).
 async fn weir_drain(dir: &Path, url: &str, plugin: &str, n: usize) -> Rate {
     let plugins = dir.join(format!("plugins-{plugin}"));
     std::fs::create_dir_all(&plugins).unwrap();

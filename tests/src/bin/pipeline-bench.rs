@@ -218,10 +218,10 @@ async fn main() {
     }
 }
 
-/// Calls spinning at once next to the measured plugin.
 /// Width of the label column: the longest row label.
 const LABEL: usize = 56;
 
+/// Calls spinning at once next to the measured plugin.
 const SPINNING_CALLS: usize = 16;
 
 /// Add the hostile test guest to `host` as plugins at concurrency 16, as
