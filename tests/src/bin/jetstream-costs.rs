@@ -260,8 +260,9 @@ enum Apply {
 /// `<log>.<n>`, guarded on the last sequence of `<log>.>` (every commit of
 /// the plugin, whichever host made it), so no atomic batch is staged per
 /// group; the records' state writes reach per-key messages once per
-/// `GROUPS_PER_APPLY` groups, where writes of one key collapse. Keys as
-/// in loyalty's drain: 1,000 customers.
+/// `GROUPS_PER_APPLY` groups, where writes of one key collapse, or after
+/// every group, where they do not. Keys as in loyalty's drain: 1,000
+/// customers.
 async fn commit_records(js: &jetstream::Context, pid: u32, groups: usize) {
     const GROUPS_PER_APPLY: usize = 40;
     const KEYS: usize = 1_000;
@@ -288,18 +289,27 @@ async fn commit_records(js: &jetstream::Context, pid: u32, groups: usize) {
             _ => Err(String::from_utf8_lossy(&reply.payload).into_owned()),
         }
     };
-    for (apply, label) in [
-        (Apply::Never, "one record per group, guarded on <log>.>"),
+    let every_group =
+        format!("records, each applied at once ({GROUP_KEYS} keys + block, pipelined)");
+    for (apply, every, label) in [
+        (
+            Apply::Never,
+            GROUPS_PER_APPLY,
+            "one record per group, guarded on <log>.>",
+        ),
         (
             Apply::InAtomicBatches,
-            "records, applied every 40 groups (atomic)",
+            GROUPS_PER_APPLY,
+            &format!("records, applied every {GROUPS_PER_APPLY} groups (atomic)"),
         ),
         (
             Apply::Pipelined,
-            "records, applied every 40 groups (pipelined)",
+            GROUPS_PER_APPLY,
+            &format!("records, applied every {GROUPS_PER_APPLY} groups (pipelined)"),
         ),
+        (Apply::Pipelined, 1, &every_group),
     ] {
-        let log = format!("kv.log{}", apply as u8);
+        let log = format!("kv.log{}x{every}", apply as u8);
         let probe = Probe::start(pid);
         let mut last = 0;
         let mut written = std::collections::BTreeSet::new();
@@ -310,11 +320,13 @@ async fn commit_records(js: &jetstream::Context, pid: u32, groups: usize) {
                 .unwrap();
             last = seq_of(&reply).expect("a record guarded on the log's last sequence is stored");
             written.extend((0..GROUP_KEYS).map(|j| (g * GROUP_KEYS + j) % KEYS));
-            if apply == Apply::Never || (g + 1) % GROUPS_PER_APPLY != 0 {
+            if apply == Apply::Never || (g + 1) % every != 0 {
                 continue;
             }
             let keys = std::mem::take(&mut written);
-            let watermark = (format!("{log}-applied"), Bytes::from(vec![b'd'; 512]));
+            // Applied at once, the watermark stands for the group's done block.
+            let size = if every == 1 { 24 * 1024 } else { 512 };
+            let watermark = (format!("{log}-applied"), Bytes::from(vec![b'd'; size]));
             if apply == Apply::InAtomicBatches {
                 let keys: Vec<(String, Bytes)> = keys
                     .into_iter()
@@ -358,6 +370,33 @@ async fn commit_records(js: &jetstream::Context, pid: u32, groups: usize) {
             .unwrap();
         assert!(seq_of(&stale).is_err(), "a stale guard was not refused");
     }
+    // The same records guarded on every subject of the bucket (`kv.>`,
+    // by now hundreds of thousands of subjects), so that a write anywhere
+    // in it, a host's or one made behind Weir's back, refuses a record
+    // built before it: what finding the last sequence of so wide a
+    // wildcard costs the server.
+    let info = js
+        .get_stream("KV")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    let (subjects, mut last) = (info.state.subjects_count, info.state.last_sequence);
+    let probe = Probe::start(pid);
+    for g in 0..groups {
+        let reply = client
+            .request_with_headers(format!("kv.whole.{g}"), guarded("kv", last), record.clone())
+            .await
+            .unwrap();
+        last = seq_of(&reply).expect("a record guarded on the bucket's last sequence is stored");
+    }
+    probe.report_per(
+        &format!("one record per group, guarded on all {subjects} subjects"),
+        groups,
+        "group",
+    );
 }
 
 /// Keys one loyalty group writes, on average, under load.
