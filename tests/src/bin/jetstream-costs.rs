@@ -169,15 +169,7 @@ async fn main() {
     client.flush().await.unwrap();
     // Wait until stored.
     loop {
-        let info = js
-            .get_stream("KV")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .clone();
-        if info.state.messages >= 4 * n as u64 {
+        if kv_state(&js).await.messages >= 4 * n as u64 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -375,15 +367,8 @@ async fn commit_records(js: &jetstream::Context, pid: u32, groups: usize) {
     // in it, a host's or one made behind Weir's back, refuses a record
     // built before it: what finding the last sequence of so wide a
     // wildcard costs the server.
-    let info = js
-        .get_stream("KV")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .clone();
-    let (subjects, mut last) = (info.state.subjects_count, info.state.last_sequence);
+    let state = kv_state(js).await;
+    let (subjects, mut last) = (state.subjects_count, state.last_sequence);
     let probe = Probe::start(pid);
     for g in 0..groups {
         let reply = client
@@ -397,6 +382,18 @@ async fn commit_records(js: &jetstream::Context, pid: u32, groups: usize) {
         groups,
         "group",
     );
+}
+
+/// The state of the stream the rows write to.
+async fn kv_state(js: &jetstream::Context) -> jetstream::stream::State {
+    js.get_stream("KV")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .clone()
 }
 
 /// Keys one loyalty group writes, on average, under load.
