@@ -697,6 +697,19 @@ pub async fn count(js: &jetstream::Context, stream: &str, filter: &str) -> u64 {
     total
 }
 
+/// The state of `stream` now: its message count, first and last
+/// sequences, subjects.
+pub async fn stream_state(js: &jetstream::Context, stream: &str) -> jetstream::stream::State {
+    js.get_stream(stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .clone()
+}
+
 /// Wait until `plugin`'s consumer on the test guests' stream (`HOSTILE`)
 /// has nothing pending or unacknowledged and at least `outputs` messages
 /// are on `hostile.out`, the subject the test guest emits on.

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use weir_integration_tests::{
-    TestEnv, count, dist, header, publish_all, read_stream, tallies, wait_until, weir_cli,
+    TestEnv, count, dist, header, publish_all, read_stream, stream_state, tallies, wait_until,
+    weir_cli,
 };
 
 const STREAMS: &[(&str, &[&str])] = &[("HOSTILE", &["hostile.>"])];
@@ -267,15 +268,7 @@ async fn a_candidate_replays_history_with_no_effects_and_is_diffed_against_the_l
             .collect();
         weir_cli(&config, &args, "")
     };
-    let before = js
-        .get_stream("ORDERS")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .clone();
+    let before = stream_state(&js, "ORDERS").await;
 
     // The same version: every event the same.
     let same = dist("plugins/fraud.wasm");
@@ -346,15 +339,7 @@ async fn a_candidate_replays_history_with_no_effects_and_is_diffed_against_the_l
     );
 
     // Nothing was published, committed or acked.
-    let after = js
-        .get_stream("ORDERS")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .clone();
+    let after = stream_state(&js, "ORDERS").await;
     assert_eq!(after.messages, before.messages);
     assert_eq!(after.last_sequence, before.last_sequence);
     assert_eq!(count(&js, "WEIR_DLQ", ">").await, 0);

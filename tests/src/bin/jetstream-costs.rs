@@ -15,7 +15,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer};
 use bytes::Bytes;
 use futures::StreamExt;
-use weir_integration_tests::{command_line, cpu};
+use weir_integration_tests::{command_line, cpu, stream_state};
 
 /// A rate and the CPU per message of nats-server and of this client, from
 /// one stretch of the run.
@@ -169,7 +169,7 @@ async fn main() {
     client.flush().await.unwrap();
     // Wait until stored.
     loop {
-        if kv_state(&js).await.messages >= 4 * n as u64 {
+        if stream_state(&js, "KV").await.messages >= 4 * n as u64 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -367,7 +367,7 @@ async fn commit_records(js: &jetstream::Context, pid: u32, groups: usize) {
     // in it, a host's or one made behind Weir's back, refuses a record
     // built before it: what finding the last sequence of so wide a
     // wildcard costs the server.
-    let state = kv_state(js).await;
+    let state = stream_state(js, "KV").await;
     let (subjects, mut last) = (state.subjects_count, state.last_sequence);
     let probe = Probe::start(pid);
     for g in 0..groups {
@@ -382,18 +382,6 @@ async fn commit_records(js: &jetstream::Context, pid: u32, groups: usize) {
         groups,
         "group",
     );
-}
-
-/// The state of the stream the rows write to.
-async fn kv_state(js: &jetstream::Context) -> jetstream::stream::State {
-    js.get_stream("KV")
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .clone()
 }
 
 /// Keys one loyalty group writes, on average, under load.
